@@ -1,0 +1,265 @@
+"""The measure: effective features F = exp(H(p)) and the superposition ratio psi = F / N.
+
+For one hook point of width N seen through an SAE with D features and codes z(x):
+
+    a_i = sum over tokens of |z_i(x)|      feature i's share of the activation budget
+    p_i = a_i / sum_j a_j
+    H   = -sum_i p_i ln p_i                 natural log, 0 ln 0 = 0, no epsilon
+    F   = exp(H)                            number of effective features
+    psi = F / N                             psi > 1: more features than neurons
+
+`FeatureBudget` accumulates the a_i over a stream of code batches. Sums are float64 so
+that millions of tokens add up without drift, and it keeps them in `n_blocks` blocks of
+documents (document d goes to block d mod n_blocks) so a bootstrap over documents gives
+an uncertainty. Two budgets over disjoint tokens `merge` into the budget over all tokens,
+which is what resuming a run and all-reducing across processes rely on.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+SUM_DTYPE = torch.float64
+
+
+def entropy(budget: torch.Tensor) -> float:
+    """Natural-log entropy of the distribution p = budget / budget.sum(), with 0 ln 0 = 0."""
+    budget = torch.as_tensor(budget, dtype=SUM_DTYPE)
+    if budget.ndim != 1:
+        raise ValueError(f"budget must be a 1-d vector of per-feature sums, got shape {tuple(budget.shape)}")
+    if not torch.isfinite(budget).all() or (budget < 0).any():
+        raise ValueError("budget must be finite and non-negative (it is a sum of |z|)")
+    total = budget.sum()
+    if total <= 0:
+        raise ValueError("budget is all zero: no feature was ever active, so p (and F) is undefined")
+    p = budget[budget > 0] / total
+    return float(-(p * p.log()).sum())
+
+
+def effective_features(budget: torch.Tensor) -> float:
+    """F = exp(H(p)): the number of equally used features that would give the same entropy."""
+    return math.exp(entropy(budget))
+
+
+def superposition_ratio(budget: torch.Tensor, width: int) -> float:
+    """psi = F / N, with N the physical width of the hook (number of neurons)."""
+    _check_positive("width", width)
+    return effective_features(budget) / width
+
+
+def _check_positive(name: str, value: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+@dataclass(frozen=True)
+class Interval:
+    low: float
+    high: float
+
+
+class FeatureBudget:
+    """Streaming accumulator of per-feature |z| sums for one hook seen through one SAE.
+
+    d_sae:    number of SAE features D (the last dimension of every code batch).
+    width:    physical width N of the hook the SAE reads (d_model, d_mlp...), for psi.
+    n_blocks: how many document blocks the sums are kept in, for the bootstrap.
+    """
+
+    def __init__(self, d_sae: int, width: int, n_blocks: int = 64):
+        _check_positive("d_sae", d_sae)
+        _check_positive("width", width)
+        _check_positive("n_blocks", n_blocks)
+        self.d_sae, self.width, self.n_blocks = d_sae, width, n_blocks
+        self.block_sums = torch.zeros(n_blocks, d_sae, dtype=SUM_DTYPE)
+        self.block_tokens = torch.zeros(n_blocks, dtype=torch.int64)
+        # Number of (token, feature) pairs with z != 0, for the mean L0 per token.
+        self.active_count = torch.zeros((), dtype=torch.int64)
+        # Batches added without document ids; each counts as one document.
+        self.anonymous_batches = 0
+
+    # ---- accumulating -------------------------------------------------------------
+
+    def update(self, codes: torch.Tensor, doc_ids: torch.Tensor | int | None = None) -> None:
+        """Add a batch of SAE codes of shape [..., d_sae].
+
+        doc_ids: the document each token came from (shape codes.shape[:-1]) or one id for
+        the whole batch; None counts the batch as one new document. Only the bootstrap
+        blocks depend on it, never F itself.
+        """
+        if codes.shape[-1] != self.d_sae:
+            raise ValueError(f"codes have {codes.shape[-1]} features in their last dimension, this budget expects d_sae={self.d_sae}")
+        codes = codes.detach().reshape(-1, self.d_sae)
+        if not torch.isfinite(codes).all():
+            bad = int((~torch.isfinite(codes)).any(-1).sum())
+            raise ValueError(f"codes contain NaN or Inf in {bad} of {codes.shape[0]} tokens; the SAE or its input is broken")
+        blocks = self._blocks_of(doc_ids, codes.shape[0], codes.device)
+        magnitudes = codes.abs().to(SUM_DTYPE)
+        active = (codes != 0).sum()
+        self.add_sums(*self._sum_per_block(magnitudes, blocks), active_count=int(active))
+
+    def add_sums(self, block_index: torch.Tensor, sums: torch.Tensor, tokens: torch.Tensor, active_count: int) -> None:
+        """Add precomputed |z| sums: sums[k] (float64, [d_sae]) and tokens[k] go to block block_index[k].
+
+        The low-level entry for callers that reduce codes themselves (e.g. in chunks that
+        never hold a whole [tokens, d_sae] batch).
+        """
+        block_index = block_index.cpu()
+        self.block_sums.index_add_(0, block_index, sums.to(device="cpu", dtype=SUM_DTYPE))
+        self.block_tokens.index_add_(0, block_index, tokens.cpu().to(torch.int64))
+        self.active_count += active_count
+
+    def _blocks_of(self, doc_ids, n_tokens: int, device) -> torch.Tensor:
+        if doc_ids is None:
+            doc_ids = self.anonymous_batches
+            self.anonymous_batches += 1
+        if isinstance(doc_ids, int):
+            return torch.full((n_tokens,), doc_ids % self.n_blocks, dtype=torch.int64, device=device)
+        doc_ids = torch.as_tensor(doc_ids, device=device).reshape(-1)
+        if doc_ids.shape[0] != n_tokens:
+            raise ValueError(f"doc_ids has {doc_ids.shape[0]} entries but codes hold {n_tokens} tokens")
+        return doc_ids.to(torch.int64) % self.n_blocks
+
+    @staticmethod
+    def _sum_per_block(magnitudes: torch.Tensor, blocks: torch.Tensor):
+        present, inverse = torch.unique(blocks, return_inverse=True)
+        sums = torch.zeros(present.shape[0], magnitudes.shape[1], dtype=SUM_DTYPE, device=magnitudes.device)
+        sums.index_add_(0, inverse, magnitudes)
+        tokens = torch.bincount(inverse, minlength=present.shape[0])
+        return present, sums, tokens
+
+    def merge(self, other: "FeatureBudget") -> "FeatureBudget":
+        """Add another budget over disjoint tokens into this one (in place); returns self."""
+        if (other.d_sae, other.width, other.n_blocks) != (self.d_sae, self.width, self.n_blocks):
+            raise ValueError(
+                "cannot merge budgets of different shape: "
+                f"(d_sae, width, n_blocks) = {(self.d_sae, self.width, self.n_blocks)} vs {(other.d_sae, other.width, other.n_blocks)}"
+            )
+        self.block_sums += other.block_sums
+        self.block_tokens += other.block_tokens
+        self.active_count += other.active_count
+        self.anonymous_batches += other.anonymous_batches
+        return self
+
+    # ---- reading ------------------------------------------------------------------
+
+    @property
+    def tokens(self) -> int:
+        return int(self.block_tokens.sum())
+
+    @property
+    def feature_sums(self) -> torch.Tensor:
+        """a_i: summed |z_i| over every token seen, float64 [d_sae]."""
+        return self.block_sums.sum(0)
+
+    @property
+    def alive_features(self) -> int:
+        return int((self.feature_sums > 0).sum())
+
+    @property
+    def dead_fraction(self) -> float:
+        return 1.0 - self.alive_features / self.d_sae
+
+    @property
+    def mean_l0(self) -> float:
+        self._check_has_tokens()
+        return int(self.active_count) / self.tokens
+
+    def _check_has_tokens(self) -> None:
+        if self.tokens == 0:
+            raise ValueError("this FeatureBudget has seen no tokens yet; call update() with SAE codes first")
+
+    def entropy(self) -> float:
+        self._check_has_tokens()
+        return entropy(self.feature_sums)
+
+    def effective_features(self) -> float:
+        return math.exp(self.entropy())
+
+    def superposition_ratio(self) -> float:
+        return self.effective_features() / self.width
+
+    def bootstrap_effective_features(self, n_resamples: int = 1000, confidence: float = 0.95, seed: int = 0) -> Interval:
+        """Percentile bootstrap interval for F, resampling the non-empty document blocks.
+
+        Each resample draws as many blocks as there are, with replacement. F grows with the
+        number of distinct tokens seen, and a resample repeats some blocks, so when F has
+        not saturated the interval sits slightly low; it needs >= 2 non-empty blocks.
+        """
+        self._check_has_tokens()
+        used = self.block_tokens > 0
+        sums = self.block_sums[used]
+        if sums.shape[0] < 2:
+            raise ValueError("a bootstrap needs at least 2 non-empty document blocks; feed more than one document")
+        generator = torch.Generator().manual_seed(seed)
+        picks = torch.randint(sums.shape[0], (n_resamples, sums.shape[0]), generator=generator)
+        counts = torch.zeros(n_resamples, sums.shape[0], dtype=SUM_DTYPE).scatter_add_(
+            1, picks, torch.ones_like(picks, dtype=SUM_DTYPE)
+        )
+        resampled_f = []
+        for chunk in counts.split(64):  # [64, blocks] @ [blocks, d_sae] keeps memory small
+            budgets = chunk @ sums
+            p = budgets / budgets.sum(1, keepdim=True)
+            plogp = torch.where(p > 0, p * p.clamp_min(1e-300).log(), torch.zeros_like(p))
+            resampled_f.append((-plogp.sum(1)).exp())
+        resampled_f = torch.cat(resampled_f)
+        tail = (1 - confidence) / 2
+        low, high = torch.quantile(resampled_f, torch.tensor([tail, 1 - tail], dtype=SUM_DTYPE)).tolist()
+        return Interval(low, high)
+
+    def bootstrap_superposition_ratio(self, **kwargs) -> Interval:
+        f = self.bootstrap_effective_features(**kwargs)
+        return Interval(f.low / self.width, f.high / self.width)
+
+    def summary(self) -> dict:
+        """The numbers a results table needs, as plain Python values."""
+        f_interval = self.bootstrap_effective_features() if (self.block_tokens > 0).sum() >= 2 else Interval(math.nan, math.nan)
+        f = self.effective_features()
+        return {
+            "tokens": self.tokens,
+            "d_sae": self.d_sae,
+            "N": self.width,
+            "entropy": self.entropy(),
+            "F": f,
+            "F_low": f_interval.low,
+            "F_high": f_interval.high,
+            "psi": f / self.width,
+            "psi_low": f_interval.low / self.width,
+            "psi_high": f_interval.high / self.width,
+            "mean_l0": self.mean_l0,
+            "alive_features": self.alive_features,
+            "dead_fraction": self.dead_fraction,
+        }
+
+    # ---- persistence --------------------------------------------------------------
+
+    def state_dict(self) -> dict:
+        return {
+            "d_sae": self.d_sae,
+            "width": self.width,
+            "n_blocks": self.n_blocks,
+            "block_sums": self.block_sums,
+            "block_tokens": self.block_tokens,
+            "active_count": self.active_count,
+            "anonymous_batches": self.anonymous_batches,
+        }
+
+    @classmethod
+    def from_state_dict(cls, state: dict) -> "FeatureBudget":
+        budget = cls(int(state["d_sae"]), int(state["width"]), int(state["n_blocks"]))
+        budget.block_sums = state["block_sums"].to(SUM_DTYPE).clone()
+        budget.block_tokens = state["block_tokens"].to(torch.int64).clone()
+        budget.active_count = torch.as_tensor(state["active_count"], dtype=torch.int64).clone()
+        budget.anonymous_batches = int(state["anonymous_batches"])
+        return budget
+
+    def save(self, path: str | Path) -> None:
+        torch.save(self.state_dict(), path)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "FeatureBudget":
+        return cls.from_state_dict(torch.load(path, weights_only=True))
