@@ -98,9 +98,13 @@ class FeatureBudget:
             bad = int((~torch.isfinite(codes)).any(-1).sum())
             raise ValueError(f"codes contain NaN or Inf in {bad} of {codes.shape[0]} tokens; the SAE or its input is broken")
         blocks = self._blocks_of(doc_ids, codes.shape[0], codes.device)
-        magnitudes = codes.abs().to(SUM_DTYPE)
-        active = (codes != 0).sum()
-        self.add_sums(*self._sum_per_block(magnitudes, blocks), active_count=int(active))
+        # Convert to float64 a slice of tokens at a time: a whole batch of 32k-feature
+        # codes in float64 would be gigabytes.
+        for code_chunk, block_chunk in zip(codes.split(1024), blocks.split(1024)):
+            self.add_sums(
+                *self._sum_per_block(code_chunk.abs().to(SUM_DTYPE), block_chunk),
+                active_count=int((code_chunk != 0).sum()),
+            )
 
     def add_sums(self, block_index: torch.Tensor, sums: torch.Tensor, tokens: torch.Tensor, active_count: int) -> None:
         """Add precomputed |z| sums: sums[k] (float64, [d_sae]) and tokens[k] go to block block_index[k].
