@@ -32,6 +32,7 @@ measured tokens, so ``n_tokens == token_budget`` exactly when a budget is given.
 
 from __future__ import annotations
 
+import os
 import random
 import sysconfig
 from collections.abc import Iterable, Iterator
@@ -96,19 +97,19 @@ def offline_corpus(seed: int | None = 0) -> Iterator[str]:
 
 def offline_corpus_files() -> list[Path]:
     """Sorted paths of the standard library files that make up the offline corpus."""
-    stdlib = Path(sysconfig.get_paths()["stdlib"])
-    return sorted(
-        path
-        for path in stdlib.rglob("*.py")
-        if not _OFFLINE_EXCLUDED_DIRS & set(path.relative_to(stdlib).parts[:-1])
-        and not path.name.startswith("_sysconfigdata")
-    )
+    files = []
+    # os.walk rather than rglob: pruning skips walking site-packages, often inside the stdlib dir
+    for folder, subfolders, names in os.walk(sysconfig.get_paths()["stdlib"]):
+        subfolders[:] = [name for name in subfolders if name not in _OFFLINE_EXCLUDED_DIRS]
+        files += [Path(folder, name) for name in names
+                  if name.endswith(".py") and not name.startswith("_sysconfigdata")]
+    return sorted(files)
 
 
 def _looks_like_path(source: str) -> bool:
     # Hub names look like "org/name"; these forms never do.
     return (
-        source.startswith(("/", "./", "../", "~", "\\"))
+        source.startswith(("/", "./", "../", "~", "\\")) or source.endswith("/")
         or "\\" in source
         or Path(source).suffix.lower() in {*LOCAL_FORMATS, ".csv", ".gz", ".zst", ".arrow"}
     )
@@ -285,16 +286,15 @@ def _budgeted_documents(documents: Iterator[torch.Tensor], token_budget: int | N
     kept: list[torch.Tensor] = []
     n_tokens = 0
     for doc in documents:
-        if token_budget is not None and n_tokens >= token_budget:
-            break
-        if max_documents is not None and len(kept) >= max_documents:
-            break
         if len(doc) == 0:
             continue
         if token_budget is not None:
             doc = doc[: token_budget - n_tokens]
         kept.append(doc)
         n_tokens += len(doc)
+        # stop before pulling another document: streamed sources are huge
+        if n_tokens == token_budget or len(kept) == max_documents:
+            break
     return kept
 
 
