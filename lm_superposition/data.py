@@ -67,8 +67,9 @@ def load_texts(
     """Documents from `source`: None/"offline", an existing local path, or a HF dataset name.
 
     ``seed=None`` keeps the source's own order. ``data_files`` is passed to `load_dataset`
-    for builder names such as ``"json"``. Errors in the source (missing path, unsupported file
-    type, hub unreachable) are raised here, not on the first ``next()``.
+    for builder names such as ``"json"``. A missing path, an unsupported file type or an
+    unreachable hub raise here; a missing text column here or, if the dataset only knows its
+    columns once read (streamed json), on the first ``next()``.
     """
     if source is None or source == OFFLINE_SOURCE:
         return offline_corpus(seed=seed)
@@ -109,7 +110,8 @@ def offline_corpus_files() -> list[Path]:
 def _looks_like_path(source: str) -> bool:
     # Hub names look like "org/name"; these forms never do.
     return (
-        source.startswith(("/", "./", "../", "~", "\\")) or source.endswith("/")
+        source.startswith(("/", "./", "../", "~"))
+        or source.endswith("/")
         or "\\" in source
         or Path(source).suffix.lower() in {*LOCAL_FORMATS, ".csv", ".gz", ".zst", ".arrow"}
     )
