@@ -188,11 +188,17 @@ class FeatureBudget:
         return self.effective_features() / self.width
 
     def bootstrap_effective_features(self, n_resamples: int = 1000, confidence: float = 0.95, seed: int = 0) -> Interval:
-        """Percentile bootstrap interval for F, resampling the non-empty document blocks.
+        """Interval for F: how much F at this token count varies from one sample of documents
+        to another, from a bootstrap over the non-empty document blocks (needs >= 2).
 
-        Each resample draws as many blocks as there are, with replacement. F grows with the
-        number of distinct tokens seen, and a resample repeats some blocks, so when F has
-        not saturated the interval sits slightly low; it needs >= 2 non-empty blocks.
+        Two choices, both because F is a concave function of the block weights (entropy of a
+        mixture): any reweighting of the blocks lowers F on average, so raw bootstrap
+        resamples sit below F even though a fresh sample of as many tokens would not.
+        - Bayesian bootstrap (Rubin 1981): blocks are weighted by Dirichlet(1, ..., 1) draws,
+          not drawn with replacement, so no resample drops a third of the documents.
+        - The percentile interval is re-centred on F: its ends are F minus/plus the distance
+          from the resamples' median to their lower/upper quantile. The spread is the
+          bootstrap's; the resampling's own downward shift is removed.
         """
         self._check_has_tokens()
         used = self.block_tokens > 0
@@ -200,20 +206,20 @@ class FeatureBudget:
         if sums.shape[0] < 2:
             raise ValueError("a bootstrap needs at least 2 non-empty document blocks; feed more than one document")
         generator = torch.Generator().manual_seed(seed)
-        picks = torch.randint(sums.shape[0], (n_resamples, sums.shape[0]), generator=generator)
-        counts = torch.zeros(n_resamples, sums.shape[0], dtype=SUM_DTYPE).scatter_add_(
-            1, picks, torch.ones_like(picks, dtype=SUM_DTYPE)
-        )
+        weights = torch.empty(n_resamples, sums.shape[0], dtype=SUM_DTYPE).exponential_(generator=generator)
+        weights *= sums.shape[0] / weights.sum(1, keepdim=True)
         resampled_f = []
-        for chunk in counts.split(64):  # [64, blocks] @ [blocks, d_sae] keeps memory small
+        for chunk in weights.split(64):  # [64, blocks] @ [blocks, d_sae] keeps memory small
             budgets = chunk @ sums
             p = budgets / budgets.sum(1, keepdim=True)
             plogp = torch.where(p > 0, p * p.clamp_min(1e-300).log(), torch.zeros_like(p))
             resampled_f.append((-plogp.sum(1)).exp())
-        resampled_f = torch.cat(resampled_f)
         tail = (1 - confidence) / 2
-        low, high = torch.quantile(resampled_f, torch.tensor([tail, 1 - tail], dtype=SUM_DTYPE)).tolist()
-        return Interval(low, high)
+        low, median, high = torch.quantile(
+            torch.cat(resampled_f), torch.tensor([tail, 0.5, 1 - tail], dtype=SUM_DTYPE)
+        ).tolist()
+        f = self.effective_features()
+        return Interval(f - (median - low), f + (high - median))
 
     def bootstrap_superposition_ratio(self, **kwargs) -> Interval:
         f = self.bootstrap_effective_features(**kwargs)

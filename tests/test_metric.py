@@ -179,3 +179,16 @@ def test_all_zero_codes_have_no_result():
 def test_wrong_code_width_names_both():
     with pytest.raises(ValueError, match="5 features.*d_sae=4"):
         FeatureBudget(4, 2).update(torch.rand(3, 5))
+
+
+def test_interval_contains_f_while_f_is_still_growing():
+    # Zipf-distributed features over 5,000: 1,500 tokens see only part of them, so F is far
+    # from saturated. Leaving documents out (as the classic bootstrap does) would put every
+    # resample below F; the interval must still hold F.
+    torch.manual_seed(4)
+    weights = 1.0 / torch.arange(1, 5001, dtype=torch.float64)
+    features = torch.multinomial(weights, 1500, replacement=True)
+    budget = FeatureBudget(5000, 100, n_blocks=64)
+    budget.update(torch.nn.functional.one_hot(features, 5000).float(), doc_ids=torch.arange(1500) // 50)
+    interval = budget.bootstrap_effective_features()
+    assert interval.low < budget.effective_features() < interval.high

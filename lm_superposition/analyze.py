@@ -1,0 +1,318 @@
+"""Model + SAEs + token windows -> one row per hook and seed: F, psi, their interval, quality.
+
+One forward pass per batch serves every hook (activations.stream_activations). Each hook's
+activations are encoded by its SAE a slice of tokens at a time, so a whole batch of
+[tokens, d_sae] codes is never held, and the |z| sums go into that hook's FeatureBudget.
+A `SeedMeasurement` holds everything one seed has accumulated; it saves and loads, which
+is how an interrupted run resumes without losing or double-counting a token.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Callable, Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+
+from .activations import stream_activations
+from .data import TokenWindows
+from .dictionaries import SAEQuality, ReconstructionStats, check_sae_fits, evaluate_sae, quality_flag
+from .metric import FeatureBudget
+from .models import HookPoint, hook_point
+
+TABLE_COLUMNS = [
+    "model", "hook", "layer", "kind", "N", "d_sae", "sae", "seed", "tokens",
+    "entropy", "F", "F_low", "F_high", "psi", "psi_low", "psi_high", "F_saturated",
+    "mean_l0", "alive_features", "dead_fraction", "variance_explained", "ce_recovered", "quality",
+]
+
+
+@dataclass
+class SeedMeasurement:
+    """Everything one seed has accumulated so far, for every hook."""
+
+    seed: int
+    budgets: dict[str, FeatureBudget]
+    reconstruction: dict[str, ReconstructionStats]
+    windows_done: int = 0
+    # One row per (hook, token count) at log-spaced token counts: the convergence curve.
+    convergence: list[dict] = field(default_factory=list)
+
+    @property
+    def tokens(self) -> int:
+        return next(iter(self.budgets.values())).tokens
+
+    def state_dict(self) -> dict:
+        return {
+            "seed": self.seed,
+            "windows_done": self.windows_done,
+            "convergence": self.convergence,
+            "budgets": {hook: budget.state_dict() for hook, budget in self.budgets.items()},
+            # Pickled whole: SAE-Lens's variance calculator inside has no state_dict of its own.
+            "reconstruction": self.reconstruction,
+        }
+
+    @classmethod
+    def from_state_dict(cls, state: dict) -> "SeedMeasurement":
+        return cls(
+            seed=state["seed"],
+            budgets={hook: FeatureBudget.from_state_dict(s) for hook, s in state["budgets"].items()},
+            reconstruction=state["reconstruction"],
+            windows_done=state["windows_done"],
+            convergence=state["convergence"],
+        )
+
+    def save(self, path: Path) -> None:
+        # Write then rename, so a run killed mid-save leaves the previous checkpoint intact.
+        tmp = path.with_suffix(".tmp")
+        torch.save(self.state_dict(), tmp)
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: Path) -> "SeedMeasurement":
+        return cls.from_state_dict(torch.load(path, weights_only=False))
+
+
+def sample_windows(windows: TokenWindows, seed: int, token_budget: int | None) -> tuple[TokenWindows, int]:
+    """The windows seed `seed` measures: a seeded permutation, cut once `token_budget` measured
+    tokens are covered. Returns them and the exact number of tokens to measure."""
+    order = torch.randperm(len(windows), generator=torch.Generator().manual_seed(seed))
+    shuffled = replace(windows, tokens=windows.tokens[order], doc_ids=windows.doc_ids[order])
+    per_window = shuffled.measured_mask.sum(1)
+    available = int(per_window.sum())
+    if token_budget is None:
+        return shuffled, available
+    if token_budget > available:
+        raise ValueError(f"token_budget={token_budget} but the windows hold only {available} measurable tokens; give more text or a smaller budget")
+    needed = int(torch.searchsorted(per_window.cumsum(0), token_budget)) + 1
+    return shuffled[:needed], token_budget
+
+
+def log_spaced_checkpoints(total_tokens: int, start: int = 256) -> list[int]:
+    """Token counts at which F is recorded: powers of two from `start`, then the total."""
+    points = [2**k for k in range(int(math.log2(start)), int(math.log2(max(total_tokens, 1))) + 1) if 2**k < total_tokens]
+    return points + [total_tokens]
+
+
+class LayerwiseAnalyzer:
+    """Measures F and psi for several hooks of one model, each through its own SAE."""
+
+    def __init__(
+        self,
+        model,
+        saes: Mapping[str, object],
+        *,
+        model_name: str | None = None,
+        allow_hook_mismatch: bool = False,
+        n_blocks: int = 64,
+        batch_size: int = 8,
+        encode_chunk_tokens: int = 1024,
+    ):
+        if not saes:
+            raise ValueError("no SAEs given: pass {hook_name: SAE} for at least one hook")
+        self.model = model
+        self.model_name = model_name or model.cfg.model_name
+        self.hooks: dict[str, HookPoint] = {name: hook_point(model, name) for name in saes}
+        for name, sae in saes.items():
+            check_sae_fits(sae, self.hooks[name], self.model_name, allow_hook_mismatch=allow_hook_mismatch)
+        self.saes = dict(saes)
+        self.n_blocks = n_blocks
+        self.batch_size = batch_size
+        self.encode_chunk_tokens = encode_chunk_tokens
+
+    def new_seed(self, seed: int) -> SeedMeasurement:
+        return SeedMeasurement(
+            seed=seed,
+            budgets={h: FeatureBudget(self.saes[h].cfg.d_sae, self.hooks[h].width, self.n_blocks) for h in self.saes},
+            reconstruction={h: ReconstructionStats(self.saes[h].cfg.d_sae) for h in self.saes},
+        )
+
+    @torch.inference_mode()
+    def run_seed(
+        self,
+        windows: TokenWindows,
+        seed: int = 0,
+        token_budget: int | None = None,
+        *,
+        resume_from: SeedMeasurement | None = None,
+        checkpoint: Callable[[SeedMeasurement], None] | None = None,
+        checkpoint_every: int = 50,
+        target_relative_interval: float | None = None,
+        progress: bool = True,
+    ) -> SeedMeasurement:
+        """Measure every hook on seed `seed`'s sample of the windows.
+
+        resume_from: a SeedMeasurement saved part-way; its windows are skipped.
+        checkpoint: called with the state every `checkpoint_every` batches and at the end.
+        target_relative_interval: stop early once every hook's 95% interval of F is narrower
+            than this fraction of F (checked at the log-spaced convergence points).
+        """
+        selected, total = sample_windows(windows, seed, token_budget)
+        state = resume_from or self.new_seed(seed)
+        if state.seed != seed:
+            raise ValueError(f"resume state is for seed {state.seed}, not seed {seed}")
+        pending = [t for t in log_spaced_checkpoints(total) if t > state.tokens]
+        batches = stream_activations(
+            self.model, selected[state.windows_done:], list(self.saes), batch_size=self.batch_size, progress=progress
+        )
+        for n_batch, batch in enumerate(batches, start=1):
+            remaining = total - state.tokens
+            for hook, acts in batch.activations.items():
+                self._consume(state, hook, acts[:remaining], batch.doc_ids[:remaining])
+            state.windows_done += batch.window_slice.stop - batch.window_slice.start
+            converged = False
+            while pending and state.tokens >= pending[0]:
+                pending.pop(0)
+                converged = self._record_convergence(state, target_relative_interval)
+            if checkpoint and n_batch % checkpoint_every == 0:
+                checkpoint(state)
+            if state.tokens >= total or converged:
+                break
+        if checkpoint:
+            checkpoint(state)
+        return state
+
+    def _consume(self, state: SeedMeasurement, hook: str, acts: torch.Tensor, doc_ids: torch.Tensor) -> None:
+        sae = self.saes[hook]
+        for act_chunk, doc_chunk in zip(acts.split(self.encode_chunk_tokens), doc_ids.split(self.encode_chunk_tokens)):
+            act_chunk = act_chunk.to(sae.dtype)
+            codes = sae.encode(act_chunk)
+            state.budgets[hook].update(codes, doc_chunk)
+            state.reconstruction[hook].update(act_chunk, codes, sae.decode(codes))
+
+    def _record_convergence(self, state: SeedMeasurement, target_relative_interval: float | None) -> bool:
+        """Append F at the current token count; True if every hook meets the interval target."""
+        all_tight = target_relative_interval is not None
+        for hook, budget in state.budgets.items():
+            row = {"seed": state.seed, "hook": hook, "tokens": budget.tokens, "F": budget.effective_features()}
+            if target_relative_interval is not None:
+                interval = _interval_or_none(budget, n_resamples=200)
+                row["F_low"], row["F_high"] = (interval.low, interval.high) if interval else (math.nan, math.nan)
+                all_tight &= interval is not None and (interval.high - interval.low) < target_relative_interval * row["F"]
+            state.convergence.append(row)
+        return all_tight
+
+    def table(self, states: Sequence[SeedMeasurement], ce_recovered: Mapping[str, float] | None = None, sae_names: Mapping[str, str] | None = None) -> pd.DataFrame:
+        """One row per hook x seed, columns TABLE_COLUMNS."""
+        rows = []
+        for state in states:
+            for hook, budget in state.budgets.items():
+                point = self.hooks[hook]
+                summary = budget.summary()
+                quality = SAEQuality(
+                    variance_explained=state.reconstruction[hook].quality().variance_explained,
+                    mean_l0=summary["mean_l0"],
+                    dead_fraction=summary["dead_fraction"],
+                    n_tokens=summary["tokens"],
+                    ce_loss_recovered=(ce_recovered or {}).get(hook, math.nan),
+                )
+                convergence = [r for r in state.convergence if r["hook"] == hook]
+                rows.append(
+                    {
+                        "model": self.model_name,
+                        "hook": hook,
+                        "layer": point.layer,
+                        "kind": point.kind,
+                        "sae": (sae_names or {}).get(hook, ""),
+                        "seed": state.seed,
+                        **summary,
+                        "F_saturated": saturated_features([r["tokens"] for r in convergence], [r["F"] for r in convergence]),
+                        "variance_explained": quality.variance_explained,
+                        "ce_recovered": quality.ce_loss_recovered,
+                        "quality": quality_flag(quality),
+                    }
+                )
+        return pd.DataFrame(rows, columns=TABLE_COLUMNS)
+
+    def ce_recovered(self, windows: TokenWindows) -> dict[str, float]:
+        """CE loss recovered per hook (model loss with the hook replaced by its reconstruction,
+        against zero-ablation) on a few windows: it costs two extra forward passes per hook."""
+        return {
+            hook: evaluate_sae(self.model, sae, hook, windows, batch_size=self.batch_size).ce_loss_recovered
+            for hook, sae in self.saes.items()
+        }
+
+
+def _interval_or_none(budget: FeatureBudget, **kwargs):
+    try:
+        return budget.bootstrap_effective_features(**kwargs)
+    except ValueError:  # fewer than two document blocks so far
+        return None
+
+
+def saturated_features(tokens: Sequence[int], effective: Sequence[float]) -> float:
+    """Estimate F as tokens -> infinity by fitting F(T) = F_inf * T / (T + T_half).
+
+    The saturating (Michaelis-Menten) form matches how F rises fast and then levels off as
+    rarer features keep appearing; fitted by least squares in log F to the log-spaced
+    convergence points. NaN when there are fewer than 4 points or the fit does not converge
+    (then F has clearly not saturated and the measured F is a lower bound).
+    """
+    from scipy.optimize import curve_fit
+
+    tokens, effective = np.asarray(tokens, dtype=float), np.asarray(effective, dtype=float)
+    if len(tokens) < 4:
+        return math.nan
+
+    def log_model(t, log_f_inf, log_t_half):
+        return log_f_inf + np.log(t) - np.log(t + np.exp(log_t_half))
+
+    start = (np.log(effective[-1] * 1.5), np.log(tokens[len(tokens) // 2]))
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            (log_f_inf, _), _ = curve_fit(log_model, tokens, np.log(effective), p0=start, maxfev=5000)
+    except RuntimeError:
+        return math.nan
+    f_inf = float(np.exp(log_f_inf))
+    return f_inf if math.isfinite(f_inf) else math.nan
+
+
+def measure_layers(
+    model,
+    saes: Mapping[str, object],
+    windows: TokenWindows,
+    *,
+    seeds: Sequence[int] = (0,),
+    token_budget: int | None = None,
+    batch_size: int = 8,
+    ce_windows: int = 4,
+    target_relative_interval: float | None = None,
+    progress: bool = True,
+    **analyzer_options,
+) -> pd.DataFrame:
+    """Per-layer F and psi: one row per hook x seed (see TABLE_COLUMNS).
+
+    Each seed measures its own seeded sample of `token_budget` tokens from `windows` (all of
+    them when None); the bootstrap interval is over the documents inside that sample.
+    ce_windows: how many windows the CE-loss-recovered check uses (0 skips it: NaN).
+    """
+    analyzer = LayerwiseAnalyzer(model, saes, batch_size=batch_size, **analyzer_options)
+    states = [
+        analyzer.run_seed(windows, seed, token_budget, target_relative_interval=target_relative_interval, progress=progress)
+        for seed in seeds
+    ]
+    ce = analyzer.ce_recovered(windows[:ce_windows]) if ce_windows else None
+    return analyzer.table(states, ce_recovered=ce)
+
+
+def convergence_table(states: Sequence[SeedMeasurement]) -> pd.DataFrame:
+    return pd.DataFrame([row for state in states for row in state.convergence])
+
+
+__all__ = [
+    "LayerwiseAnalyzer",
+    "SeedMeasurement",
+    "TABLE_COLUMNS",
+    "convergence_table",
+    "log_spaced_checkpoints",
+    "measure_layers",
+    "sample_windows",
+    "saturated_features",
+]

@@ -1,0 +1,132 @@
+"""Tables and plots from the analyzer's table: CSV/JSON, the compression curve, convergence."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only: runs on machines without a display
+import matplotlib.pyplot as plt  # noqa: E402
+import pandas as pd  # noqa: E402
+
+# The lines of the compression curve, in legend order.
+CURVE_GROUPS = ["embedding", "attn_out", "mlp_out", "resid", "mlp neurons"]
+
+
+def curve_group(kind: str, layer: int) -> str:
+    if kind == "embed" or (kind == "resid_pre" and layer == 0):
+        return "embedding"
+    if kind.startswith("resid"):
+        return "resid"
+    return {"mlp_post": "mlp neurons"}.get(kind, kind)
+
+
+def depth(kind: str, layer: int) -> float:
+    """Position along the network: 0 is the embedding, L + 1 is the output of block L."""
+    if kind in ("embed", "resid_pre"):
+        return float(layer)
+    if kind == "resid_mid":
+        return layer + 0.5
+    return layer + 1.0
+
+
+def per_hook_summary(table: pd.DataFrame) -> pd.DataFrame:
+    """One row per model and hook, seeds pooled.
+
+    F and psi are the mean over seeds; low/high span every seed's bootstrap 95% interval
+    (the union), so the bar shows both document sampling and seed-to-seed spread.
+    """
+    grouped = table.groupby(["model", "hook"], sort=False)
+    summary = grouped.agg(
+        layer=("layer", "first"),
+        kind=("kind", "first"),
+        N=("N", "first"),
+        d_sae=("d_sae", "first"),
+        seeds=("seed", "nunique"),
+        tokens=("tokens", "mean"),
+        F=("F", "mean"),
+        F_seed_std=("F", "std"),
+        F_low=("F_low", "min"),
+        F_high=("F_high", "max"),
+        psi=("psi", "mean"),
+        psi_low=("psi_low", "min"),
+        psi_high=("psi_high", "max"),
+        variance_explained=("variance_explained", "mean"),
+        quality=("quality", "first"),
+    ).reset_index()
+    summary["group"] = [curve_group(k, l) for k, l in zip(summary["kind"], summary["layer"])]
+    summary["depth"] = [depth(k, l) for k, l in zip(summary["kind"], summary["layer"])]
+    return summary
+
+
+def write_tables(table: pd.DataFrame, folder: str | Path, stem: str = "layerwise") -> list[Path]:
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = [folder / f"{stem}.csv", folder / f"{stem}.json"]
+    table.to_csv(paths[0], index=False)
+    # JSON for scripts: records, NaN written as null.
+    paths[1].write_text(json.dumps(json.loads(table.to_json(orient="records")), indent=1))
+    return paths
+
+
+def plot_compression_curve(table: pd.DataFrame, path_stem: str | Path, title: str | None = None) -> list[Path]:
+    """psi and F against depth, one line per hook group (and per model), 95% error bars.
+    Writes PATH_STEM.png and PATH_STEM.svg."""
+    summary = per_hook_summary(table)
+    fig, (ax_psi, ax_f) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for (model, group), rows in summary.groupby(["model", "group"], sort=False):
+        rows = rows.sort_values("depth")
+        label = group if summary["model"].nunique() == 1 else f"{model} {group}"
+        for ax, value in ((ax_psi, "psi"), (ax_f, "F")):
+            errors = [(rows[value] - rows[f"{value}_low"]).clip(lower=0), (rows[f"{value}_high"] - rows[value]).clip(lower=0)]
+            errors = [e.fillna(0) for e in errors]
+            ax.errorbar(rows["depth"], rows[value], yerr=errors, marker="o", capsize=3, label=label)
+    ax_psi.axhline(1.0, color="grey", lw=0.8, ls="--")
+    ax_psi.set_ylabel("psi = F / N")
+    ax_f.set_ylabel("effective features F = exp(H)")
+    ax_f.set_yscale("log")
+    for ax in (ax_psi, ax_f):
+        ax.set_xlabel("depth (0 = embedding, L+1 = output of block L)")
+        ax.grid(alpha=0.3)
+    ax_psi.legend(fontsize=8)
+    tokens = int(summary["tokens"].min())
+    fig.suptitle(title or f"Superposition per layer ({tokens:,} tokens per seed; bars: 95% bootstrap over documents and seeds)")
+    fig.tight_layout()
+    return _save(fig, path_stem)
+
+
+def plot_convergence(convergence: pd.DataFrame, path_stem: str | Path) -> list[Path]:
+    """F against tokens seen (log-log), one line per hook and seed."""
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for (hook, seed), rows in convergence.groupby(["hook", "seed"], sort=False):
+        ax.plot(rows["tokens"], rows["F"], marker=".", label=f"{hook} (seed {seed})")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("tokens seen")
+    ax.set_ylabel("effective features F")
+    ax.grid(alpha=0.3, which="both")
+    if convergence["hook"].nunique() * convergence["seed"].nunique() <= 24:
+        ax.legend(fontsize=6, ncol=2)
+    fig.tight_layout()
+    return _save(fig, path_stem)
+
+
+def _save(fig, path_stem) -> list[Path]:
+    path_stem = Path(path_stem)
+    path_stem.parent.mkdir(parents=True, exist_ok=True)
+    paths = [path_stem.with_suffix(".png"), path_stem.with_suffix(".svg")]
+    for path in paths:
+        fig.savefig(path, dpi=130)
+    plt.close(fig)
+    return paths
+
+
+def format_table(table: pd.DataFrame) -> str:
+    """A compact text view for the terminal: one line per hook, seeds pooled."""
+    summary = per_hook_summary(table)
+    view = summary[["hook", "N", "d_sae", "tokens", "F", "F_low", "F_high", "psi", "variance_explained", "quality"]].copy()
+    view["F 95%"] = [f"[{lo:,.0f}, {hi:,.0f}]" if not math.isnan(lo) else "n/a" for lo, hi in zip(view.pop("F_low"), view.pop("F_high"))]
+    return view.to_string(index=False, float_format=lambda x: f"{x:,.3f}")

@@ -1,0 +1,178 @@
+"""The layer-wise analyzer end to end on a Pythia-70M-shaped random model with small SAEs."""
+
+import math
+
+import pandas as pd
+import pytest
+import torch
+from sae_lens import StandardSAE, StandardSAEConfig
+from sae_lens.saes.sae import SAEMetadata
+
+from lm_superposition import report
+from lm_superposition.analyze import (
+    TABLE_COLUMNS,
+    LayerwiseAnalyzer,
+    SeedMeasurement,
+    log_spaced_checkpoints,
+    measure_layers,
+    sample_windows,
+    saturated_features,
+)
+from lm_superposition.metric import FeatureBudget
+
+HOOKS = ["blocks.0.hook_resid_pre", "blocks.1.hook_attn_out", "blocks.2.hook_mlp_out"]
+
+
+def random_sae(hook_name: str, d_in: int = 512, d_sae: int = 256, seed: int = 0) -> StandardSAE:
+    torch.manual_seed(seed)
+    sae = StandardSAE(StandardSAEConfig(d_in=d_in, d_sae=d_sae, metadata=SAEMetadata(hook_name=hook_name, model_name="pythia-70m-deduped")))
+    with torch.no_grad():
+        sae.W_enc.normal_(0, 0.05)
+        sae.b_enc.fill_(-0.05)  # sparse-ish codes: some features off on most tokens
+    return sae.eval()
+
+
+@pytest.fixture(scope="module")
+def saes():
+    return {hook: random_sae(hook, seed=i) for i, hook in enumerate(HOOKS)}
+
+
+@pytest.fixture(scope="module")
+def windows(make_windows):
+    return make_windows(24, 32, 50304, n_pad_last=5)
+
+
+def analyzer_for(model, saes, **kwargs):
+    return LayerwiseAnalyzer(model, saes, model_name="pythia-70m-deduped", batch_size=4, n_blocks=16, **kwargs)
+
+
+def test_table_matches_the_metric_on_the_same_codes(pythia_shaped_model, saes, windows):
+    table = measure_layers(pythia_shaped_model, saes, windows, seeds=[0], batch_size=4, ce_windows=2, model_name="pythia-70m-deduped", progress=False)
+    assert list(table.columns) == TABLE_COLUMNS
+    assert len(table) == len(HOOKS)
+
+    # Recompute by hand: run_with_cache on every window, drop BOS and padding, encode, sum.
+    _, cache = pythia_shaped_model.run_with_cache(windows.tokens, names_filter=HOOKS)
+    mask = windows.measured_mask
+    for hook in HOOKS:
+        codes = saes[hook].encode(cache[hook][mask])
+        reference = FeatureBudget(256, 512)
+        reference.update(codes)
+        row = table.set_index("hook").loc[hook]
+        assert row["tokens"] == windows.n_tokens
+        assert row["F"] == pytest.approx(reference.effective_features(), rel=1e-6)
+        assert row["psi"] == pytest.approx(reference.effective_features() / 512, rel=1e-6)
+        assert row["mean_l0"] == pytest.approx(reference.mean_l0, rel=1e-6)
+        assert row["dead_fraction"] == pytest.approx(reference.dead_fraction)
+        assert row["F_low"] <= row["F"] * 1.001 and row["F_high"] >= row["F"] * 0.999
+        residual = (cache[hook][mask] - saes[hook].decode(codes)).pow(2).sum()
+        total = (cache[hook][mask] - cache[hook][mask].mean(0)).pow(2).sum()
+        assert row["variance_explained"] == pytest.approx(float(1 - residual / total), abs=1e-4)
+        assert math.isfinite(row["ce_recovered"])
+        assert row["N"] == 512 and row["d_sae"] == 256
+    assert table.set_index("hook").loc["blocks.1.hook_attn_out", "kind"] == "attn_out"
+
+
+def test_seeds_reproduce_bit_for_bit_and_differ_from_each_other(pythia_shaped_model, saes, windows):
+    options = dict(seeds=[0, 1], token_budget=300, batch_size=4, ce_windows=0, progress=False)
+    first = measure_layers(pythia_shaped_model, saes, windows, **options)
+    again = measure_layers(pythia_shaped_model, saes, windows, **options)
+    pd.testing.assert_frame_equal(first, again, check_exact=True)
+    assert (first["tokens"] == 300).all()
+    by_seed = first.set_index(["seed", "hook"])["F"]
+    assert by_seed.loc[0].tolist() != by_seed.loc[1].tolist()
+
+
+def test_sample_windows_is_exact_and_seeded(windows):
+    selected, total = sample_windows(windows, seed=3, token_budget=100)
+    assert total == 100 and selected.n_tokens >= 100 > selected[:-1].n_tokens
+    assert torch.equal(selected.tokens, sample_windows(windows, 3, 100)[0].tokens)
+    with pytest.raises(ValueError, match="holds? only"):
+        sample_windows(windows, 0, windows.n_tokens + 1)
+
+
+def test_interrupted_seed_resumes_to_the_uninterrupted_result(pythia_shaped_model, saes, windows, tmp_path):
+    analyzer = analyzer_for(pythia_shaped_model, saes)
+    straight = analyzer.run_seed(windows, seed=0, progress=False)
+
+    path = tmp_path / "seed0.pt"
+    calls = []
+
+    def save_then_die(state):
+        state.save(path)
+        calls.append(state.windows_done)
+        if len(calls) == 2:
+            raise KeyboardInterrupt("killed mid-run")
+
+    with pytest.raises(KeyboardInterrupt):
+        analyzer.run_seed(windows, seed=0, checkpoint=save_then_die, checkpoint_every=1, progress=False)
+    saved = SeedMeasurement.load(path)
+    assert 0 < saved.windows_done < len(windows)
+    resumed = analyzer.run_seed(windows, seed=0, resume_from=saved, progress=False)
+
+    assert resumed.tokens == straight.tokens == windows.n_tokens
+    for hook in HOOKS:
+        assert torch.equal(resumed.budgets[hook].block_sums, straight.budgets[hook].block_sums)
+        assert torch.equal(resumed.budgets[hook].block_tokens, straight.budgets[hook].block_tokens)
+    pd.testing.assert_frame_equal(analyzer.table([resumed]), analyzer.table([straight]))
+
+
+def test_resume_state_of_another_seed_is_refused(pythia_shaped_model, saes, windows):
+    analyzer = analyzer_for(pythia_shaped_model, saes)
+    with pytest.raises(ValueError, match="seed 1, not seed 0"):
+        analyzer.run_seed(windows, seed=0, resume_from=analyzer.new_seed(1), progress=False)
+
+
+def test_convergence_is_recorded_and_early_stop_honours_the_target(pythia_shaped_model, saes, windows):
+    analyzer = analyzer_for(pythia_shaped_model, saes)
+    full = analyzer.run_seed(windows, seed=0, progress=False)
+    token_points = sorted({row["tokens"] for row in full.convergence})
+    assert token_points[-1] == windows.n_tokens and len(token_points) >= 2
+
+    loose = analyzer.run_seed(windows, seed=0, target_relative_interval=10.0, progress=False)
+    assert loose.tokens < windows.n_tokens  # stopped at the first convergence point
+    strict = analyzer.run_seed(windows, seed=0, target_relative_interval=1e-9, progress=False)
+    assert strict.tokens == windows.n_tokens
+
+
+def test_sae_of_the_wrong_width_is_refused_with_both_widths(pythia_shaped_model):
+    wrong = {"blocks.1.hook_mlp_out": random_sae("blocks.1.hook_mlp_out", d_in=2048)}
+    with pytest.raises(ValueError, match="2048.*512|512.*2048"):
+        analyzer_for(pythia_shaped_model, wrong)
+
+
+def test_unknown_hook_lists_real_ones(pythia_shaped_model):
+    with pytest.raises(ValueError, match="blocks.0.hook_resid_post"):
+        analyzer_for(pythia_shaped_model, {"blocks.0.hook_nonsense": random_sae("blocks.0.hook_nonsense")})
+
+
+def test_log_spaced_checkpoints():
+    assert log_spaced_checkpoints(5000) == [256, 512, 1024, 2048, 4096, 5000]
+    assert log_spaced_checkpoints(100) == [100]
+
+
+def test_saturation_fit_recovers_a_known_curve():
+    tokens = [2**k for k in range(8, 20)]
+    curve = [6000 * t / (t + 30_000) for t in tokens]
+    assert saturated_features(tokens, curve) == pytest.approx(6000, rel=1e-3)
+    assert math.isnan(saturated_features(tokens[:3], curve[:3]))
+
+
+def test_reports_write_tables_and_both_plots(pythia_shaped_model, saes, windows, tmp_path):
+    analyzer = analyzer_for(pythia_shaped_model, saes)
+    states = [analyzer.run_seed(windows, seed=s, token_budget=300, progress=False) for s in (0, 1)]
+    table = analyzer.table(states)
+    written = report.write_tables(table, tmp_path)
+    assert pd.read_csv(written[0]).shape == table.shape
+    for stem in ("curve", "convergence"):
+        plot = report.plot_compression_curve if stem == "curve" else lambda t, p: report.plot_convergence(pd.DataFrame([r for s in states for r in s.convergence]), p)
+        for path in plot(table, tmp_path / stem):
+            assert path.stat().st_size > 1000
+    summary = report.per_hook_summary(table)
+    assert len(summary) == len(HOOKS) and (summary["seeds"] == 2).all()
+    # the pooled interval spans every seed's interval
+    for hook, rows in table.groupby("hook"):
+        pooled = summary.set_index("hook").loc[hook]
+        assert pooled["F_low"] == rows["F_low"].min() and pooled["F_high"] == rows["F_high"].max()
+    assert summary.set_index("hook").loc["blocks.0.hook_resid_pre", "group"] == "embedding"
+    assert "blocks.2.hook_mlp_out" in report.format_table(table)
