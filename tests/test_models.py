@@ -173,8 +173,10 @@ def gemma_transformers_model():
 
 @pytest.mark.slow
 def test_gemma_logits_equal_the_transformers_model(gemma_model, gemma_transformers_model):
-    tokens = gemma_model.to_tokens(["The capital of France is Paris, and the river is the Seine.",
-                                    "def add(a, b):\n    return a + b  # sums two numbers!"])
+    # Two rows of equal length: with padding, TransformerLens masks the pads and a bare
+    # transformers call does not, so pad positions would differ for no fault of ours.
+    text = gemma_model.to_tokens("def add(a, b):\n    return a + b  # sums two numbers, like Paris + France")
+    tokens = torch.cat([text, torch.cat([text[:, :1], text[:, 1:].flip(1)], dim=1)])
     with torch.no_grad():
         ours = gemma_model(tokens)
         reference = gemma_transformers_model(tokens).logits
