@@ -112,23 +112,29 @@ def test_checkpoint_that_was_never_saved_is_a_clear_error():
         load_model("gpt2", checkpoint=1000)
 
 
-def _save_tiny_neox_folder(folder):
-    """A tiny random GPT-NeoX (Pythia's architecture) and a word-level tokenizer, saved as a HF folder."""
+def _save_tiny_hf_folder(folder, hf_model):
+    """Save `hf_model` (vocabulary 64) with a word-level tokenizer as a HF checkpoint folder."""
     from tokenizers import Tokenizer, pre_tokenizers
     from tokenizers.models import WordLevel
-    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM, PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast
 
-    torch.manual_seed(0)
-    config = GPTNeoXConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                           intermediate_size=64, rotary_pct=0.25, max_position_embeddings=64,
-                           bos_token_id=0, eos_token_id=0)
-    hf_model = GPTNeoXForCausalLM(config).eval()
     word_level = Tokenizer(WordLevel({f"w{i}": i for i in range(64)}, unk_token="w1"))
     word_level.pre_tokenizer = pre_tokenizers.Whitespace()
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=word_level, bos_token="w0", eos_token="w0", unk_token="w1")
     hf_model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return hf_model
+
+
+def _save_tiny_neox_folder(folder):
+    """A tiny random GPT-NeoX (Pythia's architecture) saved as a HF folder."""
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    torch.manual_seed(0)
+    config = GPTNeoXConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                           intermediate_size=64, rotary_pct=0.25, max_position_embeddings=64,
+                           bos_token_id=0, eos_token_id=0)
+    return _save_tiny_hf_folder(folder, GPTNeoXForCausalLM(config).eval())
 
 
 def test_local_hf_folder_loads_offline_with_the_same_logits(tmp_path, hub_unreachable):
@@ -139,6 +145,17 @@ def test_local_hf_folder_loads_offline_with_the_same_logits(tmp_path, hub_unreac
         assert torch.allclose(model(tokens), hf_model(tokens).logits, atol=1e-5)
     assert model.tokenizer.bos_token_id == 0
     assert hook_point(model, "blocks.1.mlp.hook_post").width == 64
+
+
+def test_local_folder_transformer_lens_cannot_map_is_a_clear_error(tmp_path, hub_unreachable):
+    # TransformerLens configures Gemma 3 from official names only; this folder's name is none.
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    config = Gemma3TextConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                              num_attention_heads=2, num_key_value_heads=1, head_dim=16)
+    _save_tiny_hf_folder(tmp_path / "my-model", Gemma3ForCausalLM(config))
+    with pytest.raises(ValueError, match="cannot convert the Gemma3ForCausalLM checkpoint in .*my-model"):
+        load_model(str(tmp_path / "my-model"))
 
 
 # ---------------------------------------------------------------- the offline default, Gemma 3 270M
