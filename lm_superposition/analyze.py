@@ -9,6 +9,7 @@ is how an interrupted run resumes without losing or double-counting a token.
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 import warnings
@@ -21,7 +22,7 @@ import pandas as pd
 import torch
 
 from .activations import stream_activations
-from .data import TokenWindows
+from .data import PAD_DOC_ID, TokenWindows
 from .dictionaries import SAEQuality, ReconstructionStats, check_sae_fits, evaluate_sae, quality_flag
 from .metric import FeatureBudget
 from .models import HookPoint, hook_point
@@ -79,19 +80,26 @@ class SeedMeasurement:
         return cls.from_state_dict(torch.load(path, weights_only=False))
 
 
-def sample_windows(windows: TokenWindows, seed: int, token_budget: int | None) -> tuple[TokenWindows, int]:
-    """The windows seed `seed` measures: a seeded permutation, cut once `token_budget` measured
-    tokens are covered. Returns them and the exact number of tokens to measure."""
+def sample_windows(windows: TokenWindows, seed: int, token_budget: int | None = None) -> TokenWindows:
+    """The windows seed `seed` measures: a seeded permutation of `windows`, cut once
+    `token_budget` measured tokens are covered. Tokens of the last window past the budget are
+    marked as padding (they still run through the model, but are not measured), so the
+    selection holds exactly `token_budget` measured tokens however it is batched or sharded."""
     order = torch.randperm(len(windows), generator=torch.Generator().manual_seed(seed))
     shuffled = replace(windows, tokens=windows.tokens[order], doc_ids=windows.doc_ids[order])
-    per_window = shuffled.measured_mask.sum(1)
-    available = int(per_window.sum())
     if token_budget is None:
-        return shuffled, available
+        return shuffled
+    measured = shuffled.measured_mask
+    available = int(measured.sum())
     if token_budget > available:
         raise ValueError(f"token_budget={token_budget} but the windows hold only {available} measurable tokens; give more text or a smaller budget")
-    needed = int(torch.searchsorted(per_window.cumsum(0), token_budget)) + 1
-    return shuffled[:needed], token_budget
+    needed = int(torch.searchsorted(measured.sum(1).cumsum(0), token_budget)) + 1
+    selected = replace(shuffled[:needed], doc_ids=shuffled.doc_ids[:needed].clone())
+    overshoot = selected.n_tokens - token_budget
+    if overshoot:
+        last_positions = measured[needed - 1].nonzero().flatten()[-overshoot:]
+        selected.doc_ids[-1, last_positions] = PAD_DOC_ID
+    return selected
 
 
 def log_spaced_checkpoints(total_tokens: int, start: int = 256) -> list[int]:
@@ -152,19 +160,26 @@ class LayerwiseAnalyzer:
         checkpoint: called with the state every `checkpoint_every` batches and at the end.
         target_relative_interval: stop early once every hook's 95% interval of F is narrower
             than this fraction of F (checked at the log-spaced convergence points).
+
+        Under torch.distributed (torchrun), each process measures every world_size-th window
+        of the sample, checkpoints its own share, and returns the state summed over all
+        processes; F is then recorded only at the end (no convergence curve, no early stop).
         """
-        selected, total = sample_windows(windows, seed, token_budget)
+        world_size, rank = _world()
+        if world_size > 1 and target_relative_interval is not None:
+            raise ValueError("target_relative_interval (early stop) is not supported under torch.distributed")
+        shard = sample_windows(windows, seed, token_budget)[rank::world_size]
+        total = shard.n_tokens
         state = resume_from or self.new_seed(seed)
         if state.seed != seed:
             raise ValueError(f"resume state is for seed {state.seed}, not seed {seed}")
-        pending = [t for t in log_spaced_checkpoints(total) if t > state.tokens]
+        pending = [t for t in log_spaced_checkpoints(total) if t > state.tokens] if world_size == 1 else []
         batches = stream_activations(
-            self.model, selected[state.windows_done:], list(self.saes), batch_size=self.batch_size, progress=progress
+            self.model, shard[state.windows_done:], list(self.saes), batch_size=self.batch_size, progress=progress and rank == 0
         )
         for n_batch, batch in enumerate(batches, start=1):
-            remaining = total - state.tokens
             for hook, acts in batch.activations.items():
-                self._consume(state, hook, acts[:remaining], batch.doc_ids[:remaining])
+                self._consume(state, hook, acts, batch.doc_ids)
             state.windows_done += batch.window_slice.stop - batch.window_slice.start
             converged = False
             while pending and state.tokens >= pending[0]:
@@ -176,7 +191,17 @@ class LayerwiseAnalyzer:
                 break
         if checkpoint:
             checkpoint(state)
-        return state
+        if world_size == 1:
+            return state
+        # Sum a copy: the checkpointed state must stay this process's own share, or a resume
+        # would count the other processes' tokens twice.
+        merged = SeedMeasurement.from_state_dict(copy.deepcopy(state.state_dict()))
+        for hook in merged.budgets:
+            merged.budgets[hook].all_reduce()
+            _all_reduce_reconstruction(merged.reconstruction[hook])
+        merged.convergence = []
+        self._record_convergence(merged, None)
+        return merged
 
     def _consume(self, state: SeedMeasurement, hook: str, acts: torch.Tensor, doc_ids: torch.Tensor) -> None:
         sae = self.saes[hook]
@@ -237,6 +262,34 @@ class LayerwiseAnalyzer:
             hook: evaluate_sae(self.model, sae, hook, windows, batch_size=self.batch_size).ce_loss_recovered
             for hook, sae in self.saes.items()
         }
+
+
+def _world() -> tuple[int, int]:
+    """(world size, rank) of torch.distributed, or (1, 0) when it is not in use."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_world_size(), torch.distributed.get_rank()
+    return 1, 0
+
+
+def _all_reduce_reconstruction(stats: ReconstructionStats) -> None:
+    """Sum reconstruction statistics over processes. Reaches into SAE-Lens's
+    ExplainedVarianceCalculator for its running sums, which it has no merge for."""
+    dist = torch.distributed
+    device = "cuda" if dist.get_backend() == "nccl" else "cpu"
+    variance = stats.variance
+    scalars = torch.tensor(
+        [variance.sum_squared_norm, variance.sum_squared_residual, variance.num_samples, stats.n_tokens, stats.sum_l0],
+        dtype=torch.float64, device=device,
+    )
+    sum_x = variance.sum_x.to(device)
+    fired = stats.fired.to(device=device, dtype=torch.int64)
+    dist.all_reduce(scalars)
+    dist.all_reduce(sum_x)
+    dist.all_reduce(fired, op=dist.ReduceOp.MAX)
+    norm, residual, samples, n_tokens, sum_l0 = scalars.tolist()
+    variance.sum_squared_norm, variance.sum_squared_residual, variance.num_samples = norm, residual, int(samples)
+    variance.sum_x = sum_x.cpu()
+    stats.n_tokens, stats.sum_l0, stats.fired = int(n_tokens), sum_l0, fired.cpu().bool()
 
 
 def _interval_or_none(budget: FeatureBudget, **kwargs):

@@ -149,6 +149,21 @@ class FeatureBudget:
         self.anonymous_batches += other.anonymous_batches
         return self
 
+    def all_reduce(self) -> "FeatureBudget":
+        """Sum this budget over every process of torch.distributed (in place); returns self.
+
+        Each process measures its own shard of the windows, so afterwards every process holds
+        the budget over all tokens. Sums travel through the backend's device (CUDA for NCCL).
+        """
+        import torch.distributed as dist
+
+        device = "cuda" if dist.get_backend() == "nccl" else "cpu"
+        for tensor in (self.block_sums, self.block_tokens, self.active_count):
+            total = tensor.to(device)
+            dist.all_reduce(total)
+            tensor.copy_(total)
+        return self
+
     # ---- reading ------------------------------------------------------------------
 
     @property

@@ -84,10 +84,12 @@ def test_seeds_reproduce_bit_for_bit_and_differ_from_each_other(pythia_shaped_mo
 
 
 def test_sample_windows_is_exact_and_seeded(windows):
-    selected, total = sample_windows(windows, seed=3, token_budget=100)
-    assert total == 100 and selected.n_tokens >= 100 > selected[:-1].n_tokens
-    assert torch.equal(selected.tokens, sample_windows(windows, 3, 100)[0].tokens)
-    with pytest.raises(ValueError, match="holds? only"):
+    selected = sample_windows(windows, seed=3, token_budget=100)
+    assert selected.n_tokens == 100 and selected[:-1].n_tokens < 100
+    assert torch.equal(selected.tokens, sample_windows(windows, 3, 100).tokens)
+    assert not torch.equal(selected.tokens, sample_windows(windows, 4, 100).tokens)
+    assert windows.n_tokens > 100  # the input is left as it was
+    with pytest.raises(ValueError, match="hold only"):
         sample_windows(windows, 0, windows.n_tokens + 1)
 
 
