@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -11,7 +12,11 @@ from .models import OFFLINE_DEFAULT_MODEL
 
 EXAMPLES = {
     "demo": "example:\n  lm-superposition demo                       # Gemma 3 270M, offline corpus, ~10 min on 2 CPU cores\n  lm-superposition demo --token-budget 2000 --output runs/tiny --overwrite",
-    "run": "example:\n  lm-superposition run experiments/gemma3_270m_offline.toml\n  lm-superposition run experiments/pythia70m_layerwise.toml --resume",
+    "run": (
+        "example:\n  lm-superposition run experiments/gemma3_270m_offline.toml\n"
+        "  lm-superposition run experiments/pythia70m_layerwise.toml --resume\n"
+        "  torchrun --nproc_per_node=4 -m lm_superposition run experiments/pythia70m_layerwise.toml   # windows shared out"
+    ),
     "layerwise": (
         "example (the paper's run; needs the model hub):\n"
         "  lm-superposition layerwise --model pythia-70m-deduped \\\n"
@@ -139,11 +144,31 @@ def _layerwise(args) -> int:
 def _run_and_show(config, args) -> int:
     from . import report, runs
 
+    rank = _join_torchrun(config)
     started = time.time()
     table = runs.run(config, resume=args.resume, overwrite=args.overwrite)
+    if rank != 0:
+        return 0
     print(report.format_table(table))
     print(f"\nwrote {config.run.output}/ (layerwise.csv, compression_curve.png, ...) in {time.time() - started:.0f} s")
     return 0
+
+
+def _join_torchrun(config) -> int:
+    """Under `torchrun --nproc_per_node=K lm-superposition run ...`, join the process group
+    (NCCL on GPUs, one per process; gloo on CPU) and return this process's rank."""
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return 0
+    import torch
+    import torch.distributed as dist
+
+    if config.run.device.startswith("cuda"):
+        local_rank = int(os.environ["LOCAL_RANK"])
+        torch.cuda.set_device(local_rank)
+        config.run.device = f"cuda:{local_rank}"
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if config.run.device.startswith("cuda") else "gloo")
+    return dist.get_rank()
 
 
 def _hooks(args) -> int:

@@ -37,7 +37,7 @@ import pandas as pd
 import torch
 
 from . import report
-from .analyze import LayerwiseAnalyzer, SeedMeasurement, convergence_table
+from .analyze import LayerwiseAnalyzer, SeedMeasurement, convergence_table, world_size_and_rank
 from .data import load_texts, token_windows
 from .dictionaries import SAETrainingConfig, load_release, load_sae_from_disk, train_saes_for_model
 from .models import OFFLINE_DEFAULT_MODEL, load_model
@@ -162,9 +162,15 @@ def prepare_output(output: Path, resume: bool, overwrite: bool) -> None:
 
 
 def run(config: RunConfig, *, resume: bool = False, overwrite: bool = False, progress: bool = True) -> pd.DataFrame:
-    """Carry out a probing run; returns the combined table (also written to the run folder)."""
+    """Carry out a probing run; returns the combined table (also written to the run folder).
+
+    Under torchrun every process runs this; windows are shared out (see
+    LayerwiseAnalyzer.run_seed), and only rank 0 trains SAEs and writes the folder's files.
+    """
     output = Path(config.run.output)
-    prepare_output(output, resume, overwrite)
+    if _rank() == 0:
+        prepare_output(output, resume, overwrite)
+    _barrier()
     started = time.time()
     manifest = _manifest(config)
     tables, convergences = [], []
@@ -175,6 +181,8 @@ def run(config: RunConfig, *, resume: bool = False, overwrite: bool = False, pro
         convergences.append(convergence)
         manifest["timings_s"][item.slug] = round(time.time() - item_started, 1)
     combined = pd.concat(tables, ignore_index=True)
+    if _rank() != 0:
+        return combined
     report.write_tables(combined, output, "layerwise")
     convergence = pd.concat(convergences, ignore_index=True)
     convergence.to_csv(output / "convergence.csv", index=False)
@@ -200,7 +208,9 @@ def _run_item(config: RunConfig, item: SweepItem, output: Path, progress: bool):
     for seed in settings.seeds:
         # Each seed reads its own shuffle of the corpus, exactly token_budget tokens of it.
         windows = token_windows(texts_for(seed), model.tokenizer, context_size=settings.context_size, token_budget=settings.token_budget, seed=seed)
-        path = output / "checkpoints" / f"{item.slug}__seed{seed}.pt"
+        world_size, rank = world_size_and_rank()
+        shard = f"__rank{rank}" if world_size > 1 else ""
+        path = output / "checkpoints" / f"{item.slug}__seed{seed}{shard}.pt"
         path.parent.mkdir(parents=True, exist_ok=True)
         state = SeedMeasurement.load(path) if path.exists() else None
         states.append(
@@ -230,7 +240,10 @@ def _saes_for(config: RunConfig, item: SweepItem, model, texts_for, output: Path
         sae = load_sae_from_disk(folder, device=config.run.device)
         saes[sae.cfg.metadata.hook_name], names[sae.cfg.metadata.hook_name] = sae, str(folder)
     if config.saes.train is not None:
-        trained = _train_or_reuse(config, item, model, texts_for, output, progress)
+        if _rank() == 0:
+            _train_or_reuse(config, item, model, texts_for, output, progress)
+        _barrier()
+        trained = {hook: output / "saes" / item.slug / hook for hook in config.saes.train.hooks}
         for hook, folder in trained.items():
             saes[hook], names[hook] = load_sae_from_disk(folder, device=config.run.device), f"trained: {folder}"
     if not saes:
@@ -258,6 +271,15 @@ def _train_or_reuse(config, item, model, texts_for, output: Path, progress: bool
     return train_saes_for_model(
         model, train.hooks, windows, sae_config, folder, batch_size=config.run.batch_size, n_eval_windows=eval_windows, progress=progress
     )
+
+
+def _rank() -> int:
+    return world_size_and_rank()[1]
+
+
+def _barrier() -> None:
+    if world_size_and_rank()[0] > 1:
+        torch.distributed.barrier()
 
 
 def _manifest(config: RunConfig) -> dict:
