@@ -165,7 +165,7 @@ class LayerwiseAnalyzer:
         of the sample, checkpoints its own share, and returns the state summed over all
         processes; F is then recorded only at the end (no convergence curve, no early stop).
         """
-        world_size, rank = _world()
+        world_size, rank = world_size_and_rank()
         if world_size > 1 and target_relative_interval is not None:
             raise ValueError("target_relative_interval (early stop) is not supported under torch.distributed")
         shard = sample_windows(windows, seed, token_budget)[rank::world_size]
@@ -264,7 +264,7 @@ class LayerwiseAnalyzer:
         }
 
 
-def _world() -> tuple[int, int]:
+def world_size_and_rank() -> tuple[int, int]:
     """(world size, rank) of torch.distributed, or (1, 0) when it is not in use."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_world_size(), torch.distributed.get_rank()
