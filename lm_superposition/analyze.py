@@ -345,6 +345,7 @@ def measure_layers(
     Each seed measures its own seeded sample of `token_budget` tokens from `windows` (all of
     them when None); the bootstrap interval is over the documents inside that sample.
     ce_windows: how many windows the CE-loss-recovered check uses (0 skips it: NaN).
+    The convergence curve (F at log-spaced token counts) is in `table.attrs["convergence"]`.
     """
     analyzer = LayerwiseAnalyzer(model, saes, batch_size=batch_size, **analyzer_options)
     states = [
@@ -352,7 +353,9 @@ def measure_layers(
         for seed in seeds
     ]
     ce = analyzer.ce_recovered(windows[:ce_windows]) if ce_windows else None
-    return analyzer.table(states, ce_recovered=ce)
+    table = analyzer.table(states, ce_recovered=ce)
+    table.attrs["convergence"] = convergence_table(states)
+    return table
 
 
 def convergence_table(states: Sequence[SeedMeasurement]) -> pd.DataFrame:

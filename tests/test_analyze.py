@@ -81,6 +81,8 @@ def test_seeds_reproduce_bit_for_bit_and_differ_from_each_other(pythia_shaped_mo
     assert (first["tokens"] == 300).all()
     by_seed = first.set_index(["seed", "hook"])["F"]
     assert by_seed.loc[0].tolist() != by_seed.loc[1].tolist()
+    convergence = first.attrs["convergence"]
+    assert set(convergence["seed"]) == {0, 1} and convergence["tokens"].max() == 300
 
 
 def test_sample_windows_is_exact_and_seeded(windows):
