@@ -208,6 +208,16 @@ def write_readme(path: Path, args: argparse.Namespace, table: pd.DataFrame, stat
         .agg(mean_variance_explained=("variance_explained", "mean"), mean_redundant_latents=("redundant_latents", "mean"))
         .round(3)
     )
+    ratio_by_sparsity = (
+        table.assign(ratio=table["F"] / table["ground_truth"])
+        .pivot_table(index="sparsity", columns="sae_kind", values="ratio", aggfunc="mean", sort=False)
+        .round(2)
+    )
+    sensitivity_note = (
+        " Runs that change one SAE setting at a time: `sensitivity/README.md`."
+        if (path.parent / "sensitivity" / "README.md").exists()
+        else ""
+    )
     columns = ["n_features", "sparsity", "sae_kind", "ground_truth", "ground_truth_recovery", "oracle_F", "F", "F_low", "F_high", "psi", "variance_explained", "redundant_latents"]
     text = f"""# Toy validation: does F count the features a toy model stores?
 
@@ -235,16 +245,26 @@ Per SAE kind (means over the sweep):
 {per_kind.to_string()}
 ```
 
-`redundant_latents`: alive latents whose decoder direction repeats another's (cosine > 0.9).
-An untied L1 SAE pays nothing for splitting one feature over two parallel latents, and each
-duplicate adds to F without adding a feature; tied weights make a duplicate double the
-reconstruction, so the tied SAE cannot do this.
+F / ground truth by feature sparsity (mean over n):
+
+```
+{ratio_by_sparsity.to_string()}
+```
+
+Two ways an SAE inflates F, visible in the table below. `redundant_latents` counts alive
+latents whose decoder direction repeats another's (cosine > 0.9): an untied L1 SAE pays
+nothing for splitting one feature over two parallel latents, and each duplicate adds to F
+without adding a feature (tied weights make a duplicate double the reconstruction). And on
+dense features (small S) an SAE with a learned decoder bias centres the data (b_dec = the
+mean) and covers the centred cube with oblique latents that mix features with both signs
+and each fire on about a third of samples (checked on n = 20, S = 0), so F approaches d_sae
+with no parallel duplicates; the tied SAE here has no decoder bias (see `ToySAEConfig`).
 
 ```
 {table[columns].round(3).to_string(index=False)}
 ```
 
-Files: `table.csv` (all columns), `scatter.png`.
+Files: `table.csv` (all columns), `scatter.png`.{sensitivity_note}
 """
     path.write_text(text)
 
