@@ -62,7 +62,10 @@ class SAETrainingConfig:
 
     The defaults follow Anthropic's April 2024 recipe as SAE-Lens implements it: inputs scaled to
     mean norm sqrt(d_in), L1 penalty weighted by decoder norms, L1 warm-up over the first 5% of
-    steps and a linear learning-rate decay over the last 20%.
+    steps and a linear learning-rate decay over the last 20%. They suit budgets of millions of
+    tokens. For short CPU runs use smaller batches and a higher lr, and prefer "topk": on Gemma 3
+    270M residual streams with 60k tokens, topk k=64 reached variance explained 0.79-0.95 and
+    l1_coefficient=2 reached 0.66-0.85 at L0 54-75 (results/gemma3_270m_saes/).
     """
 
     architecture: str = "standard"  # "standard": ReLU + L1 (as in the paper); "topk": k active features
@@ -130,8 +133,9 @@ def train_saes(
     """
     if not widths:
         raise ValueError("widths is empty: give {hook_name: d_in} for at least one hook")
-    torch.manual_seed(config.seed)
-    trainers = {hook: _new_trainer(hook, d_in, config) for hook, d_in in widths.items()}
+    with torch.random.fork_rng(devices=[]):  # seeded init without resetting the caller's RNG
+        torch.manual_seed(config.seed)
+        trainers = {hook: _new_trainer(hook, d_in, config) for hook, d_in in widths.items()}
     shuffle = torch.Generator().manual_seed(config.seed)
     stream = _fixed_size_batches(batches, widths, config.batch_size_tokens, config.shuffle_buffer_batches, shuffle)
 
@@ -159,7 +163,7 @@ def train_saes(
         if n_tokens >= config.training_tokens:
             break
     bar.close()
-    if n_tokens < config.training_tokens:
+    if n_tokens + config.batch_size_tokens <= config.training_tokens:  # short by a whole batch or more
         warnings.warn(
             f"the activation stream ended after {n_tokens} tokens, before training_tokens={config.training_tokens}; "
             "the SAEs are trained on what there was",
