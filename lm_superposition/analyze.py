@@ -255,12 +255,13 @@ class LayerwiseAnalyzer:
                 )
         return pd.DataFrame(rows, columns=TABLE_COLUMNS)
 
-    def ce_recovered(self, windows: TokenWindows) -> dict[str, float]:
-        """CE loss recovered per hook (model loss with the hook replaced by its reconstruction,
-        against zero-ablation) on a few windows: it costs two extra forward passes per hook."""
+    def ce_recovered(self, windows: TokenWindows, hooks: Sequence[str] | None = None) -> dict[str, float]:
+        """CE loss recovered per hook (all, or `hooks`): the model's loss with the hook replaced by
+        its reconstruction, against zero-ablation, on a few windows. Costs three forward passes
+        with the unembedding per hook, so keep the windows few."""
         return {
-            hook: evaluate_sae(self.model, sae, hook, windows, batch_size=self.batch_size).ce_loss_recovered
-            for hook, sae in self.saes.items()
+            hook: evaluate_sae(self.model, self.saes[hook], hook, windows, batch_size=self.batch_size).ce_loss_recovered
+            for hook in (self.saes if hooks is None else hooks)
         }
 
 

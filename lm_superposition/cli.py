@@ -91,8 +91,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--l1-coefficient", type=float, default=5.0)
     train.add_argument("--k", type=int, default=32)
     train.add_argument("--lr", type=float, default=4e-4)
-    train.add_argument("--training-tokens", type=int, default=200_000)
+    train.add_argument("--training-tokens", type=int, default=200_000, help="tokens of SAE training (repeats included)")
+    train.add_argument("--epochs", type=int, default=1, help="passes over the model's activations (>1 keeps them in memory)")
     train.add_argument("--batch-size-tokens", type=int, default=4096)
+    train.add_argument("--eval-windows", type=int, default=8, help="held-out windows each SAE is judged on (quality.json)")
     train.add_argument("--context-size", type=int, default=128)
     train.add_argument("--batch-size", type=int, default=8, help="windows per forward pass")
     train.add_argument("--device", default="cpu")
@@ -180,17 +182,18 @@ def _hooks(args) -> int:
 
 def _train_sae(args) -> int:
     from .data import load_texts, token_windows
-    from .dictionaries import SAETrainingConfig, train_saes_for_model
+    from .dictionaries import SAETrainingConfig, text_tokens_for_training, train_saes_for_model
     from .models import load_model
 
     model = load_model(args.model, device=args.device)
     config = SAETrainingConfig(
         architecture=args.architecture, expansion_factor=args.expansion_factor, l1_coefficient=args.l1_coefficient,
-        k=args.k, lr=args.lr, training_tokens=args.training_tokens, batch_size_tokens=args.batch_size_tokens,
+        k=args.k, lr=args.lr, training_tokens=args.training_tokens, batch_size_tokens=args.batch_size_tokens, epochs=args.epochs,
         device=args.device, model_name=args.model,
     )
-    windows = token_windows(load_texts(args.dataset), model.tokenizer, context_size=args.context_size, token_budget=args.training_tokens)
-    folders = train_saes_for_model(model, args.hooks, windows, config, args.out, batch_size=args.batch_size)
+    budget = text_tokens_for_training(config, args.eval_windows, args.context_size)
+    windows = token_windows(load_texts(args.dataset), model.tokenizer, context_size=args.context_size, token_budget=budget)
+    folders = train_saes_for_model(model, args.hooks, windows, config, args.out, batch_size=args.batch_size, n_eval_windows=args.eval_windows)
     for hook, folder in folders.items():
         print(f"{hook}: {folder}")
     return 0

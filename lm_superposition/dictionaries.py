@@ -77,6 +77,9 @@ class SAETrainingConfig:
     batch_size_tokens: int = 4096
     training_tokens: int = 2_000_000
     shuffle_buffer_batches: int = 8  # tokens are shuffled within a buffer of this many batches
+    # Passes over a model's activations in train_saes_for_model: > 1 keeps one pass in memory
+    # and replays it, so a CPU run spends its time on SAE steps rather than forward passes.
+    epochs: int = 1
     normalize_activations: bool = True  # scale inputs to mean norm sqrt(d_in), folded back afterwards
     seed: int = 0
     device: str = "cpu"
@@ -85,7 +88,7 @@ class SAETrainingConfig:
     def __post_init__(self) -> None:
         if self.architecture not in ARCHITECTURES:
             raise ValueError(f"architecture must be one of {ARCHITECTURES}, got {self.architecture!r}")
-        for name in ("expansion_factor", "k", "batch_size_tokens", "training_tokens", "shuffle_buffer_batches"):
+        for name in ("expansion_factor", "k", "batch_size_tokens", "training_tokens", "shuffle_buffer_batches", "epochs"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
@@ -102,6 +105,11 @@ class SAETrainingConfig:
         if self.architecture == "topk" and self.k > d_sae:
             raise ValueError(f"topk needs k <= d_sae, got k={self.k} and d_sae={d_sae}")
         return d_sae
+
+    @property
+    def distinct_tokens(self) -> int:
+        """Tokens of text needed: training_tokens spread over `epochs` passes."""
+        return -(-self.training_tokens // self.epochs)
 
     @property
     def total_steps(self) -> int:
@@ -639,6 +647,12 @@ def _tokens_and_mask(model: HookedTransformer, tokens) -> tuple[torch.Tensor, to
 QUALITY_FILENAME = "quality.json"
 
 
+def text_tokens_for_training(config: SAETrainingConfig, n_eval_windows: int, context_size: int) -> int:
+    """The token budget of windows to give train_saes_for_model: one pass of training text,
+    one batch of slack (a remainder under one batch is dropped), and the held-out windows."""
+    return config.distinct_tokens + config.batch_size_tokens + n_eval_windows * context_size
+
+
 def train_saes_for_model(
     model: HookedTransformer,
     hooks: Iterable,
@@ -666,7 +680,11 @@ def train_saes_for_model(
     train_windows, eval_windows = windows[: len(windows) - n_eval_windows], windows[len(windows) - n_eval_windows :]
 
     stream = stream_activations(model, train_windows, [p.name for p in points], batch_size=batch_size, progress=False)
-    saes = train_saes((batch.activations for batch in stream), {p.name: p.width for p in points}, config, progress=progress)
+    batches = (batch.activations for batch in stream)
+    if config.epochs > 1:
+        one_pass = list(batches)
+        batches = (batch for _ in range(config.epochs) for batch in one_pass)
+    saes = train_saes(batches, {p.name: p.width for p in points}, config, progress=progress)
 
     folders = {}
     for name, sae in saes.items():

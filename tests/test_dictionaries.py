@@ -436,3 +436,22 @@ def test_train_saes_for_model_saves_loadable_judged_saes(pythia_shaped_model, ma
                                                              if k in SAEQuality.__dataclass_fields__}))
     with pytest.raises(ValueError, match="n_eval_windows"):
         train_saes_for_model(model, hooks, windows[:4], config, tmp_path / "x", n_eval_windows=4)
+
+
+def test_epochs_replay_one_pass_of_activations(pythia_shaped_model, make_windows, tmp_path, monkeypatch):
+    import lm_superposition.dictionaries as dictionaries
+
+    passes = []
+    real_stream = dictionaries.stream_activations
+    monkeypatch.setattr(dictionaries, "stream_activations", lambda *a, **k: passes.append(1) or real_stream(*a, **k))
+    config = SAETrainingConfig(expansion_factor=1, batch_size_tokens=64, training_tokens=3 * 6 * 15, epochs=3,
+                               shuffle_buffer_batches=1)
+    assert config.distinct_tokens == 6 * 15
+    # 6 training windows of 15 measured tokens: enough text for one pass only
+    windows = make_windows(6 + 2, 16, 1000, seed=4)
+    folders = train_saes_for_model(pythia_shaped_model, ["blocks.0.hook_mlp_out"], windows, config, tmp_path, n_eval_windows=2, progress=False)
+    assert len(passes) == 1  # the model ran over the training windows once
+    sae = load_sae_from_disk(folders["blocks.0.hook_mlp_out"])
+    assert sae.cfg.metadata.training_tokens == 4 * 64  # 270 tokens seen in 3 passes, cut into whole batches
+    with pytest.raises(ValueError, match="epochs must be a positive integer"):
+        SAETrainingConfig(epochs=0)

@@ -51,7 +51,7 @@ def small_config(model_folder, corpus, output, **run_overrides) -> runs.RunConfi
                 "checkpoint_every": 1, "ce_windows": 2, "n_blocks": 8, **run_overrides},
         "model": {"names": [str(model_folder)]},
         "saes": {"train": {"hooks": ["blocks.0.hook_resid_pre", "blocks.1.hook_mlp_out"], "expansion_factor": 2,
-                           "training_tokens": 1024, "batch_size_tokens": 128, "shuffle_buffer_batches": 2}},
+                           "training_tokens": 1024, "batch_size_tokens": 128, "shuffle_buffer_batches": 2, "epochs": 2}},
         "corpus": {"sources": [str(corpus)]},
     }
     return runs.RunConfig.from_dict(raw)
