@@ -81,7 +81,8 @@ def measure_checkpoints(run: GrokkingRun, args: argparse.Namespace) -> pd.DataFr
             "train_loss": checkpoint.train_loss,
             "train_accuracy": checkpoint.train_accuracy,
             "test_accuracy": checkpoint.test_accuracy,
-            "weight_norm": float(torch.cat([w.flatten() for w in checkpoint.state_dict.values() if w.is_floating_point()]).norm()),
+            # parameters only: the state dict also holds the attention mask buffers (with -inf)
+            "weight_norm": float(torch.cat([w.detach().flatten() for w in model.parameters()]).norm()),
         }
         for label, hook, expansion in (("mlp", MLP_HOOK, args.mlp_sae_expansion), ("resid", RESID_HOOK, args.resid_sae_expansion)):
             activations = cache[hook][:, -1, :]  # the "=" position, where the answer is read

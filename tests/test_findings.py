@@ -1,6 +1,7 @@
 """The findings studies (experiments/{dictionary_robustness,dropout,algorithmic,grokking}.py) at a tiny size."""
 
 import importlib.util
+import math
 import sys
 from pathlib import Path
 
@@ -89,5 +90,6 @@ def test_grokking_quick(tmp_path):
         assert table[column].notna().all()
     assert table["mlp_F"].between(1, 2 * 32).all() and table["resid_F"].between(1, 4 * 16).all()
     assert table["mlp_neuron_F"].between(1, 32).all()
+    assert (table["weight_norm"] > 0).all() and table["weight_norm"].map(math.isfinite).all()
     readme = _check_outputs(tmp_path, "grokking", "grokking.png", table)
     assert "mlp_F_drop_step" in readme
