@@ -270,7 +270,7 @@ def _train_or_reuse(config, item, model, texts_for, output: Path, progress: bool
     # Training text comes from a seed no measurement uses, so SAEs are not scored on their
     # training tokens; a few windows more are held out to judge them.
     training_seed = max(config.run.seeds) + 1000
-    eval_windows = max(2, config.run.ce_windows)
+    eval_windows = max(1, config.run.ce_windows)
     budget = text_tokens_for_training(train, eval_windows, config.run.context_size)
     windows = token_windows(texts_for(training_seed), model.tokenizer, context_size=config.run.context_size, token_budget=budget, seed=training_seed)
     sae_config = dataclasses.replace(train, device=config.run.device, model_name=item.model)
@@ -329,7 +329,7 @@ def demo_config(output: str = "runs/demo", token_budget: int | None = None, trai
         f"blocks.{layer}.hook_{kind}" for layer in DEMO_LAYERS for kind in ("attn_out", "mlp_out", "resid_post")
     ]
     return RunConfig(
-        run=RunSettings(output=output, seeds=[0, 1], token_budget=token_budget or 4_000, batch_size=8, context_size=128, ce_windows=2),
+        run=RunSettings(output=output, seeds=[0, 1], token_budget=token_budget or 4_000, batch_size=8, context_size=128, ce_windows=1),
         model=ModelSettings(names=[OFFLINE_DEFAULT_MODEL]),
         saes=SAESettings(
             train=SAETrainSettings(
