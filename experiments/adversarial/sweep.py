@@ -144,6 +144,9 @@ def measure_model(args, n_classes: int, width: int, kind: str, epsilon: float, s
         layers = zip(*(model.hidden_activations(x) for x in (train_inputs, test_inputs, adversarial)))
         rows = []
         for layer, (train_acts, clean_acts, adversarial_acts) in enumerate(layers):
+            if not train_acts.abs().sum() > 0:  # a collapsed (all-dead) layer: F is undefined, keep the model's accuracies
+                rows.append({**common, "layer": layer, "N": width, "dead_neurons": width})
+                continue
             sae_config = ToySAEConfig(d_sae=args.sae_expansion * width, l1_coefficient=args.l1, steps=args.sae_steps, seed=seed)
             with torch.enable_grad():
                 sae = train_toy_sae(scaled_to_unit_rms(train_acts), sae_config)
@@ -193,7 +196,7 @@ def trends(table: pd.DataFrame) -> pd.DataFrame:
         rows.append({"regime": regime_name(n_classes, width), "layer": layer, "attack": kind,
                      "spearman_F_eps": both["F_clean"].corr(both["epsilon"], method="spearman"),
                      "F_max_eps_over_F_0": ratio,
-                     "direction": "up (abundance)" if ratio > 1 else "down (scarcity)"})
+                     "direction": "up" if ratio > 1 else "down"})
     return pd.DataFrame(rows)
 
 
