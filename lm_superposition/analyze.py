@@ -26,11 +26,12 @@ from .data import PAD_DOC_ID, TokenWindows
 from .dictionaries import SAEQuality, ReconstructionStats, check_sae_fits, evaluate_sae, quality_flag
 from .metric import FeatureBudget
 from .models import HookPoint, hook_point
+from .sparse_coding import compressed_sensing_margin
 
 TABLE_COLUMNS = [
     "model", "hook", "layer", "kind", "N", "d_sae", "sae", "seed", "tokens",
     "entropy", "F", "F_low", "F_high", "psi", "psi_low", "psi_high", "F_saturated",
-    "mean_l0", "alive_features", "dead_fraction", "variance_explained", "ce_recovered", "quality",
+    "mean_l0", "alive_features", "dead_fraction", "cs_margin", "variance_explained", "ce_recovered", "quality",
 ]
 
 
@@ -248,6 +249,7 @@ class LayerwiseAnalyzer:
                         "seed": state.seed,
                         **summary,
                         "F_saturated": saturated_features([r["tokens"] for r in convergence], [r["F"] for r in convergence]),
+                        "cs_margin": _margin_or_nan(point.width, summary["mean_l0"], summary["d_sae"]),
                         "variance_explained": quality.variance_explained,
                         "ce_recovered": quality.ce_loss_recovered,
                         "quality": quality_flag(quality),
@@ -291,6 +293,12 @@ def _all_reduce_reconstruction(stats: ReconstructionStats) -> None:
     variance.sum_squared_norm, variance.sum_squared_residual, variance.num_samples = norm, residual, int(samples)
     variance.sum_x = sum_x.cpu()
     stats.n_tokens, stats.sum_l0, stats.fired = int(n_tokens), sum_l0, fired.cpu().bool()
+
+
+def _margin_or_nan(width: int, mean_l0: float, d_sae: int) -> float:
+    """Compressed-sensing margin M / (K ln(N/K)) (> 1: the layer has the dimensions to
+    recover codes this sparse); NaN where it is undefined (no feature, or every feature, fires)."""
+    return compressed_sensing_margin(width, mean_l0, d_sae) if 0 < mean_l0 < d_sae else math.nan
 
 
 def _interval_or_none(budget: FeatureBudget, **kwargs):

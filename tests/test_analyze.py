@@ -70,6 +70,8 @@ def test_table_matches_the_metric_on_the_same_codes(pythia_shaped_model, saes, w
         assert row["variance_explained"] == pytest.approx(float(1 - residual / total), abs=1e-4)
         assert math.isfinite(row["ce_recovered"])
         assert row["N"] == 512 and row["d_sae"] == 256
+        k = reference.mean_l0
+        assert row["cs_margin"] == pytest.approx(512 / (k * math.log(256 / k)), rel=1e-6)
     assert table.set_index("hook").loc["blocks.1.hook_attn_out", "kind"] == "attn_out"
 
 

@@ -273,3 +273,18 @@ def test_offline_corpus_is_the_stdlib_in_seeded_order(tokenizer):
     assert first == again and first != other
     windows = token_windows(load_texts(None), tokenizer, context_size=64, token_budget=2_000)
     assert windows.n_tokens == 2_000
+    # documents are top-level definitions, so a small sample spans several of them
+    assert windows.n_documents >= 3  # 2,000 characters here; a whole stdlib file is ~17,000
+
+
+def test_offline_documents_are_top_level_definitions_with_their_decorators(tmp_path):
+    from lm_superposition.data import _top_level_pieces
+
+    source = '"""A module."""\nimport os\n\n\n@decorate\n@twice\ndef f():\n    return 1\n\n\nclass C:\n    def method(self):\n        pass\n'
+    (tmp_path / "m.py").write_text(source)
+    pieces = _top_level_pieces(tmp_path / "m.py")
+    assert pieces == ['"""A module."""\nimport os\n\n\n', "@decorate\n@twice\ndef f():\n    return 1\n\n\n",
+                      "class C:\n    def method(self):\n        pass\n"]
+    assert "".join(pieces) == source
+    (tmp_path / "bad.py").write_text("def broken(:\n")
+    assert _top_level_pieces(tmp_path / "bad.py") == ["def broken(:\n"]
