@@ -320,7 +320,7 @@ def _git_commit() -> str | None:
 # trained on the spot for the embedding and the attention, MLP and residual outputs of three
 # layers, sized to finish within 10 minutes on 2 CPU cores. TopK because on a CPU budget of
 # tens of thousands of tokens it reaches variance explained 0.8-0.95 where L1 SAEs do not
-# (results/gemma3_270m_saes/). experiments/gemma3_270m_offline.toml is the larger run.
+# (results/gemma3_270m_saes/). experiments/gemma3_270m_offline.toml is the same run as a file.
 DEMO_LAYERS = (3, 9, 15)
 
 

@@ -129,6 +129,10 @@ def test_shipped_configs_parse():
     assert paper.saes.releases == ["pythia-70m-deduped-res-sm", "pythia-70m-deduped-att-sm", "pythia-70m-deduped-mlp-sm"]
 
 
+def test_the_demo_is_the_offline_experiment_config():
+    assert runs.demo_config("runs/demo").to_dict() == runs.RunConfig.from_toml("experiments/gemma3_270m_offline.toml").to_dict()
+
+
 def test_a_config_without_saes_is_refused(tiny_pythia_folder, corpus_folder, tmp_path):
     config = small_config(tiny_pythia_folder, corpus_folder, tmp_path / "run")
     config.saes.train = None
