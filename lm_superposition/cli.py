@@ -11,7 +11,7 @@ from pathlib import Path
 from .models import OFFLINE_DEFAULT_MODEL
 
 EXAMPLES = {
-    "demo": "example:\n  lm-superposition demo                       # Gemma 3 270M, offline corpus, ~10 min on 2 CPU cores\n  lm-superposition demo --token-budget 2000 --output runs/tiny --overwrite",
+    "demo": "example:\n  lm-superposition demo                       # Gemma 3 270M, offline corpus, SAEs trained on the spot\n  lm-superposition demo --token-budget 2000 --output runs/tiny --overwrite",
     "run": (
         "example:\n  lm-superposition run experiments/gemma3_270m_offline.toml\n"
         "  lm-superposition run experiments/pythia70m_layerwise.toml --resume\n"
