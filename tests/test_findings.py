@@ -6,7 +6,6 @@ import sys
 from pathlib import Path
 
 import pandas as pd
-import pytest
 import torch
 
 REPO = Path(__file__).resolve().parent.parent
