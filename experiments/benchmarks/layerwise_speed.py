@@ -341,7 +341,7 @@ def report(args, command: str, speed_run: dict, tables: dict[str, pd.DataFrame],
         f"Each of the {args.rounds} rounds (after a warm-up round) ran ours, then the baseline, then each roofline matmul once:",
         markdown(tables["rounds"]),
         "Peak memory, each run in a fresh process (`peak_memory_before_mib`: once the model, SAEs and windows are built):",
-        markdown(tables["memory"]),
+        markdown(tables["memory"]) if len(tables["memory"]) else "(not measured: --memory-tokens was given no token counts)",
         "Roofline matmuls (median time over the rounds):",
         markdown(roofline.assign(a=roofline.a.map(str), b=roofline.b.map(str))),
     ])
