@@ -5,7 +5,9 @@
   Every task has its own fixed subset of bits, chosen from a seed.
 - Modular addition: all p^2 pairs (a, b) with label (a + b) mod p, split into train and test.
 - `MLPClassifier`: ReLU MLP with dropout after every hidden layer; its hidden layers are what
-  the studies measure. `train_classifier` trains it (AdamW, minibatches, cross-entropy).
+  the studies measure. `CNNClassifier`: a small ReLU CNN on single- or multi-channel images,
+  its conv layers' feature maps measured the same way. `train_classifier` trains either
+  (AdamW, minibatches, cross-entropy).
 - `train_grokking`: a one-layer TransformerLens `HookedTransformer` on modular addition
   (inputs "a b =", the answer read at "="), full-batch AdamW with strong weight decay, with
   checkpoints (weights, train and test accuracy) every few steps: the set-up in which Power et
@@ -136,6 +138,51 @@ class MLPClassifier(nn.Module):
     def hidden_activations(self, inputs: torch.Tensor) -> list[torch.Tensor]:
         """Post-ReLU activations of every hidden layer (after dropout, which is off in eval mode)."""
         activations, x = [], inputs
+        for layer in self.hidden:
+            x = layer(x)
+            activations.append(x)
+        return activations
+
+
+class CNNClassifier(nn.Module):
+    """Conv(3x3) -> ReLU per channel count, then a linear readout of the last feature map, flattened.
+
+    The first convolution keeps the image size, every later one halves it (stride 2, as a
+    pooling layer would, at less cost). Inputs are [batch, in_channels, image_size, image_size].
+    `hidden_activations` gives each conv layer's post-ReLU map [batch, channels, height, width].
+    """
+
+    def __init__(self, image_size: int, channels: list[int], n_classes: int, in_channels: int = 1, seed: int = 0):
+        super().__init__()
+        for name, value in [("image_size", image_size), ("n_classes", n_classes), ("in_channels", in_channels)]:
+            _check_positive_int(name, value)
+        if not channels:
+            raise ValueError("channels must list at least one conv layer's channel count, got an empty list")
+        for count in channels:
+            _check_positive_int("every channel count", count)
+        self.image_size, self.in_channels = image_size, in_channels
+        strides = [1] + [2] * (len(channels) - 1)
+        size = image_size
+        for stride in strides:
+            size = (size - 1) // stride + 1  # kernel 3, padding 1
+        # nn.Conv2d / nn.Linear initialise from the global RNG: seed it without disturbing the caller's.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            self.hidden = nn.ModuleList(
+                nn.Sequential(nn.Conv2d(c_in, c_out, kernel_size=3, stride=stride, padding=1), nn.ReLU())
+                for c_in, c_out, stride in zip([in_channels, *channels], channels, strides)
+            )
+            self.readout = nn.Linear(channels[-1] * size * size, n_classes)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.readout(self.hidden_activations(images)[-1].flatten(1))
+
+    def hidden_activations(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """Post-ReLU feature maps [batch, channels, height, width] of every conv layer."""
+        expected = (self.in_channels, self.image_size, self.image_size)
+        if images.ndim != 4 or tuple(images.shape[1:]) != expected:
+            raise ValueError(f"images must have shape [batch, {', '.join(map(str, expected))}], got {tuple(images.shape)}")
+        activations, x = [], images
         for layer in self.hidden:
             x = layer(x)
             activations.append(x)
@@ -359,6 +406,7 @@ __all__ = [
     "train_test_split",
     "one_hot_pairs",
     "MLPClassifier",
+    "CNNClassifier",
     "ClassifierTraining",
     "train_classifier",
     "accuracy",

@@ -4,6 +4,8 @@ import pytest
 import torch
 
 from lm_superposition.tasks import (
+    CNNClassifier,
+    ClassifierTraining,
     GrokkingConfig,
     MLPClassifier,
     SparseParityTask,
@@ -11,7 +13,9 @@ from lm_superposition.tasks import (
     modular_addition_pairs,
     neuron_basis_measure,
     one_hot_pairs,
+    accuracy,
     scaled_to_unit_rms,
+    train_classifier,
     train_grokking,
     train_test_split,
 )
@@ -91,6 +95,36 @@ def test_mlp_dropout_acts_in_training_only_and_seed_fixes_the_weights():
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))
     with pytest.raises(ValueError, match="dropout"):
         MLPClassifier(10, [32], 3, dropout=1.0)
+
+
+def test_cnn_feature_maps_keep_then_halve_the_image_and_seed_fixes_the_weights():
+    model = CNNClassifier(8, [4, 6], n_classes=3, seed=0).eval()
+    images = torch.randn(5, 1, 8, 8)
+    maps = model.hidden_activations(images)
+    assert [m.shape for m in maps] == [(5, 4, 8, 8), (5, 6, 4, 4)]
+    assert all((m >= 0).all() for m in maps)  # post-ReLU
+    assert model(images).shape == (5, 3)
+    again = CNNClassifier(8, [4, 6], n_classes=3, seed=0)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))
+    assert CNNClassifier(7, [2, 2, 2], 2)(torch.zeros(1, 1, 7, 7)).shape == (1, 2)  # odd sizes: 7 -> 4 -> 2
+    with pytest.raises(ValueError, match=r"images must have shape \[batch, 1, 8, 8\], got \(5, 8, 8\)"):
+        model(images[:, 0])
+    with pytest.raises(ValueError, match="channels"):
+        CNNClassifier(8, [], 2)
+
+
+def test_cnn_learns_where_a_blob_is():
+    generator = torch.Generator().manual_seed(0)
+    n = 512
+    images = 0.3 * torch.randn(n, 1, 8, 8, generator=generator)
+    rows, columns = torch.randint(7, (n,), generator=generator), torch.randint(7, (n,), generator=generator)
+    for image, row, column in zip(images, rows, columns):
+        image[0, row : row + 2, column : column + 2] += 2.0
+    labels = (columns >= 3).long()  # the blob's left edge in the right half or not
+    model = CNNClassifier(8, [4, 4], 2, seed=0)
+    before = accuracy(model, images, labels)
+    train_classifier(model, images[:384], labels[:384], ClassifierTraining(steps=120, batch_size=64, lr=1e-2, seed=0))
+    assert accuracy(model, images[384:], labels[384:]) > max(0.85, before + 0.2)
 
 
 def test_grokking_tokens_end_in_the_equals_token():

@@ -1,18 +1,24 @@
 """Does adversarial training raise or lower the number of effective features? Abundance vs scarcity.
 
-Task (generated, offline): sparse-feature classification. An input is n_features toy features
-(Uniform[0, 1], each zero with probability `sparsity`, lm_superposition.toy.sample_features);
-its label is the argmax of n_classes fixed random linear scores of it. More classes carve the
-input space into more regions (a harder task); the hidden width is the capacity.
+Task (generated, offline; sparse_features.py): sparse-feature classification. An input is
+n_features sparse toy features; its label is the argmax of n_classes fixed random linear scores
+of them. More classes carve the input space into more regions (a harder task); the width is the
+capacity. Two classifiers, as in the paper:
+- "mlp": a two-hidden-layer ReLU MLP (lm_superposition.tasks.MLPClassifier) on the feature
+  vector; regime CLASSESxWIDTH sets both hidden widths.
+- "cnn": a two-conv-layer ReLU CNN (lm_superposition.tasks.CNNClassifier) on the same features
+  drawn as single-channel images (`SparseFeatureImages`: one fixed +-1 stamp per feature);
+  regime CLASSESxCHANNELS sets both layers' channel count.
 
-For every regime (n_classes x hidden width), attack (FGSM, PGD), epsilon and seed: train a
-two-hidden-layer ReLU MLP (lm_superposition.tasks.MLPClassifier) adversarially
+For every model, regime, attack (FGSM, PGD), epsilon and seed: train adversarially
 (attacks.train_adversarially), then measure
 - clean accuracy, accuracy under the training attack at the training epsilon, and accuracy
   under PGD at a common --eval-epsilon (to compare robustness across models);
 - per hidden layer, F and psi through the paper's tied SAE, trained on the layer's activations
   over clean training inputs and measured on clean test inputs and on their PGD versions at the
-  training epsilon (the clean ones at epsilon 0);
+  training epsilon (the clean ones at epsilon 0). A conv layer's activations are taken per
+  spatial position, vectors of length channels (N = channels), as the paper's code does; the
+  budget sums over all positions of all test images, and the bootstrap resamples whole images;
 - the sparse-coding checks (lm_superposition.sparse_coding): linear additivity of the layer
   (cosine of h(a) + h(b) with h(a + b) over pairs of test inputs) and the compressed-sensing
   margin of the SAE's code.
@@ -39,39 +45,29 @@ import pandas as pd
 import torch
 
 from attacks import ATTACKS, attack, train_adversarially
+from lm_superposition.metric import FeatureBudget
 from lm_superposition.sparse_coding import compressed_sensing_margin, linear_additivity
-from lm_superposition.tasks import ClassifierTraining, MLPClassifier, accuracy, scaled_to_unit_rms
-from lm_superposition.toy import ToySAEConfig, measure_sae, sample_features, train_toy_sae
+from lm_superposition.tasks import CNNClassifier, ClassifierTraining, MLPClassifier, accuracy, scaled_to_unit_rms
+from lm_superposition.toy import ToySAEConfig, train_toy_sae, variance_explained
+from sparse_features import SparseFeatureImages, SparseFeatureTask
 
 DEFAULT_OUT = Path(__file__).resolve().parents[2] / "results" / "adversarial"
 TRAIN_SEED_OFFSET, TEST_SEED_OFFSET, ATTACK_SEED_OFFSET = 1_000, 2_000, 3_000
-QUICK = dict(regimes=["2x8"], epsilons=[0.0, 0.1], seeds=[0], steps=30, sae_steps=20, n_train=512, n_test=256)
+MODELS = ("mlp", "cnn")
+QUICK = dict(regimes=["2x8"], cnn_regimes=["2x4"], epsilons=[0.0, 0.1], seeds=[0], steps=30, cnn_steps=30, sae_steps=20,
+             n_train=512, n_test=256)
 
 
 @dataclass(frozen=True)
-class SparseFeatureTask:
-    """Label = argmax over n_classes of fixed random linear scores (from `seed`) of sparse toy features."""
+class Run:
+    """One trained model of the sweep."""
 
-    n_features: int = 32
-    n_classes: int = 2
-    sparsity: float = 0.75
-    seed: int = 0
-
-    def __post_init__(self):
-        if self.n_features <= 0 or self.n_classes < 2:
-            raise ValueError(f"need n_features > 0 and n_classes >= 2, got {self.n_features}, {self.n_classes}")
-
-    @property
-    def class_scores(self) -> torch.Tensor:
-        generator = torch.Generator().manual_seed(self.seed)
-        return torch.randn(self.n_classes, self.n_features, generator=generator)
-
-    def sample(self, n_samples: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-        generator = torch.Generator().manual_seed(seed)
-        features = sample_features(n_samples, self.n_features, self.sparsity, generator)
-        # Centred features in the scores, so that the all-zero corner is not one class's home.
-        labels = ((features - features.mean(0)) @ self.class_scores.T).argmax(-1)
-        return features, labels
+    model: str
+    n_classes: int
+    width: int  # hidden width (mlp) or channels (cnn)
+    attack: str  # "none" at epsilon 0
+    epsilon: float
+    seed: int
 
 
 def parse_regime(text: str) -> tuple[int, int]:
@@ -86,8 +82,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     parser.add_argument("--quick", action="store_true", help=f"tiny run for tests: {QUICK}")
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
     parser.add_argument("--regimes", nargs="+", default=["2x64", "2x8", "16x64", "16x8"],
-                        help="CLASSESxWIDTH: task complexity and hidden width (both hidden layers)")
+                        help="mlp: CLASSESxWIDTH, task complexity and hidden width (both hidden layers)")
+    parser.add_argument("--cnn-regimes", nargs="+", default=["2x16", "2x4", "16x16", "16x4"],
+                        help="cnn: CLASSESxCHANNELS, task complexity and channels (both conv layers)")
     parser.add_argument("--attacks", nargs="+", default=list(ATTACKS), choices=ATTACKS)
     parser.add_argument("--epsilons", type=float, nargs="+", default=[0.0, 0.02, 0.05, 0.1])
     parser.add_argument("--eval-epsilon", type=float, default=0.05, help="PGD radius at which every model's robustness is compared")
@@ -95,7 +94,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--n-features", type=int, default=32)
     parser.add_argument("--sparsity", type=float, default=0.75)
     parser.add_argument("--pgd-steps", type=int, default=5)
-    parser.add_argument("--steps", type=int, default=800)
+    parser.add_argument("--steps", type=int, default=800, help="mlp training steps")
+    parser.add_argument("--cnn-steps", type=int, default=400, help="cnn training steps (fewer than the mlp: a cnn step costs more)")
+    parser.add_argument("--image-size", type=int, default=8, help="cnn input images are IMAGE_SIZE x IMAGE_SIZE")
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--n-train", type=int, default=10_000)
     parser.add_argument("--n-test", type=int, default=4_000)
@@ -107,34 +108,69 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         parser.set_defaults(**QUICK)
     args = parser.parse_args(argv)
     args.regimes = [parse_regime(r) for r in args.regimes]
+    args.cnn_regimes = [parse_regime(r) for r in args.cnn_regimes]
     if any(e < 0 for e in args.epsilons):
         parser.error(f"--epsilons must be >= 0, got {args.epsilons}")
     return args
 
 
-def runs(args) -> list[tuple[int, int, str, float, int]]:
-    """(n_classes, width, attack, epsilon, seed) for every model; epsilon 0 once per regime and seed (no attack)."""
+def runs(args) -> list[Run]:
+    """Every model to train; epsilon 0 once per model, regime and seed (no attack)."""
     out = []
-    for n_classes, width in args.regimes:
-        for seed in args.seeds:
-            out += [(n_classes, width, "none", 0.0, seed)] if 0.0 in args.epsilons else []
-            out += [(n_classes, width, kind, eps, seed) for kind in args.attacks for eps in args.epsilons if eps > 0]
+    for model in args.models:
+        for n_classes, width in args.regimes if model == "mlp" else args.cnn_regimes:
+            for seed in args.seeds:
+                out += [Run(model, n_classes, width, "none", 0.0, seed)] if 0.0 in args.epsilons else []
+                out += [Run(model, n_classes, width, kind, eps, seed) for kind in args.attacks for eps in args.epsilons if eps > 0]
     return out
 
 
-def measure_model(args, n_classes: int, width: int, kind: str, epsilon: float, seed: int) -> list[dict]:
-    task = SparseFeatureTask(args.n_features, n_classes, args.sparsity, seed=0)
-    train_inputs, train_labels = task.sample(args.n_train, TRAIN_SEED_OFFSET + seed)
-    test_inputs, test_labels = task.sample(args.n_test, TEST_SEED_OFFSET + seed)
-    model = MLPClassifier(args.n_features, [width, width], n_classes, seed=seed)
-    training = ClassifierTraining(steps=args.steps, lr=args.lr, seed=seed)
+def data_and_model(args, run: Run):
+    """(train inputs, train labels, test inputs, test labels, untrained classifier) for `run`."""
+    task = SparseFeatureTask(args.n_features, run.n_classes, args.sparsity, seed=0)
+    if run.model == "mlp":
+        source = task
+        model = MLPClassifier(args.n_features, [run.width, run.width], run.n_classes, seed=run.seed)
+    else:
+        source = SparseFeatureImages(task, image_size=args.image_size)
+        model = CNNClassifier(args.image_size, [run.width, run.width], run.n_classes, seed=run.seed)
+    return (*source.sample(args.n_train, TRAIN_SEED_OFFSET + run.seed), *source.sample(args.n_test, TEST_SEED_OFFSET + run.seed), model)
+
+
+def activation_rows(activations: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A layer's activations as [vectors, N] rows, and the input each row belongs to.
+
+    An MLP layer gives one row per input; a conv layer [inputs, channels, height, width] one
+    row per spatial position (N = channels), as the paper's code measures conv layers.
+    """
+    if activations.ndim == 2:
+        return activations, torch.arange(activations.shape[0])
+    n_inputs, channels, height, width = activations.shape
+    rows = activations.permute(0, 2, 3, 1).reshape(-1, channels)
+    return rows, torch.arange(n_inputs).repeat_interleave(height * width)
+
+
+@torch.no_grad()
+def measure(sae, rows: torch.Tensor, input_ids: torch.Tensor) -> dict:
+    """toy.measure_sae with bootstrap blocks of whole inputs (one image's positions are not independent samples)."""
+    codes = sae.encode(rows)
+    budget = FeatureBudget(codes.shape[-1], rows.shape[-1])
+    budget.update(codes, doc_ids=input_ids)
+    return {**budget.summary(), "variance_explained": variance_explained(rows, sae.decode(codes))}
+
+
+def measure_model(args, run: Run) -> list[dict]:
+    train_inputs, train_labels, test_inputs, test_labels, model = data_and_model(args, run)
+    steps = args.steps if run.model == "mlp" else args.cnn_steps
+    training = ClassifierTraining(steps=steps, lr=args.lr, seed=run.seed)
+    kind, epsilon, seed, width = run.attack, run.epsilon, run.seed, run.width
     train_adversarially(model, train_inputs, train_labels, training, "pgd" if kind == "none" else kind, epsilon, args.pgd_steps)
 
     generator = torch.Generator().manual_seed(ATTACK_SEED_OFFSET + seed)
     adversarial = attack(model, test_inputs, test_labels, "pgd", epsilon, args.pgd_steps, generator)
     at_eval_epsilon = attack(model, test_inputs, test_labels, "pgd", args.eval_epsilon, args.pgd_steps, generator)
     common = {
-        "n_classes": n_classes, "width": width, "attack": kind, "epsilon": epsilon, "seed": seed,
+        "model": run.model, "n_classes": run.n_classes, "width": width, "attack": kind, "epsilon": epsilon, "seed": seed,
         "clean_accuracy": accuracy(model, test_inputs, test_labels),
         "adversarial_accuracy": accuracy(model, adversarial, test_labels),
         "robust_accuracy_eval_eps": accuracy(model, at_eval_epsilon, test_labels),
@@ -143,19 +179,21 @@ def measure_model(args, n_classes: int, width: int, kind: str, epsilon: float, s
     with torch.no_grad():
         layers = zip(*(model.hidden_activations(x) for x in (train_inputs, test_inputs, adversarial)))
         rows = []
-        for layer, (train_acts, clean_acts, adversarial_acts) in enumerate(layers):
+        for layer, activations in enumerate(layers):
+            (train_acts, _), (clean_acts, input_ids), (adversarial_acts, _) = map(activation_rows, activations)
+            positions = clean_acts.shape[0] // args.n_test
             if not train_acts.abs().sum() > 0:  # a collapsed (all-dead) layer: F is undefined, keep the model's accuracies
-                rows.append({**common, "layer": layer, "N": width, "dead_neurons": width})
+                rows.append({**common, "layer": layer, "N": width, "positions": positions, "dead_neurons": width})
                 continue
             sae_config = ToySAEConfig(d_sae=args.sae_expansion * width, l1_coefficient=args.l1, steps=args.sae_steps, seed=seed)
             with torch.enable_grad():
                 sae = train_toy_sae(scaled_to_unit_rms(train_acts), sae_config)
-            clean = measure_sae(sae, scaled_to_unit_rms(clean_acts, reference=train_acts))
-            adv = measure_sae(sae, scaled_to_unit_rms(adversarial_acts, reference=train_acts))
+            clean = measure(sae, scaled_to_unit_rms(clean_acts, reference=train_acts), input_ids)
+            adv = measure(sae, scaled_to_unit_rms(adversarial_acts, reference=train_acts), input_ids)
             hidden = lambda x, layer=layer: model.hidden_activations(x)[layer]  # noqa: E731
             additivity = linear_additivity(hidden, test_inputs[:half], test_inputs[half : 2 * half])
             rows.append({
-                **common, "layer": layer, "N": width, "d_sae": sae_config.d_sae,
+                **common, "layer": layer, "N": width, "positions": positions, "d_sae": sae_config.d_sae,
                 "F_clean": clean["F"], "F_clean_low": clean["F_low"], "F_clean_high": clean["F_high"], "psi_clean": clean["psi"],
                 "F_adversarial": adv["F"], "psi_adversarial": adv["psi"],
                 "variance_explained_clean": clean["variance_explained"], "variance_explained_adversarial": adv["variance_explained"],
@@ -168,14 +206,14 @@ def measure_model(args, n_classes: int, width: int, kind: str, epsilon: float, s
     return rows
 
 
-def regime_name(n_classes: int, width: int) -> str:
-    return f"{n_classes} classes, width {width}"
+def regime_name(model: str, n_classes: int, width: int) -> str:
+    return f"{n_classes} classes, " + (f"width {width}" if model == "mlp" else f"{width} channels")
 
 
 def summarise(table: pd.DataFrame) -> pd.DataFrame:
-    """Means and stds over seeds per regime, attack, epsilon and layer."""
+    """Means and stds over seeds per model, regime, attack, epsilon and layer."""
     return (
-        table.groupby(["n_classes", "width", "layer", "attack", "epsilon"])
+        table.groupby(["model", "n_classes", "width", "layer", "attack", "epsilon"], sort=False)
         .agg(F_clean=("F_clean", "mean"), F_clean_std=("F_clean", "std"), F_adv=("F_adversarial", "mean"),
              psi_clean=("psi_clean", "mean"), VE=("variance_explained_clean", "mean"),
              clean_acc=("clean_accuracy", "mean"), adv_acc=("adversarial_accuracy", "mean"),
@@ -186,14 +224,15 @@ def summarise(table: pd.DataFrame) -> pd.DataFrame:
 
 
 def trends(table: pd.DataFrame) -> pd.DataFrame:
-    """Per regime, layer and attack: Spearman of clean F with epsilon (eps 0 rows shared) and F(max eps) / F(0)."""
+    """Per model, regime, layer and attack: Spearman of clean F with epsilon (eps 0 rows shared) and F(max eps) / F(0)."""
     rows = []
-    baseline = table[table["attack"] == "none"]
-    for (n_classes, width, layer, kind), group in table[table["attack"] != "none"].groupby(["n_classes", "width", "layer", "attack"]):
-        both = pd.concat([baseline[(baseline.n_classes == n_classes) & (baseline.width == width) & (baseline.layer == layer)], group])
+    keys = ["model", "n_classes", "width", "layer"]
+    baselines = dict(list(table[table["attack"] == "none"].groupby(keys)))
+    for (model, n_classes, width, layer, kind), group in table[table["attack"] != "none"].groupby([*keys, "attack"], sort=False):
+        both = pd.concat([baselines[(model, n_classes, width, layer)], group])
         means = both.groupby("epsilon")["F_clean"].mean()
         ratio = means.iloc[-1] / means.iloc[0]
-        rows.append({"regime": regime_name(n_classes, width), "layer": layer, "attack": kind,
+        rows.append({"model": model, "regime": regime_name(model, n_classes, width), "layer": layer, "attack": kind,
                      "spearman_F_eps": both["F_clean"].corr(both["epsilon"], method="spearman"),
                      "F_max_eps_over_F_0": ratio,
                      "direction": "up" if ratio > 1 else "down"})
@@ -201,20 +240,25 @@ def trends(table: pd.DataFrame) -> pd.DataFrame:
 
 
 def plot(table: pd.DataFrame, path: Path) -> None:
-    regimes = sorted(set(zip(table.n_classes, table.width)))
-    layers = sorted(table.layer.unique())
-    figure, axes = plt.subplots(len(layers), len(regimes), figsize=(4.5 * len(regimes), 3.5 * len(layers)), squeeze=False)
-    baseline = table[table.attack == "none"]
-    for column, (n_classes, width) in enumerate(regimes):
-        for row, layer in enumerate(layers):
+    """One panel per (model, layer) row and regime column: clean F against training epsilon, per attack."""
+    models = [model for model in MODELS if model in set(table.model)]
+    panel_rows = [(model, layer) for model in models for layer in sorted(table[table.model == model].layer.unique())]
+    regimes = {model: list(dict.fromkeys(zip(*(table[table.model == model][key] for key in ("n_classes", "width"))))) for model in models}
+    n_columns = max(len(r) for r in regimes.values())
+    figure, axes = plt.subplots(len(panel_rows), n_columns, figsize=(4.5 * n_columns, 3.5 * len(panel_rows)), squeeze=False)
+    for ax in axes.flat:
+        ax.set_visible(False)  # models with fewer regimes leave panels empty
+    for row, (model, layer) in enumerate(panel_rows):
+        for column, (n_classes, width) in enumerate(regimes[model]):
             ax = axes[row][column]
-            base = baseline[(baseline.n_classes == n_classes) & (baseline.width == width) & (baseline.layer == layer)]
+            ax.set_visible(True)
+            panel = table[(table.model == model) & (table.n_classes == n_classes) & (table.width == width) & (table.layer == layer)]
             for kind in sorted(set(table.attack) - {"none"}):
-                group = table[(table.attack == kind) & (table.n_classes == n_classes) & (table.width == width) & (table.layer == layer)]
-                stats = pd.concat([base, group]).groupby("epsilon")["F_clean"].agg(["mean", "std"])
+                stats = panel[panel.attack.isin(["none", kind])].groupby("epsilon")["F_clean"].agg(["mean", "std"])
                 ax.errorbar(stats.index, stats["mean"], yerr=stats["std"].fillna(0), marker="o", capsize=3, label=f"{kind} training")
-            ax.axhline(width, color="grey", linestyle=":", label="N (layer width)")
-            ax.set_title(f"{regime_name(n_classes, width)}: layer {layer}", fontsize=9)
+            ax.axhline(width, color="grey", linestyle=":", label="N (width)" if model == "mlp" else "N (channels)")
+            layer_name = "hidden layer" if model == "mlp" else "conv layer"
+            ax.set_title(f"{model.upper()}, {regime_name(model, n_classes, width)}: {layer_name} {layer}", fontsize=9)
             ax.set_xlabel("training epsilon (L-inf)")
             ax.set_ylabel("F on clean inputs (mean ± std)")
             ax.legend(fontsize=7)
@@ -224,7 +268,19 @@ def plot(table: pd.DataFrame, path: Path) -> None:
 
 
 def write_readme(path: Path, args, summary, trend, command: str, seconds: float) -> None:
-    regimes = ", ".join(regime_name(*r) for r in args.regimes)
+    setups = []
+    if "mlp" in args.models:
+        regimes = ", ".join(f"{c}x{w}" for c, w in args.regimes)
+        setups.append(f"MLP (regimes CLASSESxWIDTH {regimes}): two hidden ReLU layers of that width on the feature\n"
+                      f"vector; {args.steps} training steps.")
+    if "cnn" in args.models:
+        regimes = ", ".join(f"{c}x{w}" for c, w in args.cnn_regimes)
+        setups.append(f"CNN (regimes CLASSESxCHANNELS {regimes}): conv 3x3 -> ReLU -> conv 3x3 stride 2 -> ReLU ->\n"
+                      f"linear, both convs with that many channels, on the features drawn as {args.image_size}x{args.image_size} images\n"
+                      f"(`SparseFeatureImages`: a fixed random +-1 3x3 stamp per feature at a fixed place); {args.cnn_steps}\n"
+                      "training steps. A conv layer is measured per spatial position (rows of N = channels; the\n"
+                      "`positions` column), with one budget over all positions of all test images.")
+    setup = "\n".join(setups)
     path.write_text(f"""# Adversarial training: F against epsilon in the abundance and scarcity regimes
 
 Made by (from the repository root, {seconds / 60:.1f} min on {args.threads} CPU thread(s)):
@@ -234,8 +290,8 @@ Made by (from the repository root, {seconds / 60:.1f} min on {args.threads} CPU 
 Paper's direction: adversarial training raises F with a simple task and ample capacity
 (abundance) and lowers it with a complex task or little capacity (scarcity).
 
-Direction of clean-input F with training epsilon, per regime, layer and attack (Spearman over
-{len(args.seeds)} seeds x {len(args.epsilons)} epsilons, the epsilon-0 models shared; ratio = mean F at
+Direction of clean-input F with training epsilon, per model, regime, layer and attack (Spearman
+over {len(args.seeds)} seeds x {len(args.epsilons)} epsilons, the epsilon-0 models shared; ratio = mean F at
 epsilon {max(args.epsilons)} / at 0):
 
 ```
@@ -243,14 +299,14 @@ epsilon {max(args.epsilons)} / at 0):
 ```
 
 Setup: sparse-feature classification ({args.n_features} features, sparsity {args.sparsity}, label = argmax
-of n_classes fixed random linear scores; `SparseFeatureTask` in sweep.py); regimes {regimes};
-MLP with two hidden ReLU layers of that width; AdamW lr {args.lr}, {args.steps} steps of 256 from
-{args.n_train} samples, every minibatch replaced by its FGSM or PGD ({args.pgd_steps} steps, random start,
-step 2.5 eps / steps) version; seeds {args.seeds}. Adversarial accuracy: PGD at the training epsilon;
-robust_acc: PGD at epsilon {args.eval_epsilon} for every model. Tied SAE ({args.sae_expansion} x width latents,
-L1 {args.l1}, {args.sae_steps} steps) trained on clean training activations (unit RMS), measured on
+of n_classes fixed random linear scores; `SparseFeatureTask` in sparse_features.py).
+{setup}
+AdamW lr {args.lr}, steps of 256 from {args.n_train} samples, every minibatch replaced by its FGSM or PGD
+({args.pgd_steps} steps, random start, step 2.5 eps / steps) version; seeds {args.seeds}. Adversarial accuracy: PGD
+at the training epsilon; robust_acc: PGD at epsilon {args.eval_epsilon} for every model. Tied SAE ({args.sae_expansion} x N
+latents, L1 {args.l1}, {args.sae_steps} steps) trained on clean training activations (unit RMS), measured on
 {args.n_test} clean test inputs (F_clean) and their PGD versions (F_adv). additivity: mean cosine of
-h(a) + h(b) with h(a + b) over {args.n_test // 2} test pairs; cs_margin: width / (L0 ln(d_sae / L0)).
+h(a) + h(b) with h(a + b) over {args.n_test // 2} test pairs; cs_margin: N / (L0 ln(d_sae / L0)).
 
 Means over seeds:
 
@@ -270,9 +326,10 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     started = time.perf_counter()
     rows = []
     try:
-        for n_classes, width, kind, epsilon, seed in runs(args):
-            rows += measure_model(args, n_classes, width, kind, epsilon, seed)
-            print(f"{n_classes}x{width} {kind} eps={epsilon} seed={seed}: {time.perf_counter() - started:.0f}s", flush=True)
+        for run in runs(args):
+            rows += measure_model(args, run)
+            print(f"{run.model} {run.n_classes}x{run.width} {run.attack} eps={run.epsilon} seed={run.seed}: "
+                  f"{time.perf_counter() - started:.0f}s", flush=True)
     finally:
         torch.set_num_threads(threads_before)
     table = pd.DataFrame(rows)
