@@ -33,8 +33,12 @@ from huggingface_hub.errors import LocalEntryNotFoundError
 from safetensors import SafetensorError
 from sae_lens import (
     SAE,
+    GatedSAE,
+    JumpReLUSAE,
+    StandardSAE,
     StandardTrainingSAE,
     StandardTrainingSAEConfig,
+    TopKSAE,
     TopKTrainingSAE,
     TopKTrainingSAEConfig,
     TrainingSAE,
@@ -51,6 +55,7 @@ from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
 from .activations import stream_activations
+from .metric import sparse_codes
 from .models import hook_point
 
 ARCHITECTURES = ("standard", "topk")
@@ -546,6 +551,29 @@ def quality_flag(quality: SAEQuality) -> str:
     return "; ".join(problems) or "ok"
 
 
+# SAE classes whose decode is `feature_acts @ W_dec + b_dec` (then hooks and output norm),
+# which a sparse CSR feature_acts goes through unchanged.
+_MATMUL_DECODERS = {cls.decode for cls in (StandardSAE, TopKSAE, JumpReLUSAE, GatedSAE, TrainingSAE, TopKTrainingSAE)}
+
+
+def decode(sae: SAE, codes: torch.Tensor) -> torch.Tensor:
+    """sae.decode(codes), as a sparse matmul when `codes` is a CSR matrix and the SAE allows it.
+
+    A sparse decode costs nonzeros x d_in multiply-adds instead of tokens x d_sae x d_in:
+    ~10x faster at L0 ~200 of 32,768 features. Falls back to the dense decode where it
+    cannot: other SAE classes, TopK's rescale by decoder norm, and bfloat16 on CPU (no sparse
+    kernel in torch).
+    """
+    sparse_ok = (
+        type(sae).decode in _MATMUL_DECODERS
+        and not getattr(sae.cfg, "rescale_acts_by_decoder_norm", False)
+        and (codes.device.type == "cuda" or codes.dtype in (torch.float32, torch.float64))
+    )
+    if codes.layout != torch.strided and not sparse_ok:
+        codes = codes.to_dense()
+    return sae.decode(codes)
+
+
 class ReconstructionStats:
     """Streaming variance explained, mean L0 and dead features of one SAE over batches of tokens.
 
@@ -561,14 +589,15 @@ class ReconstructionStats:
 
     @torch.no_grad()
     def update(self, activations: torch.Tensor, codes: torch.Tensor, reconstruction: torch.Tensor) -> None:
-        """activations, reconstruction: [tokens, d_in]; codes: [tokens, d_sae]."""
+        """activations, reconstruction: [tokens, d_in]; codes: [tokens, d_sae], dense or sparse."""
         if codes.shape[-1] != self.fired.numel():
             raise ValueError(f"codes have {codes.shape[-1]} features, these stats were made for {self.fired.numel()}")
         self.variance.add_batch(reconstruction, activations)
-        active = codes != 0
+        codes = sparse_codes(codes)
+        active = codes.values() != 0
         self.n_tokens += codes.shape[0]
         self.sum_l0 += active.sum().item()
-        self.fired |= active.any(dim=0).cpu()
+        self.fired[codes.col_indices()[active].cpu()] = True
 
     def quality(self) -> SAEQuality:
         if self.n_tokens == 0:
@@ -610,8 +639,8 @@ def evaluate_sae(
         batch_keep = keep[start : start + batch_size].to(model.cfg.device)
         _, cache = model.run_with_cache(batch, names_filter=[hook_name], stop_at_layer=stop_at_layer)
         activations = cache[hook_name][batch_keep].to(sae.device)
-        codes = sae.encode(activations)
-        stats.update(activations, codes, sae.decode(codes))
+        codes = sparse_codes(sae.encode(activations))
+        stats.update(activations, codes, decode(sae, codes))
 
         losses = get_recons_loss(
             sae, model, ActivationScaler(), batch, compute_kl=False, compute_ce_loss=True,

@@ -7,7 +7,7 @@ import huggingface_hub.constants
 import pytest
 import torch
 from safetensors.torch import save_file
-from sae_lens import SAE, StandardSAE, TopKSAE
+from sae_lens import SAE, JumpReLUSAE, JumpReLUSAEConfig, StandardSAE, StandardSAEConfig, TopKSAE, TopKSAEConfig
 
 from lm_superposition.dictionaries import (
     QUALITY_FILENAME,
@@ -16,6 +16,7 @@ from lm_superposition.dictionaries import (
     SAEQuality,
     SAETrainingConfig,
     check_sae_fits,
+    decode,
     evaluate_sae,
     hook_order,
     load_dictionary_learning_sae,
@@ -28,6 +29,7 @@ from lm_superposition.dictionaries import (
     train_saes,
     train_saes_for_model,
 )
+from lm_superposition.metric import sparse_codes
 from lm_superposition.models import HookPoint, hook_point
 
 @pytest.fixture(autouse=True, scope="module")
@@ -399,6 +401,33 @@ def test_reconstruction_stats_match_direct_formulas(toy_data, standard_toy_sae):
     assert quality.dead_fraction == pytest.approx(((codes > 0).sum(0) == 0).float().mean().item())
     with pytest.raises(ValueError, match="no tokens"):
         ReconstructionStats(4).quality()
+
+
+@pytest.mark.parametrize(
+    "sae_class, config_class, extra",
+    [(StandardSAE, StandardSAEConfig, {}), (TopKSAE, TopKSAEConfig, dict(k=5)), (JumpReLUSAE, JumpReLUSAEConfig, {}),
+     (TopKSAE, TopKSAEConfig, dict(k=5, rescale_acts_by_decoder_norm=True))],
+)
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_sparse_decode_equals_the_dense_decode(sae_class, config_class, extra, dtype):
+    torch.manual_seed(0)
+    sae = sae_class(config_class(d_in=16, d_sae=64, dtype=dtype, **extra))
+    with torch.no_grad():
+        for parameter in sae.parameters():
+            parameter.normal_(0, 0.5)
+        activations = torch.randn(10, 16).to(getattr(torch, dtype))
+        codes = sae.encode(activations)
+        assert 0 < int((codes != 0).sum()) < codes.numel()  # really sparse, really something to decode
+        sparse, dense = decode(sae, sparse_codes(codes)), sae.decode(codes)
+    assert sparse.layout == torch.strided and sparse.dtype == dense.dtype
+    assert torch.allclose(sparse.float(), dense.float(), atol=1e-5 if dtype == "float32" else 0)
+    stats_dense, stats_sparse = ReconstructionStats(64), ReconstructionStats(64)
+    stats_dense.update(activations, codes, dense)
+    stats_sparse.update(activations, sparse_codes(codes), sparse)
+    sparse_quality, dense_quality = stats_sparse.quality(), stats_dense.quality()
+    assert sparse_quality.variance_explained == pytest.approx(dense_quality.variance_explained, rel=1e-5)
+    assert (sparse_quality.mean_l0, sparse_quality.dead_fraction) == (dense_quality.mean_l0, dense_quality.dead_fraction)
+    assert torch.equal(stats_sparse.fired, stats_dense.fired)
 
 
 def test_quality_flag_names_every_problem():

@@ -7,6 +7,7 @@ from lm_superposition.metric import (
     FeatureBudget,
     effective_features,
     entropy,
+    sparse_codes,
     superposition_ratio,
 )
 
@@ -104,8 +105,8 @@ def test_sums_are_float64_whatever_the_code_dtype():
     assert budget.feature_sums.dtype == torch.float64
     # 2^24 + 1 is not representable in float32; float64 sums keep it exact.
     for _ in range(2):
-        budget.add_sums(torch.tensor([0]), torch.full((1, 8), 2.0**23, dtype=torch.float64), torch.tensor([1]), 0)
-    budget.add_sums(torch.tensor([0]), torch.full((1, 8), 1.0, dtype=torch.float64), torch.tensor([1]), 0)
+        budget.update(torch.full((1, 8), 2.0**23))
+    budget.update(torch.ones(1, 8))
     assert budget.feature_sums[0].item() == 2.0**24 + 1 + 4
 
 
@@ -145,6 +146,41 @@ def test_bootstrap_needs_two_blocks():
     with pytest.raises(ValueError, match="at least 2 non-empty"):
         budget.bootstrap_effective_features()
     assert math.isnan(budget.summary()["F_low"])  # the summary says "unknown", never invents one
+
+
+def test_sparse_codes_keep_exactly_the_nonzeros():
+    codes = torch.relu(torch.randn(7, 40, generator=torch.Generator().manual_seed(0)) - 1)
+    codes[3] = 0  # a token with no active feature
+    csr = sparse_codes(codes)
+    assert csr.layout == torch.sparse_csr
+    assert csr.values().numel() == int((codes != 0).sum())
+    assert torch.equal(csr.to_dense(), codes)
+    assert sparse_codes(csr) is csr
+    assert torch.equal(sparse_codes(codes.to_sparse()).to_dense(), codes)  # COO, as SAE-Lens TopK can return
+
+
+@pytest.mark.parametrize("layout", ["dense", "csr", "coo"])
+def test_sparse_and_dense_codes_give_the_same_budget(layout):
+    generator = torch.Generator().manual_seed(1)
+    codes = torch.relu(torch.randn(50, 300, generator=generator) - 1.5) * torch.sign(torch.randn(50, 300, generator=generator))
+    doc_ids = torch.arange(50) // 7
+    dense = FeatureBudget(300, 10, n_blocks=4)
+    dense.update(codes.reshape(5, 10, 300), doc_ids.reshape(5, 10))  # any leading shape
+    given = {"dense": codes, "csr": sparse_codes(codes), "coo": codes.to_sparse()}[layout]
+    other = FeatureBudget(300, 10, n_blocks=4)
+    other.update(given, doc_ids)
+    assert torch.allclose(other.block_sums, dense.block_sums, rtol=1e-12, atol=0)
+    assert torch.equal(other.block_tokens, dense.block_tokens)
+    assert other.mean_l0 == dense.mean_l0 == pytest.approx(float((codes != 0).sum(1).float().mean()))
+    assert torch.allclose(dense.feature_sums, codes.abs().sum(0).double(), rtol=1e-6)
+
+
+def test_dense_codes_larger_than_one_slice_are_summed_whole():
+    codes = torch.rand(2**22 // 1000 * 3 + 5, 1000)  # several slices of 2^22 elements, all nonzero
+    budget = FeatureBudget(1000, 10)
+    budget.update(codes, torch.arange(codes.shape[0]))
+    assert budget.tokens == codes.shape[0]
+    assert torch.allclose(budget.feature_sums, codes.sum(0, dtype=torch.float64), rtol=1e-9)
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
