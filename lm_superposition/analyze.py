@@ -27,7 +27,7 @@ from .data import PAD_DOC_ID, TokenWindows
 from .dictionaries import SAEQuality, ReconstructionStats, check_sae_fits, decode, evaluate_sae, quality_flag
 from .metric import FeatureBudget, sparse_codes
 from .models import HookPoint, hook_point
-from .sparse_coding import compressed_sensing_margin
+from .sparse_coding import additivity_of, compressed_sensing_margin
 
 # Codes are encoded in slices of about this many elements (tokens x d_sae): 2^22 float32 =
 # 16 MiB, under glibc's largest mmap threshold (32 MiB), so the encode's temporaries are
@@ -38,7 +38,7 @@ ENCODE_CHUNK_ELEMENTS = 2**22
 TABLE_COLUMNS = [
     "model", "hook", "layer", "kind", "N", "d_sae", "sae", "seed", "tokens",
     "entropy", "F", "F_low", "F_high", "psi", "psi_low", "psi_high", "F_saturated",
-    "mean_l0", "alive_features", "dead_fraction", "cs_margin", "variance_explained", "ce_recovered", "quality",
+    "mean_l0", "alive_features", "dead_fraction", "cs_margin", "additivity", "variance_explained", "ce_recovered", "quality",
 ]
 
 
@@ -235,8 +235,14 @@ class LayerwiseAnalyzer:
             state.convergence.append(row)
         return all_tight
 
-    def table(self, states: Sequence[SeedMeasurement], ce_recovered: Mapping[str, float] | None = None, sae_names: Mapping[str, str] | None = None) -> pd.DataFrame:
-        """One row per hook x seed, columns TABLE_COLUMNS."""
+    def table(
+        self,
+        states: Sequence[SeedMeasurement],
+        ce_recovered: Mapping[str, float] | None = None,
+        sae_names: Mapping[str, str] | None = None,
+        additivity: Mapping[str, float] | None = None,
+    ) -> pd.DataFrame:
+        """One row per hook x seed, columns TABLE_COLUMNS; CE recovered and additivity are NaN where not given."""
         rows = []
         for state in states:
             for hook, budget in state.budgets.items():
@@ -261,6 +267,7 @@ class LayerwiseAnalyzer:
                         **summary,
                         "F_saturated": saturated_features([r["tokens"] for r in convergence], [r["F"] for r in convergence]),
                         "cs_margin": _margin_or_nan(point.width, summary["mean_l0"], summary["d_sae"]),
+                        "additivity": (additivity or {}).get(hook, math.nan),
                         "variance_explained": quality.variance_explained,
                         "ce_recovered": quality.ce_loss_recovered,
                         "quality": quality_flag(quality),
@@ -276,6 +283,52 @@ class LayerwiseAnalyzer:
             hook: evaluate_sae(self.model, self.saes[hook], hook, windows, batch_size=self.batch_size).ce_loss_recovered
             for hook in (self.saes if hooks is None else hooks)
         }
+
+    @torch.inference_mode()
+    def additivity(self, windows: TokenWindows, n_pairs: int = 16, seed: int = 0) -> dict[str, float]:
+        """Linear additivity of every hook (sparse_coding.additivity_of), mean over `n_pairs` pairs.
+
+        A pair is two text segments A, B: the first half of two different windows, picked at
+        random (seeded). f(X) is the hook's activations summed over X's tokens, each segment run
+        after a BOS as the windows are; the check is the cosine of f(A) + f(B) with f(A then B).
+        1 means the hook's representation of a text is the sum of its parts'.
+        """
+        first, length = _text_segment_span(windows)
+        usable = torch.nonzero((windows.doc_ids[:, first : first + length] != PAD_DOC_ID).all(1)).flatten()
+        if n_pairs < 1 or len(usable) < 2:
+            raise ValueError(f"additivity needs n_pairs >= 1 (got {n_pairs}) and 2 windows whose first {length} tokens "
+                             f"are text ({len(usable)} such windows here)")
+        if len(usable) < 2 * n_pairs:
+            warnings.warn(f"additivity: {n_pairs} pairs asked for, but only {len(usable)} windows have {length} tokens of "
+                          f"text; using {len(usable) // 2} pairs")
+            n_pairs = len(usable) // 2
+        picked = usable[torch.randperm(len(usable), generator=torch.Generator().manual_seed(seed))[: 2 * n_pairs]]
+        segments = windows.tokens[picked, first : first + length]
+        a, b = segments[:n_pairs], segments[n_pairs:]
+        f_a, f_b, f_ab = (self._summed_activations(x, windows) for x in (a, b, torch.cat([a, b], dim=1)))
+        return {hook: additivity_of(f_a[hook], f_b[hook], f_ab[hook]).mean for hook in self.saes}
+
+    def _summed_activations(self, segments: torch.Tensor, like: TokenWindows) -> dict[str, torch.Tensor]:
+        """{hook: [segments, N]}: each segment's activations summed over its tokens (BOS excluded)."""
+        if like.bos_token_id is not None:
+            segments = torch.cat([torch.full((len(segments), 1), like.bos_token_id), segments], dim=1)
+        doc_ids = torch.arange(len(segments)).unsqueeze(1).expand_as(segments)
+        windows = TokenWindows(segments, doc_ids.contiguous(), like.bos_token_id, like.pad_token_id)
+        sums = {hook: torch.zeros(len(segments), point.width, dtype=torch.float64) for hook, point in self.hooks.items()}
+        for batch in stream_activations(self.model, windows, list(self.saes), batch_size=self.batch_size, progress=False):
+            for hook, acts in batch.activations.items():
+                sums[hook].index_add_(0, batch.doc_ids, acts.to(device="cpu", dtype=torch.float64))
+        return sums
+
+
+def _text_segment_span(windows: TokenWindows) -> tuple[int, int]:
+    """(first position, length) of the half-window segments additivity uses: after the BOS, and
+    short enough that BOS + A + B still fits one window."""
+    first = 0 if windows.bos_token_id is None else 1
+    length = (windows.context_size - first) // 2
+    if length < 1:
+        raise ValueError(f"windows of {windows.context_size} tokens are too short to cut two text segments from")
+    return first, length
 
 
 def world_size_and_rank() -> tuple[int, int]:
@@ -356,6 +409,7 @@ def measure_layers(
     token_budget: int | None = None,
     batch_size: int = 8,
     ce_windows: int = 4,
+    additivity_pairs: int = 0,
     target_relative_interval: float | None = None,
     progress: bool = True,
     **analyzer_options,
@@ -365,6 +419,7 @@ def measure_layers(
     Each seed measures its own seeded sample of `token_budget` tokens from `windows` (all of
     them when None); the bootstrap interval is over the documents inside that sample.
     ce_windows: how many windows the CE-loss-recovered check uses (0 skips it: NaN).
+    additivity_pairs: how many segment pairs the linear-additivity check uses (0 skips it: NaN).
     The convergence curve (F at log-spaced token counts) is in `table.attrs["convergence"]`.
     """
     analyzer = LayerwiseAnalyzer(model, saes, batch_size=batch_size, **analyzer_options)
@@ -373,7 +428,8 @@ def measure_layers(
         for seed in seeds
     ]
     ce = analyzer.ce_recovered(windows[:ce_windows]) if ce_windows else None
-    table = analyzer.table(states, ce_recovered=ce)
+    additivity = analyzer.additivity(windows, additivity_pairs) if additivity_pairs else None
+    table = analyzer.table(states, ce_recovered=ce, additivity=additivity)
     table.attrs["convergence"] = convergence_table(states)
     return table
 

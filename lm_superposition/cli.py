@@ -75,6 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     layerwise.add_argument("--batch-size", type=int, default=8, help="windows per forward pass")
     layerwise.add_argument("--context-size", type=int, default=128)
     layerwise.add_argument("--device", default="cpu")
+    layerwise.add_argument("--additivity-pairs", type=int, default=0,
+                           help="text-segment pairs for the linear-additivity column (default 0: skipped)")
     layerwise.add_argument("--output", default="runs/layerwise")
     _add_output_flags(layerwise)
 
@@ -133,7 +135,7 @@ def _layerwise(args) -> int:
         {
             "run": {
                 "output": args.output, "seeds": args.seeds, "token_budget": args.token_budget, "batch_size": args.batch_size,
-                "context_size": args.context_size, "device": args.device,
+                "context_size": args.context_size, "device": args.device, "additivity_pairs": args.additivity_pairs,
             },
             "model": {"names": [args.model], "checkpoints": args.checkpoint},
             "saes": {"releases": args.release, "folders": args.sae_folder},

@@ -59,6 +59,7 @@ class RunSettings:
     device: str = "cpu"
     checkpoint_every: int = 20
     ce_windows: int = 4
+    additivity_pairs: int = 0  # segment pairs for the linear-additivity column; 0 skips it
     n_blocks: int = 64
     target_relative_interval: float | None = None
 
@@ -224,7 +225,8 @@ def _run_item(config: RunConfig, item: SweepItem, output: Path, progress: bool):
     ce = dict(known_ce)
     if settings.ce_windows:
         ce |= analyzer.ce_recovered(windows[: settings.ce_windows], [hook for hook in saes if hook not in known_ce])
-    table = analyzer.table(states, ce_recovered=ce, sae_names=sae_names)
+    additivity = analyzer.additivity(windows, settings.additivity_pairs) if settings.additivity_pairs else None
+    table = analyzer.table(states, ce_recovered=ce, sae_names=sae_names, additivity=additivity)
     table.insert(1, "checkpoint", item.checkpoint)
     table.insert(2, "corpus", item.corpus)
     convergence = convergence_table(states)
@@ -329,7 +331,8 @@ def demo_config(output: str = "runs/demo", token_budget: int | None = None, trai
         f"blocks.{layer}.hook_{kind}" for layer in DEMO_LAYERS for kind in ("attn_out", "mlp_out", "resid_post")
     ]
     return RunConfig(
-        run=RunSettings(output=output, seeds=[0, 1], token_budget=token_budget or 4_000, batch_size=8, context_size=128, ce_windows=1),
+        run=RunSettings(output=output, seeds=[0, 1], token_budget=token_budget or 4_000, batch_size=8, context_size=128, ce_windows=1,
+                        additivity_pairs=8),
         model=ModelSettings(names=[OFFLINE_DEFAULT_MODEL]),
         saes=SAESettings(
             train=SAETrainSettings(

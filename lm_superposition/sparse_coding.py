@@ -46,8 +46,14 @@ def linear_additivity(
         raise ValueError(
             f"inputs_a and inputs_b must hold the same, non-zero number of rows (pairs), got {inputs_a.shape[0]} and {inputs_b.shape[0]}"
         )
-    separate = (f(inputs_a) + f(inputs_b)).flatten(1).double()
-    together = f(combine(inputs_a, inputs_b)).flatten(1).double()
+    return additivity_of(f(inputs_a), f(inputs_b), f(combine(inputs_a, inputs_b)))
+
+
+def additivity_of(f_a: torch.Tensor, f_b: torch.Tensor, f_ab: torch.Tensor) -> Additivity:
+    """Per-row cosine of f_a + f_b with f_ab: `linear_additivity` on representations already computed
+    (e.g. every hook of a model from the same three forward passes)."""
+    separate = (f_a + f_b).flatten(1).double()
+    together = f_ab.flatten(1).double()
     if separate.shape != together.shape:
         raise ValueError(
             f"f(A) + f(B) has shape {tuple(separate.shape)} but f(combine(A, B)) has {tuple(together.shape)}: "
@@ -70,4 +76,4 @@ def compressed_sensing_margin(hook_width: int, mean_l0: float, d_sae: int) -> fl
     return hook_width / (mean_l0 * math.log(d_sae / mean_l0))
 
 
-__all__ = ["Additivity", "linear_additivity", "compressed_sensing_margin"]
+__all__ = ["Additivity", "additivity_of", "linear_additivity", "compressed_sensing_margin"]

@@ -75,6 +75,26 @@ def test_table_matches_the_metric_on_the_same_codes(pythia_shaped_model, saes, w
     assert table.set_index("hook").loc["blocks.1.hook_attn_out", "kind"] == "attn_out"
 
 
+def test_additivity_is_exact_for_the_embedding_and_below_one_after_attention(pythia_shaped_model, saes, windows):
+    analyzer = analyzer_for(pythia_shaped_model, saes)
+    additivity = analyzer.additivity(windows, n_pairs=4)
+    # Pythia's resid_pre of block 0 is the token embedding alone (rotary positions): the summed
+    # embedding of A then B is exactly the sum of A's and B's.
+    assert additivity["blocks.0.hook_resid_pre"] == pytest.approx(1.0, abs=1e-9)
+    for hook in HOOKS[1:]:  # attention and MLP outputs depend on context
+        assert -1 <= additivity[hook] < 0.999
+    assert analyzer.additivity(windows, n_pairs=4) == additivity  # seeded
+    assert analyzer.additivity(windows, n_pairs=4, seed=1) != additivity
+    with pytest.warns(UserWarning, match="100 pairs asked for, but only 24 windows have 15 tokens of text; using 12 pairs"):
+        assert math.isfinite(analyzer.additivity(windows, n_pairs=100)["blocks.1.hook_attn_out"])
+    with pytest.raises(ValueError, match="n_pairs >= 1"):
+        analyzer.additivity(windows, n_pairs=0)
+
+    table = analyzer.table([analyzer.run_seed(windows[:4], progress=False)], additivity=additivity)
+    assert table.set_index("hook")["additivity"].to_dict() == additivity
+    assert analyzer.table([analyzer.run_seed(windows[:4], progress=False)]).additivity.isna().all()
+
+
 def test_seeds_reproduce_bit_for_bit_and_differ_from_each_other(pythia_shaped_model, saes, windows):
     options = dict(seeds=[0, 1], token_budget=300, batch_size=4, ce_windows=0, progress=False)
     first = measure_layers(pythia_shaped_model, saes, windows, **options)

@@ -183,4 +183,5 @@ def test_demo_code_path_at_a_reduced_budget(gemma_model, tmp_path, monkeypatch):
     assert len(table) == len(hooks) * len(config.run.seeds)
     assert set(table["hook"]) == set(hooks)
     assert (table["N"] == 640).all() and (table["tokens"] == 300).all()
+    assert table["additivity"].between(-1, 1).all()  # the demo asks for the linear-additivity check
     assert (tmp_path / "demo" / "compression_curve.png").stat().st_size > 10_000
