@@ -40,6 +40,7 @@ from lm_superposition.tasks import (
     train_test_split,
 )
 from lm_superposition.toy import ToySAEConfig
+from lm_superposition.runs import torch_threads
 
 DEFAULT_OUT = Path(__file__).resolve().parent.parent / "results" / "algorithmic"
 TASKS = ("modular_addition", "sparse_parity", "multitask_sparse_parity")
@@ -192,16 +193,12 @@ Files: `table.csv` (one row per task, seed and layer, with bootstrap intervals),
 def main(argv: list[str] | None = None) -> pd.DataFrame:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
-    threads_before = torch.get_num_threads()
-    torch.set_num_threads(args.threads)
     started = time.perf_counter()
     rows = []
-    try:
+    with torch_threads(args.threads):
         for task in tqdm(args.tasks, desc="tasks"):
             for seed in args.seeds:
                 rows += measure_model(args, task, seed)
-    finally:
-        torch.set_num_threads(threads_before)
     table = pd.DataFrame(rows)
     summary = summarise(table)
     descriptions = {task: task_data(args, task, 0).description for task in args.tasks}

@@ -47,6 +47,7 @@ from lm_superposition.toy import (
     train_toy_sae,
     variance_explained,
 )
+from lm_superposition.runs import torch_threads
 
 DEFAULT_OUT = Path(__file__).resolve().parent.parent / "results" / "dictionary_robustness"
 PLATEAU_TOLERANCE = 0.10
@@ -248,10 +249,8 @@ Files: `table.csv` (all columns), `f_vs_width.png`.
 def main(argv: list[str] | None = None) -> pd.DataFrame:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
-    threads_before = torch.get_num_threads()
-    torch.set_num_threads(args.threads)
     started = time.perf_counter()
-    try:
+    with torch_threads(args.threads):
         table, ground_truth = toy_sweep(args)
         if args.model != "none":
             from lm_superposition.models import load_model  # the real model only when asked
@@ -261,8 +260,6 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
             del model
             setting = f"{args.model.split('/')[-1]} {args.hook} (SAE-Lens standard SAE)"
             table = pd.concat([table, real_sweep(activations, doc_ids, args, setting)], ignore_index=True)
-    finally:
-        torch.set_num_threads(threads_before)
     plateau_table = plateaus(table)
     args.out.mkdir(parents=True, exist_ok=True)
     table.to_csv(args.out / "table.csv", index=False)

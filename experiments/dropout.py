@@ -37,6 +37,7 @@ from lm_superposition.tasks import (
     train_classifier,
 )
 from lm_superposition.toy import ToySAEConfig
+from lm_superposition.runs import torch_threads
 
 DEFAULT_OUT = Path(__file__).resolve().parent.parent / "results" / "dropout"
 TRAIN_SEED_OFFSET, TEST_SEED_OFFSET = 1_000, 2_000
@@ -188,17 +189,13 @@ Files: `table.csv` (one row per model and layer, with bootstrap intervals), `f_v
 def main(argv: list[str] | None = None) -> pd.DataFrame:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
-    threads_before = torch.get_num_threads()
-    torch.set_num_threads(args.threads)
     started = time.perf_counter()
     task = SparseParityTask(n_tasks=args.n_tasks, n_bits=args.n_bits, k=args.k, seed=0)
     rows = []
-    try:
+    with torch_threads(args.threads):
         for dropout in tqdm(args.dropouts, desc="dropout rates"):
             for seed in args.seeds:
                 rows += measure_model(args, task, dropout, seed)
-    finally:
-        torch.set_num_threads(threads_before)
     table = pd.DataFrame(rows)
     summary, trends, neuron_trends = summarise(table), trend(table), trend(table, "neuron_F")
     args.out.mkdir(parents=True, exist_ok=True)

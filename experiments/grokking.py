@@ -43,6 +43,7 @@ from lm_superposition.tasks import (
     train_grokking,
 )
 from lm_superposition.toy import ToySAEConfig
+from lm_superposition.runs import torch_threads
 
 DEFAULT_OUT = Path(__file__).resolve().parent.parent / "results" / "grokking"
 MLP_HOOK, RESID_HOOK = "blocks.0.mlp.hook_post", "blocks.0.hook_resid_post"
@@ -184,14 +185,10 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     config = GrokkingConfig(p=args.p, train_fraction=args.train_fraction, d_model=args.d_model, n_heads=args.n_heads,
                             d_mlp=args.d_mlp, steps=args.steps, checkpoint_every=args.checkpoint_every, lr=args.lr,
                             weight_decay=args.weight_decay, seed=args.seed)
-    threads_before = torch.get_num_threads()
-    torch.set_num_threads(args.threads)
     started = time.perf_counter()
-    try:
+    with torch_threads(args.threads):
         run = train_grokking(config, progress=True)
         table = measure_checkpoints(run, args)
-    finally:
-        torch.set_num_threads(threads_before)
     marks = alignment(table, run.checkpoints)
     args.out.mkdir(parents=True, exist_ok=True)
     table.to_csv(args.out / "table.csv", index=False)

@@ -40,6 +40,7 @@ from lm_superposition.toy import (
     train_toy_model,
     train_toy_sae,
 )
+from lm_superposition.runs import torch_threads
 
 DEFAULT_OUT = Path(__file__).resolve().parent.parent / "results" / "toy_validation"
 # Samples for the SAE's training set and for measuring F are drawn from seeds offset from
@@ -272,13 +273,9 @@ Files: `table.csv` (all columns), `scatter.png`.{sensitivity_note}
 def main(argv: list[str] | None = None) -> pd.DataFrame:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
-    threads_before = torch.get_num_threads()
-    torch.set_num_threads(args.threads)
     started = time.perf_counter()
-    try:
+    with torch_threads(args.threads):
         table = run_sweep(args)
-    finally:
-        torch.set_num_threads(threads_before)
     stats = correlations(table)
     args.out.mkdir(parents=True, exist_ok=True)
     table.to_csv(args.out / "table.csv", index=False)

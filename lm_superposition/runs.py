@@ -21,6 +21,7 @@ checkpoint already covers are skipped, so no token is lost or counted twice.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib.metadata
 import json
@@ -342,3 +343,15 @@ def demo_config(output: str = "runs/demo", token_budget: int | None = None, trai
         ),
         corpus=CorpusSettings(sources=["offline"]),
     )
+
+
+@contextlib.contextmanager
+def torch_threads(n_threads: int | None):
+    """Run the block with `n_threads` torch CPU threads (None: as they are), and restore the count after."""
+    before = torch.get_num_threads()
+    if n_threads is not None:
+        torch.set_num_threads(n_threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
