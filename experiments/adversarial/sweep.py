@@ -46,6 +46,7 @@ import torch
 
 from attacks import ATTACKS, attack, train_adversarially
 from lm_superposition.metric import FeatureBudget
+from lm_superposition.runs import torch_threads
 from lm_superposition.sparse_coding import compressed_sensing_margin, linear_additivity
 from lm_superposition.tasks import CNNClassifier, ClassifierTraining, MLPClassifier, accuracy, scaled_to_unit_rms
 from lm_superposition.toy import ToySAEConfig, train_toy_sae, variance_explained
@@ -321,17 +322,13 @@ Files: `table.csv` (one row per model and layer, with bootstrap intervals of F_c
 def main(argv: list[str] | None = None) -> pd.DataFrame:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
-    threads_before = torch.get_num_threads()
-    torch.set_num_threads(args.threads)
     started = time.perf_counter()
     rows = []
-    try:
+    with torch_threads(args.threads):
         for run in runs(args):
             rows += measure_model(args, run)
             print(f"{run.model} {run.n_classes}x{run.width} {run.attack} eps={run.epsilon} seed={run.seed}: "
                   f"{time.perf_counter() - started:.0f}s", flush=True)
-    finally:
-        torch.set_num_threads(threads_before)
     table = pd.DataFrame(rows)
     summary, trend = summarise(table), trends(table)
     args.out.mkdir(parents=True, exist_ok=True)
