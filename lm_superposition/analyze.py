@@ -24,16 +24,27 @@ import torch
 
 from .activations import stream_activations
 from .data import PAD_DOC_ID, TokenWindows
-from .dictionaries import SAEQuality, ReconstructionStats, check_sae_fits, decode, evaluate_sae, quality_flag
+from .dictionaries import (
+    SAEQuality,
+    ReconstructionStats,
+    check_sae_fits,
+    decode,
+    encode,
+    encodes_in_place,
+    evaluate_sae,
+    quality_flag,
+)
 from .metric import FeatureBudget, sparse_codes
 from .models import HookPoint, hook_point
 from .sparse_coding import additivity_of, compressed_sensing_margin
 
-# Codes are encoded in slices of about this many elements (tokens x d_sae): 2^22 float32 =
-# 16 MiB, under glibc's largest mmap threshold (32 MiB), so the encode's temporaries are
-# reused from the heap instead of mapped and page-faulted afresh each time (that cost the
-# [1024, 32768] slices used before about a third of their encode time here).
+# Codes are encoded in slices of about this many elements (tokens x d_sae). SAE-Lens's encode
+# allocates fresh [tokens, d_sae] tensors: 2^22 float32 = 16 MiB stays under glibc's largest
+# mmap threshold (32 MiB), so they come from the heap instead of being mapped and page-faulted
+# afresh every time. An SAE encoded in place into one reused buffer has no such cost, and its
+# matmul runs fastest on large slices. Measured: experiments/benchmarks/README.md.
 ENCODE_CHUNK_ELEMENTS = 2**22
+IN_PLACE_CHUNK_ELEMENTS = 2**25
 
 TABLE_COLUMNS = [
     "model", "hook", "layer", "kind", "N", "d_sae", "sae", "seed", "tokens",
@@ -119,7 +130,8 @@ def log_spaced_checkpoints(total_tokens: int, start: int = 256) -> list[int]:
 class LayerwiseAnalyzer:
     """Measures F and psi for several hooks of one model, each through its own SAE.
 
-    encode_chunk_tokens: tokens encoded at a time; None sizes slices to ENCODE_CHUNK_ELEMENTS.
+    encode_chunk_tokens: tokens encoded at a time; None sizes slices by ENCODE_CHUNK_ELEMENTS
+        (IN_PLACE_CHUNK_ELEMENTS for SAEs that `encode` computes in place).
     """
 
     def __init__(
@@ -144,6 +156,7 @@ class LayerwiseAnalyzer:
         self.n_blocks = n_blocks
         self.batch_size = batch_size
         self.encode_chunk_tokens = encode_chunk_tokens
+        self._code_buffers: dict[tuple, torch.Tensor] = {}
 
     def new_seed(self, seed: int) -> SeedMeasurement:
         return SeedMeasurement(
@@ -216,12 +229,21 @@ class LayerwiseAnalyzer:
 
     def _consume(self, state: SeedMeasurement, hook: str, acts: torch.Tensor, doc_ids: torch.Tensor) -> None:
         sae = self.saes[hook]
-        chunk = self.encode_chunk_tokens or max(1, ENCODE_CHUNK_ELEMENTS // sae.cfg.d_sae)
+        in_place = encodes_in_place(sae)
+        chunk = self.encode_chunk_tokens or max(1, (IN_PLACE_CHUNK_ELEMENTS if in_place else ENCODE_CHUNK_ELEMENTS) // sae.cfg.d_sae)
+        buffer = self._code_buffer(sae, chunk) if in_place else None
         for act_chunk, doc_chunk in zip(acts.split(chunk), doc_ids.split(chunk)):
-            act_chunk = act_chunk.to(sae.dtype)
-            codes = sparse_codes(sae.encode(act_chunk))  # ~99% zeros: everything after the encode reads only the nonzeros
+            # ~99% of the codes are zeros: everything after the encode reads only the nonzeros.
+            codes = sparse_codes(encode(sae, act_chunk, out=buffer))
             state.budgets[hook].update(codes, doc_chunk)
-            state.reconstruction[hook].update(act_chunk, codes, decode(sae, codes))
+            state.reconstruction[hook].update(act_chunk.to(sae.dtype), codes, decode(sae, codes))
+
+    def _code_buffer(self, sae, tokens: int) -> torch.Tensor:
+        """One [tokens, d_sae] buffer per code shape, reused by every SAE of that shape and every batch."""
+        key = (sae.cfg.d_sae, sae.dtype, str(sae.device))
+        if key not in self._code_buffers or len(self._code_buffers[key]) < tokens:
+            self._code_buffers[key] = torch.empty(tokens, sae.cfg.d_sae, dtype=sae.dtype, device=sae.device)
+        return self._code_buffers[key]
 
     def _record_convergence(self, state: SeedMeasurement, target_relative_interval: float | None) -> bool:
         """Append F at the current token count; True if every hook meets the interval target."""

@@ -17,6 +17,8 @@ from lm_superposition.dictionaries import (
     SAETrainingConfig,
     check_sae_fits,
     decode,
+    encode,
+    encodes_in_place,
     evaluate_sae,
     hook_order,
     load_dictionary_learning_sae,
@@ -428,6 +430,29 @@ def test_sparse_decode_equals_the_dense_decode(sae_class, config_class, extra, d
     assert sparse_quality.variance_explained == pytest.approx(dense_quality.variance_explained, rel=1e-5)
     assert (sparse_quality.mean_l0, sparse_quality.dead_fraction) == (dense_quality.mean_l0, dense_quality.dead_fraction)
     assert torch.equal(stats_sparse.fired, stats_dense.fired)
+
+
+def test_in_place_encode_equals_sae_lens_encode():
+    torch.manual_seed(0)
+    sae = StandardSAE(StandardSAEConfig(d_in=16, d_sae=64, apply_b_dec_to_input=True))
+    with torch.no_grad():
+        for parameter in sae.parameters():
+            parameter.normal_(0, 0.5)
+        activations = torch.randn(10, 16)
+        buffer = torch.full((32, 64), float("nan"))  # larger than the batch; stale contents must not leak
+        assert encodes_in_place(sae)
+        codes = encode(sae, activations, out=buffer)
+        assert codes.data_ptr() == buffer.data_ptr() and codes.shape == (10, 64)
+        assert torch.allclose(codes, sae.encode(activations), atol=1e-6)
+        assert torch.equal(codes != 0, sae.encode(activations) != 0)
+
+        # Anything that changes SAE-Lens's encode goes through SAE-Lens's encode.
+        sae.hook_sae_acts_post.add_hook(lambda acts, hook: acts * 2)
+        assert not encodes_in_place(sae)
+        assert torch.allclose(encode(sae, activations, out=buffer), 2 * codes, atol=1e-6)
+        topk = TopKSAE(TopKSAEConfig(d_in=16, d_sae=64, k=3))
+        assert not encodes_in_place(topk)
+        assert torch.equal(encode(topk, activations, out=buffer), topk.encode(activations))
 
 
 def test_quality_flag_names_every_problem():
