@@ -313,7 +313,9 @@ class LayerwiseAnalyzer:
         A pair is two text segments A, B: the first half of two different windows, picked at
         random (seeded). f(X) is the hook's activations summed over X's tokens, each segment run
         after a BOS as the windows are; the check is the cosine of f(A) + f(B) with f(A then B).
-        1 means the hook's representation of a text is the sum of its parts'.
+        The hook's mean activation is taken out of every token first: it adds up trivially and
+        would otherwise dominate both sums (cosines of 0.99+ for any hook). 1 means the hook's
+        representation of a text is the sum of its parts'.
         """
         first, length = _text_segment_span(windows)
         usable = torch.nonzero((windows.doc_ids[:, first : first + length] != PAD_DOC_ID).all(1)).flatten()
@@ -327,11 +329,16 @@ class LayerwiseAnalyzer:
         picked = usable[torch.randperm(len(usable), generator=torch.Generator().manual_seed(seed))[: 2 * n_pairs]]
         segments = windows.tokens[picked, first : first + length]
         a, b = segments[:n_pairs], segments[n_pairs:]
-        f_a, f_b, f_ab = (self._summed_activations(x, windows) for x in (a, b, torch.cat([a, b], dim=1)))
-        return {hook: additivity_of(f_a[hook], f_b[hook], f_ab[hook]).mean for hook in self.saes}
+        (f_a, n_a), (f_b, n_b), (f_ab, n_ab) = (self._summed_activations(x, windows) for x in (a, b, torch.cat([a, b], dim=1)))
+        result = {}
+        for hook in self.saes:
+            mean = (f_a[hook].sum(0) + f_b[hook].sum(0)) / (n_a.sum() + n_b.sum())
+            centred = [f[hook] - n.unsqueeze(1) * mean for f, n in ((f_a, n_a), (f_b, n_b), (f_ab, n_ab))]
+            result[hook] = additivity_of(*centred).mean
+        return result
 
-    def _summed_activations(self, segments: torch.Tensor, like: TokenWindows) -> dict[str, torch.Tensor]:
-        """{hook: [segments, N]}: each segment's activations summed over its tokens (BOS excluded)."""
+    def _summed_activations(self, segments: torch.Tensor, like: TokenWindows) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """({hook: [segments, N]} each segment's activations summed over its tokens, [segments] token counts); BOS excluded."""
         if like.bos_token_id is not None:
             segments = torch.cat([torch.full((len(segments), 1), like.bos_token_id), segments], dim=1)
         doc_ids = torch.arange(len(segments)).unsqueeze(1).expand_as(segments)
@@ -340,7 +347,7 @@ class LayerwiseAnalyzer:
         for batch in stream_activations(self.model, windows, list(self.saes), batch_size=self.batch_size, progress=False):
             for hook, acts in batch.activations.items():
                 sums[hook].index_add_(0, batch.doc_ids, acts.to(device="cpu", dtype=torch.float64))
-        return sums
+        return sums, torch.bincount(windows.doc_ids[windows.measured_mask], minlength=len(segments)).to(torch.float64)
 
 
 def _text_segment_span(windows: TokenWindows) -> tuple[int, int]:

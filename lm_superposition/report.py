@@ -55,6 +55,7 @@ def per_hook_summary(table: pd.DataFrame) -> pd.DataFrame:
         psi_low=("psi_low", "min"),
         psi_high=("psi_high", "max"),
         variance_explained=("variance_explained", "mean"),
+        additivity=("additivity", "first"),  # one value per hook: measured once, not per seed
         quality=("quality", "first"),
     ).reset_index()
     summary["group"] = [curve_group(k, l) for k, l in zip(summary["kind"], summary["layer"])]
@@ -127,6 +128,7 @@ def _save(fig, path_stem) -> list[Path]:
 def format_table(table: pd.DataFrame) -> str:
     """A compact text view for the terminal: one line per hook, seeds pooled."""
     summary = per_hook_summary(table)
-    view = summary[["hook", "N", "d_sae", "tokens", "F", "F_low", "F_high", "psi", "variance_explained", "quality"]].copy()
+    columns = ["hook", "N", "d_sae", "tokens", "F", "F_low", "F_high", "psi", "variance_explained", "additivity", "quality"]
+    view = summary[[c for c in columns if c != "additivity" or summary[c].notna().any()]].copy()
     view["F 95%"] = [f"[{lo:,.0f}, {hi:,.0f}]" if not math.isnan(lo) else "n/a" for lo, hi in zip(view.pop("F_low"), view.pop("F_high"))]
     return view.to_string(index=False, float_format=lambda x: f"{x:,.3f}")
