@@ -566,8 +566,8 @@ def encode(sae: SAE, activations: torch.Tensor, out: torch.Tensor | None = None)
     the same codes written into `out` by one addmm and an in-place ReLU.
 
     SAE-Lens's encode allocates three [tokens, d_sae] tensors and passes over them twice after
-    the matmul: on 2 CPU cores that took 1.7x the bare matmul for 32,768 features, the buffered
-    addmm 1.03x (experiments/benchmarks/README.md).
+    the matmul; at 32,768 features each is 127 MiB per 1,024 tokens, mapped and page-faulted
+    afresh on every call (results/benchmarks/README.md).
     """
     if out is None or not encodes_in_place(sae):
         return sae.encode(activations)
