@@ -582,15 +582,15 @@ _MATMUL_DECODERS = {cls.decode for cls in (StandardSAE, TopKSAE, JumpReLUSAE, Ga
 def decode(sae: SAE, codes: torch.Tensor) -> torch.Tensor:
     """sae.decode(codes), as a sparse matmul when `codes` is a CSR matrix and the SAE allows it.
 
-    A sparse decode costs nonzeros x d_in multiply-adds instead of tokens x d_sae x d_in:
-    ~10x faster at L0 ~200 of 32,768 features. Falls back to the dense decode where it
-    cannot: other SAE classes, TopK's rescale by decoder norm, and bfloat16 on CPU (no sparse
-    kernel in torch).
+    A sparse decode costs nonzeros x d_in multiply-adds instead of tokens x d_sae x d_in.
+    Falls back to the dense decode where it cannot: other SAE classes, TopK's rescale by
+    decoder norm, and half precision (torch has no CPU kernel for it; on GPUs it is untested
+    here, so it is not risked).
     """
     sparse_ok = (
         type(sae).decode in _MATMUL_DECODERS
         and not getattr(sae.cfg, "rescale_acts_by_decoder_norm", False)
-        and (codes.device.type == "cuda" or codes.dtype in (torch.float32, torch.float64))
+        and codes.dtype in (torch.float32, torch.float64)
     )
     if codes.layout != torch.strided and not sparse_ok:
         codes = codes.to_dense()
