@@ -161,6 +161,23 @@ def test_models_option_runs_only_the_named_model(tmp_path):
     assert "CNN (regimes CLASSESxCHANNELS 2x4)" in (tmp_path / "README.md").read_text()
 
 
+def test_a_collapsed_layer_keeps_its_accuracies_and_reports_no_f(monkeypatch):
+    def train_to_a_dead_network(model, *args, **kwargs):  # every weight and bias 0: every ReLU outputs 0
+        with torch.no_grad():
+            for parameter in model.parameters():
+                parameter.zero_()
+
+    monkeypatch.setattr(sweep, "train_adversarially", train_to_a_dead_network)
+    args = sweep.parse_args(["--quick"])
+    rows = sweep.measure_model(args, sweep.Run("mlp", n_classes=2, width=8, attack="pgd", epsilon=0.1, seed=0))
+    assert len(rows) == 2  # both hidden layers, each with a row
+    for row in rows:
+        assert row["dead_neurons"] == 8 and "F_clean" not in row  # F is undefined, not invented
+        assert 0 <= row["clean_accuracy"] <= 1
+    table = pd.DataFrame(rows, columns=["F_clean", "dead_neurons"])
+    assert table["F_clean"].isna().all()
+
+
 def test_regime_parsing_rejects_malformed_text():
     assert sweep.parse_regime("16x8") == (16, 8)
     with pytest.raises(Exception, match="CLASSESxWIDTH"):
