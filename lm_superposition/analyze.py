@@ -42,7 +42,7 @@ from .sparse_coding import additivity_of, compressed_sensing_margin
 # allocates fresh [tokens, d_sae] tensors: 2^22 float32 = 16 MiB stays under glibc's largest
 # mmap threshold (32 MiB), so they come from the heap instead of being mapped and page-faulted
 # afresh every time. An SAE encoded in place into one reused buffer has no such cost, and its
-# matmul runs fastest on large slices. Measured: experiments/benchmarks/README.md.
+# matmul runs fastest on large slices. Measured: results/benchmarks/README.md.
 ENCODE_CHUNK_ELEMENTS = 2**22
 IN_PLACE_CHUNK_ELEMENTS = 2**25
 

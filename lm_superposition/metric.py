@@ -60,8 +60,9 @@ def _check_positive(name: str, value: int) -> None:
 def sparse_codes(codes: torch.Tensor) -> torch.Tensor:
     """A [tokens, d_sae] batch of SAE codes as a sparse CSR tensor (returned as is if it is one).
 
-    Built from `nonzero` rather than `Tensor.to_sparse_csr`, which took twice as long on
-    [128, 32768] codes here; nonzero lists entries row by row, the order CSR stores them in.
+    Summing, counting and decoding only the nonzeros is what makes the analyzer run at matmul
+    speed (results/benchmarks/README.md). Built from `nonzero`, which lists entries row by row,
+    the order CSR stores them in (`Tensor.to_sparse_csr` was slower here).
     """
     if codes.layout == torch.sparse_csr:
         return codes
