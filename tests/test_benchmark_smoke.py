@@ -1,6 +1,7 @@
 """The speed benchmark runs end to end at its smoke size (its numbers are not asserted: speed
 targets are checked by the benchmark itself, never by timed tests)."""
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -21,3 +22,6 @@ def test_benchmark_quick_writes_its_table(tmp_path):
     for measurement in ("ours", "baseline", "roofline: matmuls"):
         matching = speeds[speeds.index.astype(str).str.startswith(measurement)]
         assert len(matching) >= 1 and (matching > 0).all(), measurement
+    # The benchmark's own correctness check: ours gives SAE-Lens's dense-encode F on the same tokens.
+    difference = re.search(r"largest relative difference of F over the hooks (\S+)", (tmp_path / "layerwise_speed_quick.md").read_text())
+    assert difference and float(difference.group(1)) < 1e-5

@@ -12,6 +12,9 @@ For a Pythia-70M-shaped random model with one random SAE-Lens StandardSAE per pa
   roofline  bare matmuls of every shape the measurement needs, timed in this run: the
             tokens/s of a measurement that did nothing but those matmuls.
 
+Correctness: ours must give the F of SAE-Lens's plain dense encode on the same tokens; the
+report prints the largest relative difference over the hooks.
+
 Speed: the three take turns, round after round, in one process, so a machine shared with
 other work slows them alike. Memory: ours runs alone at each --memory-tokens count, and the
 baseline once, each in a fresh forked process so no run's peak hides another's. Run it as
@@ -46,6 +49,7 @@ from transformer_lens import HookedTransformer, HookedTransformerConfig
 from lm_superposition.activations import blocks_needed
 from lm_superposition.analyze import LayerwiseAnalyzer
 from lm_superposition.data import TokenWindows
+from lm_superposition.metric import effective_features
 from lm_superposition.models import paper_hooks
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -144,6 +148,20 @@ def paper_loop(model: HookedTransformer, saes: dict[str, StandardSAE], windows: 
             totals[name] += sae.encode(cache[name]).abs().sum(dim=(0, 1)).float()
         del cache
     return totals
+
+
+@torch.no_grad()
+def f_difference(analyzer: LayerwiseAnalyzer, model, saes, windows: TokenWindows) -> float:
+    """Largest relative difference of F over the hooks between ours and the plain formula on the
+    same tokens (SAE-Lens's dense `sae.encode` of run_with_cache activations, |z| summed in
+    float64): the fast path (in-place encode, sparse codes) must give the same number."""
+    ours = analyzer.run_seed(windows, seed=0, progress=False)
+    _, cache = model.run_with_cache(windows.tokens.to(model.cfg.device), names_filter=list(saes))
+    differences = []
+    for hook, sae in saes.items():
+        budget = sae.encode(cache[hook][:, 1:]).abs().sum(dim=(0, 1), dtype=torch.float64)  # BOS left out, as ours does
+        differences.append(abs(ours.budgets[hook].effective_features() / effective_features(budget.cpu()) - 1))
+    return max(differences)
 
 
 def matmul_shapes(model: HookedTransformer, setup: Setup) -> list[dict]:
@@ -248,7 +266,8 @@ def measure_speed(setup: Setup, ours_tokens: int, baseline_tokens: int, rounds: 
         })
     roofline = pd.DataFrame(shapes).assign(seconds=pd.DataFrame(matmul_times).median().to_numpy())
     return {"rounds": rounds_table, "roofline": roofline.to_dict("records"), "device_name": device_name(setup.device),
-            "mean_l0": statistics.mean(budget.mean_l0 for budget in state.budgets.values())}
+            "mean_l0": statistics.mean(budget.mean_l0 for budget in state.budgets.values()),
+            "f_difference": f_difference(analyzer, model, saes, random_windows(setup.measured_per_batch, setup))}
 
 
 def measure_memory(setup: Setup, loop: str, n_tokens: int) -> dict:
@@ -335,6 +354,8 @@ def report(args, command: str, speed_run: dict, tables: dict[str, pd.DataFrame],
         f"Machine: {speed_run['device_name']}; torch {torch.__version__}; device {args.device}, {args.dtype}  \n"
         f"Setup: Pythia-70M-shaped random model, 19 paper hooks, StandardSAE d_sae={args.d_sae} "
         f"(mean L0 {speed_run['mean_l0']:.0f}), windows of {args.context} tokens, ours {args.batch_size} windows per batch  \n"
+        f"F check: ours against SAE-Lens's dense encode on the same {args.batch_size} windows, largest relative difference "
+        f"of F over the hooks {speed_run['f_difference']:.1e}  \n"
         f"Load average (1, 5, 15 min): {load_line}  \n"
         f"Memory: {memory_kind}, MiB",
         markdown(tables["speed"]),
