@@ -17,6 +17,7 @@ published SAEs (SAE-Lens, dictionary_learning) were trained on.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import asdict, dataclass
@@ -254,6 +255,21 @@ def hook_point(model: HookedTransformer, name: str) -> HookPoint:
         f"unknown hook {name!r} for model {model.cfg.model_name}; its measurable hooks are: "
         + ", ".join(point.name for point in catalogue)
     )
+
+
+# Forward-pass order inside one block: the catalogue's kinds, and attn.hook_z (the head
+# outputs some registry SAEs read) before the attention output.
+_ORDER_IN_BLOCK = ["hook_resid_pre", "attn.hook_z", *list(_BLOCK_HOOKS.values())[1:]]
+
+
+def hook_order(hook_name: str) -> tuple[int, int, str]:
+    """Sort key putting TransformerLens hook names in forward-pass order (embeddings first)."""
+    match = re.fullmatch(r"blocks\.(\d+)\.(.+)", hook_name)
+    if match is None:
+        return (-1, 0, hook_name)
+    suffix = match.group(2)
+    position = _ORDER_IN_BLOCK.index(suffix) if suffix in _ORDER_IN_BLOCK else len(_ORDER_IN_BLOCK)
+    return (int(match.group(1)), position, hook_name)
 
 
 def paper_hooks(model: HookedTransformer) -> list[HookPoint]:
