@@ -6,14 +6,13 @@ train a two-hidden-layer ReLU MLP (lm_superposition.tasks), then measure F of ea
 through the paper's tied SAE (4 x N latents, the SAE that validated on toy models) and in the
 neuron basis. Writes table.csv, psi_per_layer.png and README.md to --out.
 
-    python experiments/algorithmic.py            # 3 tasks x 3 seeds, a few minutes on 1 CPU thread
-    python experiments/algorithmic.py --quick    # 1 seed, tiny networks, seconds
+    python -m experiments.algorithmic            # 3 tasks x 3 seeds, a few minutes on 1 CPU thread
+    python -m experiments.algorithmic --quick    # 1 seed, tiny networks, seconds
 """
 
 from __future__ import annotations
 
 import argparse
-import shlex
 import sys
 import time
 from dataclasses import dataclass
@@ -27,7 +26,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from lm_superposition.tasks import (
+from experiments.tasks import (
     ClassifierTraining,
     MLPClassifier,
     SparseParityTask,
@@ -39,8 +38,8 @@ from lm_superposition.tasks import (
     train_classifier,
     train_test_split,
 )
-from lm_superposition.toy import ToySAEConfig
-from lm_superposition.runs import torch_threads
+from experiments.toy import ToySAEConfig
+from experiments import study_command, torch_threads
 
 DEFAULT_OUT = Path(__file__).resolve().parent.parent / "results" / "algorithmic"
 TASKS = ("modular_addition", "sparse_parity", "multitask_sparse_parity")
@@ -205,7 +204,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     args.out.mkdir(parents=True, exist_ok=True)
     table.to_csv(args.out / "table.csv", index=False)
     plot(summary, args.out / "psi_per_layer.png")
-    command = shlex.join(["python", "experiments/algorithmic.py", *argv])
+    command = study_command("experiments.algorithmic", argv)
     write_readme(args.out / "README.md", args, table, summary, descriptions, command, time.perf_counter() - started)
     print(summary.round(3).to_string(index=False))
     return table

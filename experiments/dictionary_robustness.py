@@ -13,14 +13,13 @@ Plateau: the smallest expansion factor from which F stays within 10% of its valu
 larger factor of the sweep (`plateau_expansion`); none if only the widest one qualifies.
 Writes table.csv, f_vs_width.png and README.md to --out.
 
-    python experiments/dictionary_robustness.py            # toy 0.5-16x, Gemma 0.5-8x, 3 L1 each: minutes
-    python experiments/dictionary_robustness.py --quick    # toy only (no real model), tiny, seconds
+    python -m experiments.dictionary_robustness            # toy 0.5-16x, Gemma 0.5-8x, 3 L1 each: minutes
+    python -m experiments.dictionary_robustness --quick    # toy only (no real model), tiny, seconds
 """
 
 from __future__ import annotations
 
 import argparse
-import shlex
 import sys
 import time
 from pathlib import Path
@@ -35,9 +34,9 @@ from tqdm.auto import tqdm
 
 from lm_superposition.activations import stream_activations
 from lm_superposition.data import load_texts, token_windows
-from lm_superposition.dictionaries import SAETrainingConfig, train_sae
+from lm_superposition.saes import SAETrainingConfig, train_sae
 from lm_superposition.metric import FeatureBudget
-from lm_superposition.toy import (
+from experiments.toy import (
     ToyConfig,
     ToySAEConfig,
     hidden_activations,
@@ -47,7 +46,7 @@ from lm_superposition.toy import (
     train_toy_sae,
     variance_explained,
 )
-from lm_superposition.runs import torch_threads
+from experiments import study_command, torch_threads
 
 DEFAULT_OUT = Path(__file__).resolve().parent.parent / "results" / "dictionary_robustness"
 PLATEAU_TOLERANCE = 0.10
@@ -264,7 +263,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     args.out.mkdir(parents=True, exist_ok=True)
     table.to_csv(args.out / "table.csv", index=False)
     plot(table, ground_truth, args.out / "f_vs_width.png")
-    command = shlex.join(["python", "experiments/dictionary_robustness.py", *argv])
+    command = study_command("experiments.dictionary_robustness", argv)
     write_readme(args.out / "README.md", args, table, plateau_table, ground_truth, command, time.perf_counter() - started)
     print(plateau_table.round(3).to_string(index=False))
     return table

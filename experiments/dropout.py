@@ -7,14 +7,13 @@ ground truth on toy models, results/toy_validation) trained on the layer's activ
 training inputs and measured on fresh inputs, dropout off. Also F in the neuron basis (no SAE).
 Writes table.csv, f_vs_dropout.png and README.md to --out.
 
-    python experiments/dropout.py            # 5 rates x 3 seeds, a few minutes on 1 CPU thread
-    python experiments/dropout.py --quick    # 2 rates x 1 seed, tiny networks, seconds
+    python -m experiments.dropout            # 5 rates x 3 seeds, a few minutes on 1 CPU thread
+    python -m experiments.dropout --quick    # 2 rates x 1 seed, tiny networks, seconds
 """
 
 from __future__ import annotations
 
 import argparse
-import shlex
 import sys
 import time
 from pathlib import Path
@@ -27,7 +26,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from lm_superposition.tasks import (
+from experiments.tasks import (
     ClassifierTraining,
     MLPClassifier,
     SparseParityTask,
@@ -36,8 +35,8 @@ from lm_superposition.tasks import (
     tied_sae_measure,
     train_classifier,
 )
-from lm_superposition.toy import ToySAEConfig
-from lm_superposition.runs import torch_threads
+from experiments.toy import ToySAEConfig
+from experiments import study_command, torch_threads
 
 DEFAULT_OUT = Path(__file__).resolve().parent.parent / "results" / "dropout"
 TRAIN_SEED_OFFSET, TEST_SEED_OFFSET = 1_000, 2_000
@@ -201,7 +200,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     args.out.mkdir(parents=True, exist_ok=True)
     table.to_csv(args.out / "table.csv", index=False)
     plot(summary, args.out / "f_vs_dropout.png")
-    command = shlex.join(["python", "experiments/dropout.py", *argv])
+    command = study_command("experiments.dropout", argv)
     write_readme(args.out / "README.md", args, table, summary, trends, neuron_trends, command, time.perf_counter() - started)
     print(summary.round(3).to_string(index=False))
     print(trends.round(3).to_string(index=False))

@@ -13,14 +13,13 @@ on all p^2 inputs at the "=" position (the task is finite, so this is the whole 
 
 Writes table.csv, grokking.png and README.md to --out.
 
-    python experiments/grokking.py            # p = 43, 2,500 steps, 20 checkpoints: a few minutes on 1 CPU thread
-    python experiments/grokking.py --quick    # p = 11, a tiny model, seconds
+    python -m experiments.grokking            # p = 43, 2,500 steps, 20 checkpoints: a few minutes on 1 CPU thread
+    python -m experiments.grokking --quick    # p = 11, a tiny model, seconds
 """
 
 from __future__ import annotations
 
 import argparse
-import shlex
 import sys
 import time
 from pathlib import Path
@@ -33,7 +32,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from lm_superposition.tasks import (
+from experiments.tasks import (
     GrokkingConfig,
     GrokkingRun,
     first_step_reaching,
@@ -42,8 +41,8 @@ from lm_superposition.tasks import (
     tied_sae_measure,
     train_grokking,
 )
-from lm_superposition.toy import ToySAEConfig
-from lm_superposition.runs import torch_threads
+from experiments.toy import ToySAEConfig
+from experiments import study_command, torch_threads
 
 DEFAULT_OUT = Path(__file__).resolve().parent.parent / "results" / "grokking"
 MLP_HOOK, RESID_HOOK = "blocks.0.mlp.hook_post", "blocks.0.hook_resid_post"
@@ -193,7 +192,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     args.out.mkdir(parents=True, exist_ok=True)
     table.to_csv(args.out / "table.csv", index=False)
     plot(table, marks, args.out / "grokking.png")
-    command = shlex.join(["python", "experiments/grokking.py", *argv])
+    command = study_command("experiments.grokking", argv)
     write_readme(args.out / "README.md", args, config, table, marks, command, time.perf_counter() - started)
     print(table[["step", "train_accuracy", "test_accuracy", "mlp_F", "mlp_neuron_F", "resid_F"]].round(3).to_string(index=False))
     print(marks)

@@ -9,14 +9,13 @@ and penalty), and measure F with FeatureBudget on fresh samples. Writes to --out
     scatter.png F against the ground truth, with y = x
     README.md   Pearson r(F, ground truth) per SAE kind and the command that made it all
 
-    python experiments/toy_validation.py            # the full sweep, a few minutes on 2 CPU cores
-    python experiments/toy_validation.py --quick    # 4 configs, tied SAE only, about half a minute
+    python -m experiments.toy_validation            # the full sweep, a few minutes on 2 CPU cores
+    python -m experiments.toy_validation --quick    # 4 configs, tied SAE only, about half a minute
 """
 
 from __future__ import annotations
 
 import argparse
-import shlex
 import sys
 import time
 from pathlib import Path
@@ -29,7 +28,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from lm_superposition.toy import (
+from experiments.toy import (
     SAE_KINDS,
     ToyConfig,
     ToySAEConfig,
@@ -40,7 +39,7 @@ from lm_superposition.toy import (
     train_toy_model,
     train_toy_sae,
 )
-from lm_superposition.runs import torch_threads
+from experiments import study_command, torch_threads
 
 DEFAULT_OUT = Path(__file__).resolve().parent.parent / "results" / "toy_validation"
 # Samples for the SAE's training set and for measuring F are drawn from seeds offset from
@@ -280,7 +279,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     args.out.mkdir(parents=True, exist_ok=True)
     table.to_csv(args.out / "table.csv", index=False)
     plot_scatter(table, stats, args.out / "scatter.png")
-    command = shlex.join(["python", "experiments/toy_validation.py", *argv])
+    command = study_command("experiments.toy_validation", argv)
     write_readme(args.out / "README.md", args, table, stats, command, time.perf_counter() - started)
     print(stats.to_string(index=False))
     return table

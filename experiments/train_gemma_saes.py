@@ -5,8 +5,8 @@ offline model from one activation stream, save them in SAE-Lens format, open the
 state the quality figures. Runs on a CPU in about ten minutes (half of it the CE-loss evals,
 which run the 262k-token unembedding four times per window):
 
-    python experiments/train_gemma_saes.py --out /tmp/gemma_saes_topk --threads 1
-    python experiments/train_gemma_saes.py --out /tmp/gemma_saes_standard --architecture standard \
+    python -m experiments.train_gemma_saes --out /tmp/gemma_saes_topk --threads 1
+    python -m experiments.train_gemma_saes --out /tmp/gemma_saes_standard --architecture standard \
         --l1-coefficient 2 --threads 1
 
 With a 60,000-token budget (235 steps of 256 tokens), TopK (k=64) gave the best SAEs
@@ -33,7 +33,7 @@ import sae_lens
 import torch
 
 from lm_superposition.data import load_texts, token_windows
-from lm_superposition.dictionaries import (
+from lm_superposition.saes import (
     QUALITY_FILENAME,
     SAETrainingConfig,
     check_sae_fits,
@@ -95,7 +95,7 @@ def write_result(table: pd.DataFrame, config: SAETrainingConfig, minutes: float,
     path = RESULTS / f"{config.architecture}.md"
     path.write_text(
         f"# SAEs for three layers of {OFFLINE_DEFAULT_MODEL} (offline Q4_K_M weights)\n\n"
-        f"Command: `python experiments/train_gemma_saes.py {shlex.join(argv)}`\n\n"
+        f"Command: `python -m experiments.train_gemma_saes {shlex.join(argv)}`\n\n"
         f"Settings: {config}\n\n"
         f"Wall time: {minutes:.1f} min on this machine (CPU). Quality on the held-out windows "
         "(n_tokens), BOS and padding excluded; dead_fraction counts features that never fired "

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import copy
 import math
-import os
 import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -23,19 +22,14 @@ import pandas as pd
 import torch
 
 from .activations import stream_activations
+from .atomic import atomic_file
+from .codes import decode, encode, encodes_in_place, sparse_codes
 from .data import PAD_DOC_ID, TokenWindows
-from .dictionaries import (
-    SAEQuality,
-    ReconstructionStats,
-    check_sae_fits,
-    decode,
-    encode,
-    encodes_in_place,
-    evaluate_sae,
-    quality_flag,
-)
-from .metric import FeatureBudget, sparse_codes
+from .distributed import world_size_and_rank
+from .metric import FeatureBudget
 from .models import HookPoint, hook_point
+from .saes.loading import check_sae_fits
+from .saes.quality import SAEQuality, VarianceExplained, evaluate_sae, quality_flag
 from .sparse_coding import additivity_of, compressed_sensing_margin
 
 # Codes are encoded in slices of about this many elements (tokens x d_sae). SAE-Lens's encode
@@ -53,13 +47,17 @@ TABLE_COLUMNS = [
 ]
 
 
+class MeasurementStopped(Exception):
+    """`run_seed` was asked to stop (its `stop` callback said so) and saved its checkpoint first."""
+
+
 @dataclass
 class SeedMeasurement:
     """Everything one seed has accumulated so far, for every hook."""
 
     seed: int
     budgets: dict[str, FeatureBudget]
-    reconstruction: dict[str, ReconstructionStats]
+    variance: dict[str, VarianceExplained]
     windows_done: int = 0
     # One row per (hook, token count) at log-spaced token counts: the convergence curve.
     convergence: list[dict] = field(default_factory=list)
@@ -75,7 +73,7 @@ class SeedMeasurement:
             "convergence": self.convergence,
             "budgets": {hook: budget.state_dict() for hook, budget in self.budgets.items()},
             # Pickled whole: SAE-Lens's variance calculator inside has no state_dict of its own.
-            "reconstruction": self.reconstruction,
+            "variance": self.variance,
         }
 
     @classmethod
@@ -83,20 +81,24 @@ class SeedMeasurement:
         return cls(
             seed=state["seed"],
             budgets={hook: FeatureBudget.from_state_dict(s) for hook, s in state["budgets"].items()},
-            reconstruction=state["reconstruction"],
+            variance=state["variance"],
             windows_done=state["windows_done"],
             convergence=state["convergence"],
         )
 
     def save(self, path: Path) -> None:
-        # Write then rename, so a run killed mid-save leaves the previous checkpoint intact.
-        tmp = path.with_suffix(".tmp")
-        torch.save(self.state_dict(), tmp)
-        os.replace(tmp, path)
+        with atomic_file(path) as temporary:  # a run killed mid-save keeps the previous checkpoint
+            torch.save(self.state_dict(), temporary)
 
     @classmethod
     def load(cls, path: Path) -> "SeedMeasurement":
-        return cls.from_state_dict(torch.load(path, weights_only=False))
+        try:
+            return cls.from_state_dict(torch.load(path, weights_only=False))
+        except Exception as err:  # torch.load raises many unrelated types for a bad file
+            raise ValueError(
+                f"{path} is not a checkpoint this version can resume (expected a SeedMeasurement state: "
+                f"seed, windows_done, budgets, variance): {err!r}. Start the run again with --overwrite"
+            ) from None
 
 
 def sample_windows(windows: TokenWindows, seed: int, token_budget: int | None = None) -> TokenWindows:
@@ -162,7 +164,7 @@ class LayerwiseAnalyzer:
         return SeedMeasurement(
             seed=seed,
             budgets={h: FeatureBudget(self.saes[h].cfg.d_sae, self.hooks[h].width, self.n_blocks) for h in self.saes},
-            reconstruction={h: ReconstructionStats(self.saes[h].cfg.d_sae) for h in self.saes},
+            variance={h: VarianceExplained() for h in self.saes},
         )
 
     @torch.inference_mode()
@@ -177,6 +179,7 @@ class LayerwiseAnalyzer:
         checkpoint_every: int = 50,
         target_relative_interval: float | None = None,
         progress: bool = True,
+        stop: Callable[[], bool] | None = None,
     ) -> SeedMeasurement:
         """Measure every hook on seed `seed`'s sample of the windows.
 
@@ -209,6 +212,10 @@ class LayerwiseAnalyzer:
             while pending and state.tokens >= pending[0]:
                 pending.pop(0)
                 converged = self._record_convergence(state, target_relative_interval)
+            if stop is not None and stop():
+                if checkpoint:
+                    checkpoint(state)
+                raise MeasurementStopped(f"seed {seed} stopped after {state.tokens} tokens")
             if checkpoint and n_batch % checkpoint_every == 0:
                 checkpoint(state)
             if state.tokens >= total or converged:
@@ -222,7 +229,7 @@ class LayerwiseAnalyzer:
         merged = SeedMeasurement.from_state_dict(copy.deepcopy(state.state_dict()))
         for hook in merged.budgets:
             merged.budgets[hook].all_reduce()
-            _all_reduce_reconstruction(merged.reconstruction[hook])
+            merged.variance[hook].all_reduce()
         merged.convergence = []
         self._record_convergence(merged, None)
         return merged
@@ -236,7 +243,7 @@ class LayerwiseAnalyzer:
             # ~99% of the codes are zeros: everything after the encode reads only the nonzeros.
             codes = sparse_codes(encode(sae, act_chunk, out=buffer))
             state.budgets[hook].update(codes, doc_chunk)
-            state.reconstruction[hook].update(act_chunk.to(sae.dtype), codes, decode(sae, codes))
+            state.variance[hook].update(act_chunk.to(sae.dtype), decode(sae, codes))
 
     def _code_buffer(self, sae, tokens: int) -> torch.Tensor:
         """One [tokens, d_sae] buffer per code shape, reused by every SAE of that shape and every batch."""
@@ -271,7 +278,7 @@ class LayerwiseAnalyzer:
                 point = self.hooks[hook]
                 summary = budget.summary()
                 quality = SAEQuality(
-                    variance_explained=state.reconstruction[hook].quality().variance_explained,
+                    variance_explained=state.variance[hook].compute(),
                     mean_l0=summary["mean_l0"],
                     dead_fraction=summary["dead_fraction"],
                     n_tokens=summary["tokens"],
@@ -350,6 +357,80 @@ class LayerwiseAnalyzer:
         return sums, torch.bincount(windows.doc_ids[windows.measured_mask], minlength=len(segments)).to(torch.float64)
 
 
+    def measure(
+        self,
+        windows: TokenWindows | Callable[[int], TokenWindows],
+        *,
+        seeds: Sequence[int] = (0,),
+        token_budget: int | None = None,
+        ce_windows: int = 4,
+        additivity_pairs: int = 0,
+        target_relative_interval: float | None = None,
+        checkpoint_dir: str | Path | None = None,
+        checkpoint_name: str = "measurement",
+        checkpoint_every: int = 50,
+        known_ce: Mapping[str, float] | None = None,
+        sae_names: Mapping[str, str] | None = None,
+        progress: bool = True,
+        stop: Callable[[], bool] | None = None,
+    ) -> pd.DataFrame:
+        """Measure every hook for every seed: the one pipeline behind `measure_layers` and `runs`.
+
+        windows: the windows to sample from, or a function seed -> that seed's own windows
+            (a run reads a fresh shuffle of its corpus per seed).
+        seeds: each seed measures its own seeded sample of `token_budget` tokens (all when None);
+            the bootstrap interval is over the documents inside that sample.
+        ce_windows: windows for CE loss recovered (0 skips it: NaN), drawn from every seed's sample;
+            hooks in `known_ce` (e.g. measured when the SAE was trained) are not re-measured.
+        additivity_pairs: segment pairs for the linear-additivity column (0 skips it: NaN), drawn
+            from every seed's sample.
+        checkpoint_dir: where each seed's state is saved every `checkpoint_every` batches (as
+            CHECKPOINT_NAME__seedS.pt) and resumed from, so a killed measurement loses nothing.
+        stop: checked after every batch; when it returns True the seed's checkpoint is saved and
+            MeasurementStopped raised.
+        """
+        if not seeds:
+            raise ValueError("seeds is empty: give at least one seed, e.g. seeds=[0]")
+        windows_for = windows if callable(windows) else (lambda seed: windows)
+        states, samples = [], []
+        for seed in seeds:
+            seed_windows = windows_for(seed)
+            path = self._checkpoint_path(checkpoint_dir, checkpoint_name, seed)
+            states.append(
+                self.run_seed(
+                    seed_windows, seed, token_budget,
+                    resume_from=SeedMeasurement.load(path) if path and path.exists() else None,
+                    checkpoint=(lambda state, p=path: state.save(p)) if path else None,
+                    checkpoint_every=checkpoint_every, target_relative_interval=target_relative_interval,
+                    progress=progress, stop=stop,
+                )
+            )
+            samples.append(sample_windows(seed_windows, seed, token_budget))
+        ce = dict(known_ce or {})
+        missing = [hook for hook in self.saes if hook not in ce]
+        if ce_windows and missing:
+            ce |= self.ce_recovered(_drawn_from_each(samples, ce_windows), missing)
+        additivity = self.additivity(TokenWindows.concat(samples), additivity_pairs) if additivity_pairs else None
+        table = self.table(states, ce_recovered=ce, sae_names=sae_names, additivity=additivity)
+        table.attrs["convergence"] = convergence_table(states)
+        return table
+
+    @staticmethod
+    def _checkpoint_path(folder: str | Path | None, name: str, seed: int) -> Path | None:
+        if folder is None:
+            return None
+        world_size, rank = world_size_and_rank()
+        shard = f"__rank{rank}" if world_size > 1 else ""
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        return Path(folder) / f"{name}__seed{seed}{shard}.pt"
+
+
+def _drawn_from_each(samples: Sequence[TokenWindows], n_windows: int) -> TokenWindows:
+    """`n_windows` windows taken in turn from the front of each sample (every seed contributes)."""
+    per_sample = -(-n_windows // len(samples))
+    return TokenWindows.concat([sample[:per_sample] for sample in samples])[:n_windows]
+
+
 def _text_segment_span(windows: TokenWindows) -> tuple[int, int]:
     """(first position, length) of the half-window segments additivity uses: after the BOS, and
     short enough that BOS + A + B still fits one window."""
@@ -358,34 +439,6 @@ def _text_segment_span(windows: TokenWindows) -> tuple[int, int]:
     if length < 1:
         raise ValueError(f"windows of {windows.context_size} tokens are too short to cut two text segments from")
     return first, length
-
-
-def world_size_and_rank() -> tuple[int, int]:
-    """(world size, rank) of torch.distributed, or (1, 0) when it is not in use."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_world_size(), torch.distributed.get_rank()
-    return 1, 0
-
-
-def _all_reduce_reconstruction(stats: ReconstructionStats) -> None:
-    """Sum reconstruction statistics over processes. Reaches into SAE-Lens's
-    ExplainedVarianceCalculator for its running sums, which it has no merge for."""
-    dist = torch.distributed
-    device = "cuda" if dist.get_backend() == "nccl" else "cpu"
-    variance = stats.variance
-    scalars = torch.tensor(
-        [variance.sum_squared_norm, variance.sum_squared_residual, variance.num_samples, stats.n_tokens, stats.sum_l0],
-        dtype=torch.float64, device=device,
-    )
-    sum_x = variance.sum_x.to(device)
-    fired = stats.fired.to(device=device, dtype=torch.int64)
-    dist.all_reduce(scalars)
-    dist.all_reduce(sum_x)
-    dist.all_reduce(fired, op=dist.ReduceOp.MAX)
-    norm, residual, samples, n_tokens, sum_l0 = scalars.tolist()
-    variance.sum_squared_norm, variance.sum_squared_residual, variance.num_samples = norm, residual, int(samples)
-    variance.sum_x = sum_x.cpu()
-    stats.n_tokens, stats.sum_l0, stats.fired = int(n_tokens), sum_l0, fired.cpu().bool()
 
 
 def _margin_or_nan(width: int, mean_l0: float, d_sae: int) -> float:
@@ -432,7 +485,7 @@ def saturated_features(tokens: Sequence[int], effective: Sequence[float]) -> flo
 def measure_layers(
     model,
     saes: Mapping[str, object],
-    windows: TokenWindows,
+    windows: TokenWindows | Callable[[int], TokenWindows],
     *,
     seeds: Sequence[int] = (0,),
     token_budget: int | None = None,
@@ -440,27 +493,23 @@ def measure_layers(
     ce_windows: int = 4,
     additivity_pairs: int = 0,
     target_relative_interval: float | None = None,
+    checkpoint_dir: str | Path | None = None,
+    checkpoint_every: int = 50,
     progress: bool = True,
     **analyzer_options,
 ) -> pd.DataFrame:
     """Per-layer F and psi: one row per hook x seed (see TABLE_COLUMNS).
 
-    Each seed measures its own seeded sample of `token_budget` tokens from `windows` (all of
-    them when None); the bootstrap interval is over the documents inside that sample.
-    ce_windows: how many windows the CE-loss-recovered check uses (0 skips it: NaN).
-    additivity_pairs: how many segment pairs the linear-additivity check uses (0 skips it: NaN).
-    The convergence curve (F at log-spaced token counts) is in `table.attrs["convergence"]`.
+    `LayerwiseAnalyzer(model, saes, ...).measure(windows, ...)` in one call; see `measure` for
+    the arguments. The convergence curve (F at log-spaced token counts) is in
+    `table.attrs["convergence"]`.
     """
     analyzer = LayerwiseAnalyzer(model, saes, batch_size=batch_size, **analyzer_options)
-    states = [
-        analyzer.run_seed(windows, seed, token_budget, target_relative_interval=target_relative_interval, progress=progress)
-        for seed in seeds
-    ]
-    ce = analyzer.ce_recovered(windows[:ce_windows]) if ce_windows else None
-    additivity = analyzer.additivity(windows, additivity_pairs) if additivity_pairs else None
-    table = analyzer.table(states, ce_recovered=ce, additivity=additivity)
-    table.attrs["convergence"] = convergence_table(states)
-    return table
+    return analyzer.measure(
+        windows, seeds=seeds, token_budget=token_budget, ce_windows=ce_windows, additivity_pairs=additivity_pairs,
+        target_relative_interval=target_relative_interval, checkpoint_dir=checkpoint_dir,
+        checkpoint_every=checkpoint_every, progress=progress,
+    )
 
 
 def convergence_table(states: Sequence[SeedMeasurement]) -> pd.DataFrame:

@@ -1,26 +1,35 @@
-"""`lm-superposition`: a thin shell over the Python API (runs, models, dictionaries)."""
+"""`lm-superposition`: a thin shell over the Python API.
+
+Its options are generated from the config dataclasses (config.py): each option's flag, type,
+help and default come from one field, so the CLI cannot drift from the API or the TOML files.
+An option left out is not passed on, and the dataclass's default applies.
+"""
 
 from __future__ import annotations
 
 import argparse
-import os
+import dataclasses
+import shlex
 import sys
 import time
+import types
+import typing
 from pathlib import Path
 
-from .models import OFFLINE_DEFAULT_MODEL
+from . import config as cfg
 
 EXAMPLES = {
-    "demo": "example:\n  lm-superposition demo                       # Gemma 3 270M, offline corpus, SAEs trained on the spot\n  lm-superposition demo --token-budget 2000 --output runs/tiny --overwrite",
+    "demo": "example:\n  lm-superposition demo                       # Gemma 3 270M, offline corpus, SAEs trained on the spot\n"
+            "  lm-superposition demo --token-budget 2000 --output runs/tiny --overwrite",
     "run": (
-        "example:\n  lm-superposition run experiments/gemma3_270m_offline.toml\n"
+        "example:\n  lm-superposition run lm_superposition/configs/demo.toml\n"
         "  lm-superposition run experiments/pythia70m_layerwise.toml --resume\n"
         "  torchrun --nproc_per_node=4 -m lm_superposition run experiments/pythia70m_layerwise.toml   # windows shared out"
     ),
     "layerwise": (
         "example (the paper's run; needs the model hub):\n"
         "  lm-superposition layerwise --model pythia-70m-deduped \\\n"
-        "      --release pythia-70m-deduped-res-sm --release pythia-70m-deduped-mlp-sm --release pythia-70m-deduped-att-sm \\\n"
+        "      --release pythia-70m-deduped-res-sm pythia-70m-deduped-mlp-sm pythia-70m-deduped-att-sm \\\n"
         "      --dataset monology/pile-uncopyrighted --token-budget 1000000 --seeds 0 1 2 --output runs/pythia70m"
     ),
     "hooks": "example:\n  lm-superposition hooks --model pythia-70m-deduped\n  lm-superposition hooks            # the offline default, Gemma 3 270M",
@@ -29,6 +38,82 @@ EXAMPLES = {
         "--training-tokens 50000 --out saes/gemma"
     ),
 }
+
+# The config fields each command offers, by table ("saes.train" is [saes.train]).
+LAYERWISE_OPTIONS = {
+    "run": ["output", "seeds", "token_budget", "batch_size", "context_size", "device", "checkpoint_every", "ce_windows",
+            "additivity_pairs", "n_blocks", "target_relative_interval"],
+    "model": ["names", "checkpoints", "dtype"],
+    "saes": ["releases", "folders", "allow_hook_mismatch"],
+    "corpus": ["sources", "config", "split", "text_column"],
+}
+TRAIN_SAE_OPTIONS = {
+    "saes.train": [f.name for f in dataclasses.fields(cfg.SAETrainSettings) if f.name != "model_name"],
+    "model": ["names", "dtype"],
+    "corpus": ["sources", "config", "split", "text_column"],
+    "run": ["context_size", "batch_size", "ce_windows"],
+}
+DEMO_OPTIONS = {"run": ["output", "token_budget"], "saes.train": ["training_tokens"]}
+TABLES = {"run": cfg.RunSettings, "model": cfg.ModelSettings, "saes": cfg.SAESettings, "corpus": cfg.CorpusSettings,
+          "saes.train": cfg.SAETrainSettings}
+
+
+def add_config_options(parser: argparse.ArgumentParser, options: dict[str, list[str]], defaults: cfg.RunConfig | None = None) -> None:
+    """One option per config field named in `options` ({table: [field, ...]}); `defaults`
+    (a RunConfig) gives the defaults shown in the help, else each field's own default."""
+    for table, names in options.items():
+        kind = TABLES[table]
+        hints = typing.get_type_hints(kind)
+        fields = {f.name: f for f in dataclasses.fields(kind)}
+        group = parser.add_argument_group(f"[{table}]")
+        for name in names:
+            field = fields[name]
+            hint = _without_none(hints[name])
+            kwargs = {"dest": f"{table}:{name}", "default": None, "help": field.metadata.get("help", "")}
+            default = _lookup(defaults, table, name) if defaults is not None else _field_default(field)
+            kwargs["help"] += f" (default: {default})" if default not in (None, []) else ""
+            if hint is bool:
+                kwargs["action"] = argparse.BooleanOptionalAction
+            elif typing.get_origin(hint) is list:
+                kwargs.update(nargs="+", action="extend", type=typing.get_args(hint)[0])
+            else:
+                kwargs["type"] = hint
+            if name == "architecture":
+                kwargs["choices"] = cfg.ARCHITECTURES
+            if name == "dtype":
+                kwargs["choices"] = cfg.DTYPES
+            group.add_argument(field.metadata.get("flag") or "--" + name.replace("_", "-"), **kwargs)
+
+
+def given_config(args: argparse.Namespace) -> dict:
+    """The config options given on the command line, as nested TOML-like tables."""
+    tables: dict = {}
+    for dest, value in vars(args).items():
+        if ":" in dest and value is not None:
+            table, name = dest.split(":")
+            target = tables
+            for part in table.split("."):
+                target = target.setdefault(part, {})
+            target[name] = value
+    return tables
+
+
+def _without_none(hint):
+    args = [arg for arg in typing.get_args(hint) if arg is not type(None)]
+    return args[0] if typing.get_origin(hint) in (typing.Union, types.UnionType) else hint
+
+
+def _field_default(field: dataclasses.Field):
+    if field.default is not dataclasses.MISSING:
+        return field.default
+    return field.default_factory() if field.default_factory is not dataclasses.MISSING else None
+
+
+def _lookup(config: cfg.RunConfig, table: str, name: str):
+    target = config
+    for part in table.split("."):
+        target = getattr(target, part)
+    return getattr(target, name)
 
 
 def _command(subparsers, name: str, help: str) -> argparse.ArgumentParser:
@@ -39,8 +124,10 @@ def _command(subparsers, name: str, help: str) -> argparse.ArgumentParser:
 
 def _add_output_flags(parser: argparse.ArgumentParser) -> None:
     group = parser.add_mutually_exclusive_group()
-    group.add_argument("--resume", action="store_true", help="continue the run already in the output folder")
-    group.add_argument("--overwrite", action="store_true", help="delete the output folder first")
+    group.add_argument("--resume", action="store_true",
+                       help="continue the run in the output folder (refused if its config differs)")
+    group.add_argument("--overwrite", action="store_true",
+                       help="replace the output folder (only a run folder this tool made, holding nothing else)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -51,101 +138,67 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     demo = _command(commands, "demo", "The main job offline: Gemma 3 270M, SAEs trained on the spot, the compression curve.")
-    demo.add_argument("--output", default="runs/demo", help="run folder (default: runs/demo)")
-    demo.add_argument("--token-budget", type=int, default=None, help="tokens measured per seed (default: the demo's)")
-    demo.add_argument("--training-tokens", type=int, default=None, help="tokens to train each SAE on (default: the demo's)")
+    add_config_options(demo, DEMO_OPTIONS, defaults=cfg.demo_config())
     _add_output_flags(demo)
 
     run = _command(commands, "run", "A scripted probing run: a TOML config in, a run folder out.")
-    run.add_argument("config", type=Path, help="TOML config (see experiments/*.toml)")
-    run.add_argument("--output", default=None, help="override [run] output")
+    run.add_argument("config", type=Path, help="TOML config (see experiments/*.toml, lm_superposition/configs/)")
+    add_config_options(run, {"run": ["output"]})
     _add_output_flags(run)
 
-    layerwise = _command(commands, "layerwise", "Per-layer psi of a model through pretrained SAEs from the SAE-Lens registry.")
-    layerwise.add_argument("--model", default=OFFLINE_DEFAULT_MODEL, help="TransformerLens name or local folder")
-    layerwise.add_argument("--checkpoint", type=int, action="append", default=[], help="Pythia training step (repeatable)")
-    layerwise.add_argument("--release", action="append", default=[], help="SAE-Lens release, all of its SAEs (repeatable)")
-    layerwise.add_argument("--sae-folder", action="append", default=[], help="SAE-Lens folder on disk (repeatable)")
-    layerwise.add_argument("--dataset", default="offline", help="HF dataset name, local path, or 'offline'")
-    layerwise.add_argument("--dataset-config", default=None)
-    layerwise.add_argument("--split", default="train")
-    layerwise.add_argument("--text-column", default="text")
-    layerwise.add_argument("--token-budget", type=int, default=100_000, help="tokens measured per seed")
-    layerwise.add_argument("--seeds", type=int, nargs="+", default=[0])
-    layerwise.add_argument("--batch-size", type=int, default=8, help="windows per forward pass")
-    layerwise.add_argument("--context-size", type=int, default=128)
-    layerwise.add_argument("--device", default="cpu")
-    layerwise.add_argument("--additivity-pairs", type=int, default=0,
-                           help="text-segment pairs for the linear-additivity column (default 0: skipped)")
-    layerwise.add_argument("--output", default="runs/layerwise")
+    layerwise = _command(commands, "layerwise", "Per-layer psi of a model through pretrained SAEs (SAE-Lens registry or folders).")
+    add_config_options(layerwise, LAYERWISE_OPTIONS)
     _add_output_flags(layerwise)
 
     hooks = _command(commands, "hooks", "List a model's measurable hook points with their kind, layer and width N.")
-    hooks.add_argument("--model", default=OFFLINE_DEFAULT_MODEL)
+    add_config_options(hooks, {"model": ["names"]})
 
     train = _command(commands, "train-sae", "Train SAEs for several hooks from one pass over the data, saved in SAE-Lens format.")
-    train.add_argument("--model", default=OFFLINE_DEFAULT_MODEL)
-    train.add_argument("--hooks", nargs="+", required=True, help="hook names (see `lm-superposition hooks`)")
     train.add_argument("--out", type=Path, required=True, help="folder; each SAE goes to OUT/<hook name>/")
-    train.add_argument("--dataset", default="offline")
-    train.add_argument("--architecture", choices=["standard", "topk"], default="standard")
-    train.add_argument("--expansion-factor", type=int, default=8)
-    train.add_argument("--l1-coefficient", type=float, default=5.0)
-    train.add_argument("--k", type=int, default=32)
-    train.add_argument("--lr", type=float, default=4e-4)
-    train.add_argument("--training-tokens", type=int, default=200_000, help="tokens of SAE training (repeats included)")
-    train.add_argument("--epochs", type=int, default=1, help="passes over the model's activations (>1 keeps them in memory)")
-    train.add_argument("--batch-size-tokens", type=int, default=4096)
-    train.add_argument("--eval-windows", type=int, default=8, help="held-out windows each SAE is judged on (quality.json)")
-    train.add_argument("--context-size", type=int, default=128)
-    train.add_argument("--batch-size", type=int, default=8, help="windows per forward pass")
-    train.add_argument("--device", default="cpu")
+    add_config_options(train, TRAIN_SAE_OPTIONS)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
+    from .runs import RunInterrupted
+
     try:
         return COMMANDS[args.command](args) or 0
-    except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as error:
+    except RunInterrupted as stopped:
+        resume = [arg for arg in argv if arg != "--overwrite"] + ([] if "--resume" in argv else ["--resume"])
+        print(f"lm-superposition {args.command}: {stopped}. Continue with: {shlex.join(['lm-superposition', *resume])}",
+              file=sys.stderr)
+        return 130
+    except (ValueError, TypeError, OSError, RuntimeError, ImportError) as error:
         print(f"lm-superposition {args.command}: error: {error}", file=sys.stderr)
         return 2
 
 
 def _demo(args) -> int:
-    from . import runs
-
-    config = runs.demo_config(args.output, token_budget=args.token_budget, training_tokens=args.training_tokens)
-    return _run_and_show(config, args)
-
-
-def _run(args) -> int:
-    from . import runs
-
-    config = runs.RunConfig.from_toml(args.config)
-    if args.output:
-        config.run.output = args.output
-    return _run_and_show(config, args)
-
-
-def _layerwise(args) -> int:
-    from . import runs
-
-    config = runs.RunConfig.from_dict(
-        {
-            "run": {
-                "output": args.output, "seeds": args.seeds, "token_budget": args.token_budget, "batch_size": args.batch_size,
-                "context_size": args.context_size, "device": args.device, "additivity_pairs": args.additivity_pairs,
-            },
-            "model": {"names": [args.model], "checkpoints": args.checkpoint},
-            "saes": {"releases": args.release, "folders": args.sae_folder},
-            "corpus": {"sources": [args.dataset], "config": args.dataset_config, "split": args.split, "text_column": args.text_column},
-        }
+    overrides = given_config(args)
+    config = cfg.demo_config(
+        output=overrides.get("run", {}).get("output"),
+        token_budget=overrides.get("run", {}).get("token_budget"),
+        training_tokens=overrides.get("saes", {}).get("train", {}).get("training_tokens"),
     )
     return _run_and_show(config, args)
 
 
-def _run_and_show(config, args) -> int:
+def _run(args) -> int:
+    config = cfg.RunConfig.from_toml(args.config)
+    output = given_config(args).get("run", {}).get("output")
+    if output:
+        config.run.output = output
+    return _run_and_show(config, args)
+
+
+def _layerwise(args) -> int:
+    return _run_and_show(cfg.RunConfig.from_dict(given_config(args)), args)
+
+
+def _run_and_show(config: cfg.RunConfig, args) -> int:
     from . import report, runs
 
     rank = _join_torchrun(config)
@@ -158,9 +211,11 @@ def _run_and_show(config, args) -> int:
     return 0
 
 
-def _join_torchrun(config) -> int:
+def _join_torchrun(config: cfg.RunConfig) -> int:
     """Under `torchrun --nproc_per_node=K lm-superposition run ...`, join the process group
     (NCCL on GPUs, one per process; gloo on CPU) and return this process's rank."""
+    import os
+
     if int(os.environ.get("WORLD_SIZE", "1")) == 1:
         return 0
     import torch
@@ -178,25 +233,17 @@ def _join_torchrun(config) -> int:
 def _hooks(args) -> int:
     from .models import hook_table, load_model
 
-    print(hook_table(load_model(args.model)).to_string(index=False))
+    for name in given_config(args).get("model", {}).get("names") or cfg.ModelSettings().names:
+        print(hook_table(load_model(name)).to_string(index=False))
     return 0
 
 
 def _train_sae(args) -> int:
-    from .data import load_texts, token_windows
-    from .dictionaries import SAETrainingConfig, text_tokens_for_training, train_saes_for_model
-    from .models import load_model
+    from . import runs
 
-    model = load_model(args.model, device=args.device)
-    config = SAETrainingConfig(
-        architecture=args.architecture, expansion_factor=args.expansion_factor, l1_coefficient=args.l1_coefficient,
-        k=args.k, lr=args.lr, training_tokens=args.training_tokens, batch_size_tokens=args.batch_size_tokens, epochs=args.epochs,
-        device=args.device, model_name=args.model,
-    )
-    budget = text_tokens_for_training(config, args.eval_windows, args.context_size)
-    windows = token_windows(load_texts(args.dataset), model.tokenizer, context_size=args.context_size, token_budget=budget)
-    folders = train_saes_for_model(model, args.hooks, windows, config, args.out, batch_size=args.batch_size, n_eval_windows=args.eval_windows)
-    for hook, folder in folders.items():
+    given = given_config(args)
+    config = cfg.RunConfig.from_dict(given | {"saes": {"train": given.get("saes", {}).get("train", {})}})
+    for hook, folder in runs.train_only(config, args.out).items():
         print(f"{hook}: {folder}")
     return 0
 

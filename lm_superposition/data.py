@@ -40,7 +40,7 @@ import ast
 import functools
 import random
 import sysconfig
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -78,7 +78,16 @@ def load_texts(
     """
     if source is None or source == OFFLINE_SOURCE:
         return offline_corpus(seed=seed)
+    if not isinstance(source, (str, Path)):
+        raise TypeError(f"source must name a text source (a str or Path), got {type(source).__name__}; "
+                        "to measure documents you have in hand, pass them to token_windows as a list of strings")
     path = Path(source).expanduser()
+    if not path.exists() and ("\n" in str(source) or len(str(source)) > 300):
+        raise ValueError(
+            f"source {str(source)[:60]!r}... looks like the text of a document, not the name of a source; load_texts "
+            "takes 'offline', a local file or folder, or a Hugging Face dataset name. To measure documents you "
+            "have in hand, pass them to token_windows as a list of strings"
+        )
     if path.exists():
         return _local_texts(path, text_column=text_column, seed=seed, streaming=streaming,
                             shuffle_buffer=shuffle_buffer)
@@ -91,6 +100,15 @@ def load_texts(
     dataset = _load_hub_dataset(str(source), config=config, split=split, streaming=streaming,
                                 data_files=data_files)
     return _dataset_texts(dataset, text_column, name=str(source), seed=seed, shuffle_buffer=shuffle_buffer)
+
+
+def check_text_source(source: str | Path | None, **options) -> None:
+    """Fail now, before any model loads, if `source` cannot give documents: the same errors
+    `load_texts` raises (a missing path, an unsupported file, an unreachable hub), plus a
+    ValueError if it gives none. Reads one document."""
+    texts = load_texts(source, seed=None, **options)
+    if next(iter(texts), None) is None:
+        raise ValueError(f"text source {str(source)!r} holds no documents")
 
 
 def offline_corpus(seed: int | None = 0) -> Iterator[str]:
@@ -239,6 +257,17 @@ class TokenWindows:
             index = slice(index, index + 1 if index != -1 else None)
         return TokenWindows(self.tokens[index], self.doc_ids[index], self.bos_token_id, self.pad_token_id)
 
+    @classmethod
+    def concat(cls, parts: Sequence[TokenWindows]) -> TokenWindows:
+        """The windows of every part, in order (same context size and special tokens)."""
+        if not parts:
+            raise ValueError("nothing to concatenate: give at least one TokenWindows")
+        first = parts[0]
+        for part in parts[1:]:
+            if (part.context_size, part.bos_token_id, part.pad_token_id) != (first.context_size, first.bos_token_id, first.pad_token_id):
+                raise ValueError("TokenWindows to concatenate must share context size, BOS and padding tokens")
+        return cls(torch.cat([p.tokens for p in parts]), torch.cat([p.doc_ids for p in parts]), first.bos_token_id, first.pad_token_id)
+
     @property
     def context_size(self) -> int:
         return self.tokens.shape[1]
@@ -277,6 +306,12 @@ def token_windows(
     in hand; the last document is cut so the budget is exact, and the last window is padded.
     Document ids count documents in reading order; `shuffle` permutes windows with `seed`.
     """
+    if isinstance(texts, (str, bytes)):
+        raise TypeError(
+            f"texts must be a sequence or iterator of documents (e.g. a list of strings, or load_texts(...)), "
+            f"got one string of {len(texts)} characters, which would make every character a document; "
+            "wrap it in a list: [text]"
+        )
     if context_size < (2 if prepend_bos else 1):
         raise ValueError(f"context_size must be at least {2 if prepend_bos else 1}, got {context_size}")
     if token_budget is not None and token_budget < 1:

@@ -18,13 +18,17 @@ which is what resuming a run and all-reducing across processes rely on.
 from __future__ import annotations
 
 import math
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from .codes import csr_entries, sparse_codes
+from .distributed import all_reduce_
+from .validation import check_positive_int
+
 SUM_DTYPE = torch.float64
+STATE_KEYS = ("d_sae", "width", "n_blocks", "block_sums", "block_tokens", "active_count", "anonymous_batches")
 
 
 def entropy(budget: torch.Tensor) -> float:
@@ -48,41 +52,8 @@ def effective_features(budget: torch.Tensor) -> float:
 
 def superposition_ratio(budget: torch.Tensor, width: int) -> float:
     """psi = F / N, with N the physical width of the hook (number of neurons)."""
-    _check_positive("width", width)
+    check_positive_int("width", width)
     return effective_features(budget) / width
-
-
-def _check_positive(name: str, value: int) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-
-
-def sparse_codes(codes: torch.Tensor) -> torch.Tensor:
-    """A [tokens, d_sae] batch of SAE codes as a sparse CSR tensor (returned as is if it is one).
-
-    Summing, counting and decoding only the nonzeros is what makes the analyzer run at matmul
-    speed (results/benchmarks/README.md). Built from `nonzero`, which lists entries row by row,
-    the order CSR stores them in (`Tensor.to_sparse_csr` was slower here).
-    """
-    if codes.layout == torch.sparse_csr:
-        return codes
-    if codes.layout == torch.sparse_coo:  # e.g. SAE-Lens TopK SAEs with use_sparse_activations
-        return codes.coalesce().to_sparse_csr()
-    if codes.ndim != 2:
-        raise ValueError(f"codes must be a [tokens, d_sae] matrix here, got shape {tuple(codes.shape)}")
-    rows, features = codes.nonzero(as_tuple=True)
-    row_starts = torch.zeros(codes.shape[0] + 1, dtype=torch.int64, device=codes.device)
-    torch.cumsum(torch.bincount(rows, minlength=codes.shape[0]), 0, out=row_starts[1:])
-    with warnings.catch_warnings():  # torch flags all of its CSR support as "beta"
-        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
-        return torch.sparse_csr_tensor(row_starts, features, codes[rows, features], codes.shape, check_invariants=False)
-
-
-def csr_entries(codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(row, column, value) of every stored entry of a CSR matrix."""
-    row_starts = codes.crow_indices()
-    rows = torch.repeat_interleave(torch.arange(codes.shape[0], device=row_starts.device), row_starts.diff())
-    return rows, codes.col_indices(), codes.values()
 
 
 @dataclass(frozen=True)
@@ -100,9 +71,9 @@ class FeatureBudget:
     """
 
     def __init__(self, d_sae: int, width: int, n_blocks: int = 64):
-        _check_positive("d_sae", d_sae)
-        _check_positive("width", width)
-        _check_positive("n_blocks", n_blocks)
+        check_positive_int("d_sae", d_sae)
+        check_positive_int("width", width)
+        check_positive_int("n_blocks", n_blocks)
         self.d_sae, self.width, self.n_blocks = d_sae, width, n_blocks
         self.block_sums = torch.zeros(n_blocks, d_sae, dtype=SUM_DTYPE)
         self.block_tokens = torch.zeros(n_blocks, dtype=torch.int64)
@@ -136,11 +107,21 @@ class FeatureBudget:
         if doc_ids is None:
             doc_ids = self.anonymous_batches
             self.anonymous_batches += 1
-        if isinstance(doc_ids, int):
+        if isinstance(doc_ids, int) and not isinstance(doc_ids, bool) and doc_ids < 0:
+            raise ValueError(f"doc_ids must be non-negative document indices, got {doc_ids}")
+        if isinstance(doc_ids, int) and not isinstance(doc_ids, bool):
             return torch.full((n_tokens,), doc_ids % self.n_blocks, dtype=torch.int64, device=device)
         doc_ids = torch.as_tensor(doc_ids, device=device).reshape(-1)
         if doc_ids.shape[0] != n_tokens:
             raise ValueError(f"doc_ids has {doc_ids.shape[0]} entries but codes hold {n_tokens} tokens")
+        if doc_ids.is_floating_point() or doc_ids.is_complex() or doc_ids.dtype == torch.bool:
+            raise ValueError(f"doc_ids must be integer document indices, got dtype {doc_ids.dtype}")
+        negative = (doc_ids < 0).nonzero().flatten()
+        if len(negative):
+            raise ValueError(
+                f"doc_ids must be non-negative document indices; token {int(negative[0])} has {int(doc_ids[negative[0]])} "
+                f"({len(negative)} negative in all; padding must be dropped before the budget, as stream_activations does)"
+            )
         return doc_ids.to(torch.int64) % self.n_blocks
 
     def _add_sparse(self, codes: torch.Tensor, blocks: torch.Tensor) -> None:
@@ -149,8 +130,12 @@ class FeatureBudget:
         rows, features, values = csr_entries(codes)
         finite = torch.isfinite(values)
         if not finite.all():
-            bad = rows[~finite].unique().numel()
-            raise ValueError(f"codes contain NaN or Inf in {bad} of {codes.shape[0]} tokens; the SAE or its input is broken")
+            bad_rows = rows[~finite].unique()
+            first = int((~finite).nonzero()[0])
+            raise ValueError(
+                f"codes contain {values[first].item()} (NaN or Inf) in {bad_rows.numel()} of {codes.shape[0]} tokens, "
+                f"first at token {int(rows[first])} of this batch, feature {int(features[first])}; the SAE or its input is broken"
+            )
         flat_index = (blocks[rows] * self.d_sae + features).cpu()
         self.block_sums.view(-1).index_add_(0, flat_index, values.abs().to(device="cpu", dtype=SUM_DTYPE))
         self.block_tokens += torch.bincount(blocks.cpu(), minlength=self.n_blocks)
@@ -175,13 +160,7 @@ class FeatureBudget:
         Each process measures its own shard of the windows, so afterwards every process holds
         the budget over all tokens. Sums travel through the backend's device (CUDA for NCCL).
         """
-        import torch.distributed as dist
-
-        device = "cuda" if dist.get_backend() == "nccl" else "cpu"
-        for tensor in (self.block_sums, self.block_tokens, self.active_count):
-            total = tensor.to(device)
-            dist.all_reduce(total)
-            tensor.copy_(total)
+        all_reduce_(self.block_sums, self.block_tokens, self.active_count)
         return self
 
     # ---- reading ------------------------------------------------------------------
@@ -295,6 +274,9 @@ class FeatureBudget:
 
     @classmethod
     def from_state_dict(cls, state: dict) -> "FeatureBudget":
+        missing = [key for key in STATE_KEYS if not isinstance(state, dict) or key not in state]
+        if missing:
+            raise ValueError(f"not a FeatureBudget state: it lacks {missing}")
         budget = cls(int(state["d_sae"]), int(state["width"]), int(state["n_blocks"]))
         budget.block_sums = state["block_sums"].to(SUM_DTYPE).clone()
         budget.block_tokens = state["block_tokens"].to(torch.int64).clone()
@@ -307,4 +289,12 @@ class FeatureBudget:
 
     @classmethod
     def load(cls, path: str | Path) -> "FeatureBudget":
-        return cls.from_state_dict(torch.load(path, weights_only=True))
+        try:
+            state = torch.load(path, weights_only=True)
+            return cls.from_state_dict(state)
+        except FileNotFoundError:
+            raise
+        except Exception as err:  # torch.load raises many unrelated types for a bad file
+            raise ValueError(
+                f"{path} is not a saved FeatureBudget (expected a torch file with {', '.join(STATE_KEYS)}): {err}"
+            ) from None

@@ -12,6 +12,8 @@ matplotlib.use("Agg")  # files only: runs on machines without a display
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from .atomic import atomic_file, write_text  # noqa: E402
+
 # The lines of the compression curve, in legend order.
 CURVE_GROUPS = ["embedding", "attn_out", "mlp_out", "resid", "mlp neurons"]
 
@@ -67,9 +69,10 @@ def write_tables(table: pd.DataFrame, folder: str | Path, stem: str = "layerwise
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     paths = [folder / f"{stem}.csv", folder / f"{stem}.json"]
-    table.to_csv(paths[0], index=False)
+    with atomic_file(paths[0]) as path:
+        table.to_csv(path, index=False)
     # JSON for scripts: records, NaN written as null.
-    paths[1].write_text(json.dumps(json.loads(table.to_json(orient="records")), indent=1))
+    write_text(paths[1], json.dumps(json.loads(table.to_json(orient="records")), indent=1))
     return paths
 
 
@@ -120,7 +123,8 @@ def _save(fig, path_stem) -> list[Path]:
     path_stem.parent.mkdir(parents=True, exist_ok=True)
     paths = [path_stem.with_suffix(".png"), path_stem.with_suffix(".svg")]
     for path in paths:
-        fig.savefig(path, dpi=130)
+        with atomic_file(path) as partial:
+            fig.savefig(partial, dpi=130, format=path.suffix[1:])
     plt.close(fig)
     return paths
 

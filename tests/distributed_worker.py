@@ -11,10 +11,10 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-sys.path.insert(0, str(Path(__file__).parent))
-from distributed_setup import HOOKS, small_model, small_saes, small_windows  # noqa: E402
+# torchrun puts this script's folder first on sys.path, so its sibling module imports plainly.
+from distributed_setup import HOOKS, small_model, small_saes, small_windows
 
-from lm_superposition.analyze import LayerwiseAnalyzer  # noqa: E402
+from lm_superposition.analyze import LayerwiseAnalyzer
 
 
 def main(out_dir: Path) -> None:

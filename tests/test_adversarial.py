@@ -1,20 +1,14 @@
 """The attacks, adversarial training, the tasks and the sweep of experiments/adversarial at tiny sizes."""
 
-import sys
-from pathlib import Path
-
 import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments" / "adversarial"))
-import attacks  # noqa: E402
-import sweep  # noqa: E402
-from sparse_features import SparseFeatureImages, SparseFeatureTask  # noqa: E402
-
-from lm_superposition.tasks import CNNClassifier, ClassifierTraining, MLPClassifier, accuracy  # noqa: E402
-from lm_superposition.toy import ToySAEConfig, measure_sae, train_toy_sae  # noqa: E402
+from experiments.adversarial import attacks, sweep
+from experiments.adversarial.sparse_features import SparseFeatureImages, SparseFeatureTask
+from experiments.tasks import CNNClassifier, ClassifierTraining, MLPClassifier, accuracy
+from experiments.toy import ToySAEConfig, measure_sae, train_toy_sae
 
 torch.set_num_threads(1)  # the machine is shared
 
@@ -151,7 +145,7 @@ def test_quick_sweep_writes_table_plot_and_readme(tmp_path):
     assert (saved["F_clean"] > 0).all() and (saved["F_clean"] <= saved["d_sae"]).all()
     clean = saved[saved.attack == "none"]
     assert (clean["F_clean"] == clean["F_adversarial"]).all()  # epsilon 0: the adversarial inputs are the clean ones
-    assert "python experiments/adversarial/sweep.py --quick" in (tmp_path / "README.md").read_text()
+    assert "python -m experiments.adversarial.sweep --quick" in (tmp_path / "README.md").read_text()
 
 
 def test_models_option_runs_only_the_named_model(tmp_path):

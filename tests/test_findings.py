@@ -24,7 +24,7 @@ def _check_outputs(folder: Path, study: str, plot_name: str, table: pd.DataFrame
     on_disk = pd.read_csv(folder / "table.csv")
     assert len(on_disk) == len(table) and list(on_disk.columns) == list(table.columns)
     readme = (folder / "README.md").read_text()
-    assert f"python experiments/{study}.py --quick --out {folder}" in readme
+    assert f"python -m experiments.{study} --quick --out {folder}" in readme
     return readme
 
 

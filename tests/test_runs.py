@@ -9,6 +9,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from transformers import GPTNeoXConfig, GPTNeoXForCausalLM, PreTrainedTokenizerFast
 
 from lm_superposition import cli, runs
+from lm_superposition.config import RunConfig, demo_config
 from lm_superposition.analyze import SeedMeasurement
 
 TEXT = [
@@ -45,7 +46,7 @@ def corpus_folder(tmp_path):
     return folder
 
 
-def small_config(model_folder, corpus, output, **run_overrides) -> runs.RunConfig:
+def small_config(model_folder, corpus, output, **run_overrides) -> RunConfig:
     raw = {
         "run": {"output": str(output), "seeds": [0, 1], "token_budget": 600, "batch_size": 4, "context_size": 32,
                 "checkpoint_every": 1, "ce_windows": 2, "n_blocks": 8, **run_overrides},
@@ -54,7 +55,7 @@ def small_config(model_folder, corpus, output, **run_overrides) -> runs.RunConfi
                            "training_tokens": 1024, "batch_size_tokens": 128, "shuffle_buffer_batches": 2, "epochs": 2}},
         "corpus": {"sources": [str(corpus)]},
     }
-    return runs.RunConfig.from_dict(raw)
+    return RunConfig.from_dict(raw)
 
 
 def test_run_writes_a_complete_run_folder(tiny_pythia_folder, corpus_folder, tmp_path):
@@ -100,44 +101,49 @@ def test_killed_run_resumes_to_the_uninterrupted_table(tiny_pythia_folder, corpu
     pd.testing.assert_frame_equal(resumed[columns], straight[columns])
 
 
-def test_overwrite_replaces_the_folder(tiny_pythia_folder, corpus_folder, tmp_path):
+def test_overwrite_replaces_a_run_folder_and_nothing_else(tiny_pythia_folder, corpus_folder, tmp_path):
     output = tmp_path / "run"
-    output.mkdir()
-    (output / "stale.txt").write_text("old")
-    runs.run(small_config(tiny_pythia_folder, corpus_folder, output, seeds=[0]), overwrite=True, progress=False)
-    assert not (output / "stale.txt").exists() and (output / "layerwise.csv").exists()
+    runs.run(small_config(tiny_pythia_folder, corpus_folder, output, seeds=[0]), progress=False)
+    (output / "layerwise.csv").write_text("stale")
+    runs.run(small_config(tiny_pythia_folder, corpus_folder, output, seeds=[1]), overwrite=True, progress=False)
+    assert pd.read_csv(output / "layerwise.csv")["seed"].unique().tolist() == [1]
 
 
 def test_unknown_config_keys_name_the_key_and_the_valid_ones(tmp_path):
     with pytest.raises(ValueError, match=r"'token_budgt' in \[run\]; valid keys: output, seeds, token_budget"):
-        runs.RunConfig.from_dict({"run": {"token_budgt": 5}})
+        RunConfig.from_dict({"run": {"token_budgt": 5}})
     with pytest.raises(ValueError, match=r"'modle' in the top level; valid keys: run, model, saes, corpus"):
-        runs.RunConfig.from_dict({"modle": {}})
+        RunConfig.from_dict({"modle": {}})
     with pytest.raises(ValueError, match=r"'expansion' in \[saes.train\].*expansion_factor"):
-        runs.RunConfig.from_dict({"saes": {"train": {"expansion": 4}}})
+        RunConfig.from_dict({"saes": {"train": {"expansion": 4}}})
     path = tmp_path / "bad.toml"
     path.write_text('[corpus]\nsource = "offline"\n')
     with pytest.raises(ValueError, match="'source' in \\[corpus\\]; valid keys: sources"):
-        runs.RunConfig.from_toml(path)
+        RunConfig.from_toml(path)
 
 
 def test_shipped_configs_parse():
-    for name in ("pythia70m_layerwise", "gemma3_270m_offline"):
-        config = runs.RunConfig.from_toml(f"experiments/{name}.toml")
-        assert config.run.seeds
-    paper = runs.RunConfig.from_toml("experiments/pythia70m_layerwise.toml")
+    for path in ("experiments/pythia70m_layerwise.toml", "lm_superposition/configs/demo.toml"):
+        assert RunConfig.from_toml(path).run.seeds
+    paper = RunConfig.from_toml("experiments/pythia70m_layerwise.toml")
     assert paper.saes.releases == ["pythia-70m-deduped-res-sm", "pythia-70m-deduped-att-sm", "pythia-70m-deduped-mlp-sm"]
 
 
-def test_the_demo_is_the_offline_experiment_config():
-    assert runs.demo_config("runs/demo").to_dict() == runs.RunConfig.from_toml("experiments/gemma3_270m_offline.toml").to_dict()
+def test_the_demo_runs_the_packaged_config_with_only_its_overrides():
+    shipped = RunConfig.from_toml("lm_superposition/configs/demo.toml")
+    assert demo_config().to_dict() == shipped.to_dict()
+    changed = demo_config(output="elsewhere", token_budget=123)
+    assert (changed.run.output, changed.run.token_budget) == ("elsewhere", 123)
+    changed.run.output, changed.run.token_budget = shipped.run.output, shipped.run.token_budget
+    assert changed.to_dict() == shipped.to_dict()
 
 
 def test_a_config_without_saes_is_refused(tiny_pythia_folder, corpus_folder, tmp_path):
-    config = small_config(tiny_pythia_folder, corpus_folder, tmp_path / "run")
-    config.saes.train = None
+    run_config = small_config(tiny_pythia_folder, corpus_folder, tmp_path / "run")
+    run_config.saes.train = None
     with pytest.raises(ValueError, match="names no SAEs"):
-        runs.run(config, progress=False)
+        runs.run(run_config, progress=False)
+    assert not (tmp_path / "run").exists()
 
 
 def test_cli_run_and_its_errors(tiny_pythia_folder, corpus_folder, tmp_path, capsys):
@@ -175,12 +181,12 @@ def test_every_command_has_help_with_an_example(command, capsys):
 def test_demo_code_path_at_a_reduced_budget(gemma_model, tmp_path, monkeypatch):
     """The demo exactly as `lm-superposition demo` runs it, with small budgets and the session's Gemma."""
     monkeypatch.setattr(runs, "load_model", lambda *args, **kwargs: gemma_model)
-    config = runs.demo_config(str(tmp_path / "demo"), token_budget=300, training_tokens=2048)
-    config.saes.train.batch_size_tokens = 256
-    config.run.ce_windows = 1
-    table = runs.run(config, progress=False)
-    hooks = config.saes.train.hooks
-    assert len(table) == len(hooks) * len(config.run.seeds)
+    demo = demo_config(str(tmp_path / "demo"), token_budget=300, training_tokens=2048)
+    demo.saes.train.batch_size_tokens = 256
+    demo.run.ce_windows = 1
+    table = runs.run(demo, progress=False)
+    hooks = demo.saes.train.hooks
+    assert len(table) == len(hooks) * len(demo.run.seeds)
     assert set(table["hook"]) == set(hooks)
     assert (table["N"] == 640).all() and (table["tokens"] == 300).all()
     assert table["additivity"].between(-1, 1).all()  # the demo asks for the linear-additivity check

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from lm_superposition.tasks import (
+from experiments.tasks import (
     CNNClassifier,
     ClassifierTraining,
     GrokkingConfig,

@@ -5,7 +5,7 @@ import pandas as pd
 import pytest
 import torch
 
-from lm_superposition.toy import (
+from experiments.toy import (
     FeatureSampler,
     TiedSAE,
     ToyConfig,
@@ -192,4 +192,4 @@ def test_quick_sweep_f_tracks_ground_truth_and_rises_with_sparsity(tmp_path):
     assert (tmp_path / "scatter.png").stat().st_size > 10_000
     readme = (tmp_path / "README.md").read_text()
     assert f"{r:.3f}" in readme
-    assert f"python experiments/toy_validation.py --quick --out {tmp_path}" in readme
+    assert f"python -m experiments.toy_validation --quick --out {tmp_path}" in readme

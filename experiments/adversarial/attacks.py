@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lm_superposition.tasks import ClassifierTraining
+from experiments.tasks import ClassifierTraining
 
 ATTACKS = ("fgsm", "pgd")
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lm_superposition.toy import sample_features
+from experiments.toy import sample_features
 
 
 @dataclass(frozen=True)

@@ -24,14 +24,13 @@ For every model, regime, attack (FGSM, PGD), epsilon and seed: train adversarial
   margin of the SAE's code.
 Writes table.csv, f_vs_epsilon.png and README.md to --out.
 
-    python experiments/adversarial/sweep.py            # the committed results
-    python experiments/adversarial/sweep.py --quick    # tiny, seconds
+    python -m experiments.adversarial.sweep            # the committed results
+    python -m experiments.adversarial.sweep --quick    # tiny, seconds
 """
 
 from __future__ import annotations
 
 import argparse
-import shlex
 import sys
 import time
 from dataclasses import dataclass
@@ -44,13 +43,14 @@ import matplotlib.pyplot as plt
 import pandas as pd
 import torch
 
-from attacks import ATTACKS, attack, train_adversarially
+from experiments.adversarial.attacks import ATTACKS, attack, train_adversarially
 from lm_superposition.metric import FeatureBudget
-from lm_superposition.runs import torch_threads
+from experiments import study_command, torch_threads
 from lm_superposition.sparse_coding import compressed_sensing_margin, linear_additivity
-from lm_superposition.tasks import CNNClassifier, ClassifierTraining, MLPClassifier, accuracy, scaled_to_unit_rms
-from lm_superposition.toy import ToySAEConfig, train_toy_sae, variance_explained
-from sparse_features import SparseFeatureImages, SparseFeatureTask
+from experiments.tasks import CNNClassifier, ClassifierTraining, MLPClassifier, accuracy, scaled_to_unit_rms
+from experiments.toy import ToySAEConfig, train_toy_sae
+from lm_superposition.saes import variance_explained
+from experiments.adversarial.sparse_features import SparseFeatureImages, SparseFeatureTask
 
 DEFAULT_OUT = Path(__file__).resolve().parents[2] / "results" / "adversarial"
 TRAIN_SEED_OFFSET, TEST_SEED_OFFSET, ATTACK_SEED_OFFSET = 1_000, 2_000, 3_000
@@ -334,7 +334,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     args.out.mkdir(parents=True, exist_ok=True)
     table.to_csv(args.out / "table.csv", index=False)
     plot(table, args.out / "f_vs_epsilon.png")
-    command = shlex.join(["python", "experiments/adversarial/sweep.py", *argv])
+    command = study_command("experiments.adversarial.sweep", argv)
     write_readme(args.out / "README.md", args, summary, trend, command, time.perf_counter() - started)
     print(summary.round(3).to_string(index=False))
     print(trend.round(3).to_string(index=False))

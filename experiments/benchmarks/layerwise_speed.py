@@ -20,8 +20,8 @@ other work slows them alike. Memory: ours runs alone at each --memory-tokens cou
 baseline once, each in a fresh forked process so no run's peak hides another's. Run it as
 a script (a process of its own): forking relies on this process never running a torch kernel.
 
-    python experiments/benchmarks/layerwise_speed.py --quick    # a smoke run, < 30 s
-    python experiments/benchmarks/layerwise_speed.py --tokens 5080 --baseline-tokens 2032 --memory-tokens 1016 10160
+    python -m experiments.benchmarks.layerwise_speed --quick    # a smoke run, < 30 s
+    python -m experiments.benchmarks.layerwise_speed --tokens 5080 --baseline-tokens 2032 --memory-tokens 1016 10160
 """
 
 from __future__ import annotations

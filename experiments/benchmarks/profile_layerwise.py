@@ -4,7 +4,7 @@ The same workload as layerwise_speed.py (Pythia-70M-shaped random model, one ran
 32,768-feature StandardSAE on each of the 19 paper hooks), one warm-up batch, then
 --batches batches profiled. Prints the functions with the most time of their own.
 
-    python experiments/benchmarks/profile_layerwise.py            # 2 batches of 1,016 tokens
+    python -m experiments.benchmarks.profile_layerwise            # 2 batches of 1,016 tokens
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import cProfile
 import pstats
 import time
 
-from layerwise_speed import MODEL_NAME, Setup, pythia_shaped_model, random_saes, random_windows
+from experiments.benchmarks.layerwise_speed import MODEL_NAME, Setup, pythia_shaped_model, random_saes, random_windows
 
 from lm_superposition.analyze import LayerwiseAnalyzer
 

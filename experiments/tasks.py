@@ -25,13 +25,10 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
-from .metric import FeatureBudget
-from .toy import ToySAEConfig, measure_sae, train_toy_sae
+from lm_superposition.metric import FeatureBudget
+from lm_superposition.validation import check_positive_int
 
-
-def _check_positive_int(name: str, value) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+from experiments.toy import ToySAEConfig, measure_sae, train_toy_sae
 
 
 def _check_fraction(name: str, value: float, low_open: bool = True) -> None:
@@ -59,7 +56,7 @@ class SparseParityTask:
 
     def __post_init__(self):
         for name in ("n_tasks", "n_bits", "k"):
-            _check_positive_int(name, getattr(self, name))
+            check_positive_int(name, getattr(self, name))
         if self.k > self.n_bits:
             raise ValueError(f"k (bits each task reads) must be <= n_bits, got k={self.k}, n_bits={self.n_bits}")
 
@@ -76,7 +73,7 @@ class SparseParityTask:
 
     def sample(self, n_samples: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(inputs [n, n_tasks + n_bits] float, labels [n] long in {0, 1}, task ids [n] long), seeded."""
-        _check_positive_int("n_samples", n_samples)
+        check_positive_int("n_samples", n_samples)
         generator = torch.Generator().manual_seed(seed)
         task_ids = torch.randint(self.n_tasks, (n_samples,), generator=generator)
         bits = torch.randint(2, (n_samples, self.n_bits), generator=generator)
@@ -91,7 +88,7 @@ class SparseParityTask:
 
 def modular_addition_pairs(p: int) -> tuple[torch.Tensor, torch.Tensor]:
     """All p^2 pairs: (pairs [p^2, 2] long with rows (a, b), labels [p^2] = (a + b) mod p)."""
-    _check_positive_int("p", p)
+    check_positive_int("p", p)
     if p < 2:
         raise ValueError(f"p must be at least 2, got {p}")
     a, b = torch.cartesian_prod(torch.arange(p), torch.arange(p)).unbind(1)
@@ -120,7 +117,7 @@ class MLPClassifier(nn.Module):
     def __init__(self, input_width: int, hidden_widths: list[int], n_classes: int, dropout: float = 0.0, seed: int = 0):
         super().__init__()
         for width in [input_width, *hidden_widths, n_classes]:
-            _check_positive_int("every layer width", width)
+            check_positive_int("every layer width", width)
         _check_fraction("dropout", dropout, low_open=False)
         widths = [input_width, *hidden_widths]
         # nn.Linear initialises from the global RNG: seed it without disturbing the caller's.
@@ -155,11 +152,11 @@ class CNNClassifier(nn.Module):
     def __init__(self, image_size: int, channels: list[int], n_classes: int, in_channels: int = 1, seed: int = 0):
         super().__init__()
         for name, value in [("image_size", image_size), ("n_classes", n_classes), ("in_channels", in_channels)]:
-            _check_positive_int(name, value)
+            check_positive_int(name, value)
         if not channels:
             raise ValueError("channels must list at least one conv layer's channel count, got an empty list")
         for count in channels:
-            _check_positive_int("every channel count", count)
+            check_positive_int("every channel count", count)
         self.image_size, self.in_channels = image_size, in_channels
         strides = [1] + [2] * (len(channels) - 1)
         size = image_size
@@ -201,7 +198,7 @@ class ClassifierTraining:
 
     def __post_init__(self):
         for name in ("steps", "batch_size"):
-            _check_positive_int(name, getattr(self, name))
+            check_positive_int(name, getattr(self, name))
         if not (self.lr > 0 and self.weight_decay >= 0):
             raise ValueError(f"lr must be > 0 and weight_decay >= 0, got lr={self.lr}, weight_decay={self.weight_decay}")
 
@@ -258,7 +255,7 @@ class GrokkingConfig:
 
     def __post_init__(self):
         for name in ("p", "d_model", "n_heads", "d_mlp", "steps", "checkpoint_every"):
-            _check_positive_int(name, getattr(self, name))
+            check_positive_int(name, getattr(self, name))
         if self.p < 2:
             raise ValueError(f"p must be at least 2, got {self.p}")
         if self.d_model % self.n_heads:

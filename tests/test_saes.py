@@ -7,20 +7,15 @@ import huggingface_hub.constants
 import pytest
 import torch
 from safetensors.torch import save_file
-from sae_lens import SAE, JumpReLUSAE, JumpReLUSAEConfig, StandardSAE, StandardSAEConfig, TopKSAE, TopKSAEConfig
+from sae_lens import SAE, StandardSAE, StandardSAEConfig, TopKSAE
 
-from lm_superposition.dictionaries import (
-    QUALITY_FILENAME,
-    QUALITY_THRESHOLD,
-    ReconstructionStats,
+from lm_superposition.models import HookPoint, hook_order, hook_point
+from lm_superposition.saes import (
     SAEQuality,
     SAETrainingConfig,
+    VarianceExplained,
     check_sae_fits,
-    decode,
-    encode,
-    encodes_in_place,
     evaluate_sae,
-    hook_order,
     load_dictionary_learning_sae,
     load_release,
     load_sae,
@@ -31,8 +26,8 @@ from lm_superposition.dictionaries import (
     train_saes,
     train_saes_for_model,
 )
-from lm_superposition.metric import sparse_codes
-from lm_superposition.models import HookPoint, hook_point
+from lm_superposition.saes.quality import QUALITY_THRESHOLD
+from lm_superposition.saes.training import QUALITY_FILENAME
 
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():
@@ -386,73 +381,18 @@ def test_evaluate_sae_on_exact_and_zero_reconstructions(pythia_shaped_model, mak
     assert quality_flag(exact) == "ok"
 
 
-def test_reconstruction_stats_match_direct_formulas(toy_data, standard_toy_sae):
+def test_streamed_variance_explained_matches_the_direct_formula(toy_data, standard_toy_sae):
     _, held_out, _ = toy_data
     sae = standard_toy_sae
-    stats = ReconstructionStats(sae.cfg.d_sae)
+    stats = VarianceExplained()
     with torch.no_grad():
         for part in held_out.split(1_000):  # streamed in pieces
-            codes = sae.encode(part)
-            stats.update(part, codes, sae.decode(codes))
-        codes = sae.encode(held_out)
-        direct = variance_explained(held_out, sae.decode(codes))
-    quality = stats.quality()
-    assert quality.n_tokens == len(held_out)
-    assert quality.variance_explained == pytest.approx(direct.item(), abs=1e-5)
-    assert quality.mean_l0 == pytest.approx((codes > 0).float().sum(1).mean().item(), rel=1e-6)
-    assert quality.dead_fraction == pytest.approx(((codes > 0).sum(0) == 0).float().mean().item())
+            stats.update(part, sae.decode(sae.encode(part)))
+        direct = variance_explained(held_out, sae.decode(sae.encode(held_out)))
+    assert stats.n_tokens == len(held_out)
+    assert stats.compute() == pytest.approx(direct.item(), abs=1e-5)
     with pytest.raises(ValueError, match="no tokens"):
-        ReconstructionStats(4).quality()
-
-
-@pytest.mark.parametrize(
-    "sae_class, config_class, extra",
-    [(StandardSAE, StandardSAEConfig, {}), (TopKSAE, TopKSAEConfig, dict(k=5)), (JumpReLUSAE, JumpReLUSAEConfig, {}),
-     (TopKSAE, TopKSAEConfig, dict(k=5, rescale_acts_by_decoder_norm=True))],
-)
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_sparse_decode_equals_the_dense_decode(sae_class, config_class, extra, dtype):
-    torch.manual_seed(0)
-    sae = sae_class(config_class(d_in=16, d_sae=64, dtype=dtype, **extra))
-    with torch.no_grad():
-        for parameter in sae.parameters():
-            parameter.normal_(0, 0.5)
-        activations = torch.randn(10, 16).to(getattr(torch, dtype))
-        codes = sae.encode(activations)
-        assert 0 < int((codes != 0).sum()) < codes.numel()  # really sparse, really something to decode
-        sparse, dense = decode(sae, sparse_codes(codes)), sae.decode(codes)
-    assert sparse.layout == torch.strided and sparse.dtype == dense.dtype
-    assert torch.allclose(sparse.float(), dense.float(), atol=1e-5 if dtype == "float32" else 0)
-    stats_dense, stats_sparse = ReconstructionStats(64), ReconstructionStats(64)
-    stats_dense.update(activations, codes, dense)
-    stats_sparse.update(activations, sparse_codes(codes), sparse)
-    sparse_quality, dense_quality = stats_sparse.quality(), stats_dense.quality()
-    assert sparse_quality.variance_explained == pytest.approx(dense_quality.variance_explained, rel=1e-5)
-    assert (sparse_quality.mean_l0, sparse_quality.dead_fraction) == (dense_quality.mean_l0, dense_quality.dead_fraction)
-    assert torch.equal(stats_sparse.fired, stats_dense.fired)
-
-
-def test_in_place_encode_equals_sae_lens_encode():
-    torch.manual_seed(0)
-    sae = StandardSAE(StandardSAEConfig(d_in=16, d_sae=64, apply_b_dec_to_input=True))
-    with torch.no_grad():
-        for parameter in sae.parameters():
-            parameter.normal_(0, 0.5)
-        activations = torch.randn(10, 16)
-        buffer = torch.full((32, 64), float("nan"))  # larger than the batch; stale contents must not leak
-        assert encodes_in_place(sae)
-        codes = encode(sae, activations, out=buffer)
-        assert codes.data_ptr() == buffer.data_ptr() and codes.shape == (10, 64)
-        assert torch.allclose(codes, sae.encode(activations), atol=1e-6)
-        assert torch.equal(codes != 0, sae.encode(activations) != 0)
-
-        # Anything that changes SAE-Lens's encode goes through SAE-Lens's encode.
-        sae.hook_sae_acts_post.add_hook(lambda acts, hook: acts * 2)
-        assert not encodes_in_place(sae)
-        assert torch.allclose(encode(sae, activations, out=buffer), 2 * codes, atol=1e-6)
-        topk = TopKSAE(TopKSAEConfig(d_in=16, d_sae=64, k=3))
-        assert not encodes_in_place(topk)
-        assert torch.equal(encode(topk, activations, out=buffer), topk.encode(activations))
+        VarianceExplained().compute()
 
 
 def test_quality_flag_names_every_problem():
@@ -493,11 +433,11 @@ def test_train_saes_for_model_saves_loadable_judged_saes(pythia_shaped_model, ma
 
 
 def test_epochs_replay_one_pass_of_activations(pythia_shaped_model, make_windows, tmp_path, monkeypatch):
-    import lm_superposition.dictionaries as dictionaries
+    import lm_superposition.saes.training as training
 
     passes = []
-    real_stream = dictionaries.stream_activations
-    monkeypatch.setattr(dictionaries, "stream_activations", lambda *a, **k: passes.append(1) or real_stream(*a, **k))
+    real_stream = training.stream_activations
+    monkeypatch.setattr(training, "stream_activations", lambda *a, **k: passes.append(1) or real_stream(*a, **k))
     config = SAETrainingConfig(expansion_factor=1, batch_size_tokens=64, training_tokens=3 * 6 * 15, epochs=3,
                                shuffle_buffer_batches=1)
     assert config.distinct_tokens == 6 * 15

@@ -36,7 +36,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .metric import FeatureBudget
+from lm_superposition.metric import FeatureBudget
+from lm_superposition.saes.quality import variance_explained
+from lm_superposition.validation import check_positive_int
 
 # ---- data --------------------------------------------------------------------------
 
@@ -53,8 +55,8 @@ def sample_features(
     (Hand-written: SAE-Lens's `synthetic.ActivationGenerator` draws magnitudes from a
     rectified normal and from the global RNG; toy models need Uniform[0, 1] and a private seed.)
     """
-    _check_positive_int("batch_size", batch_size)
-    _check_positive_int("n_features", n_features)
+    check_positive_int("batch_size", batch_size)
+    check_positive_int("n_features", n_features)
     sparsity = torch.as_tensor(sparsity, dtype=torch.float32)
     if sparsity.ndim > 1 or (sparsity.ndim == 1 and sparsity.shape[0] != n_features):
         raise ValueError(f"sparsity must be a number or a vector of {n_features} per-feature values, got shape {tuple(sparsity.shape)}")
@@ -75,11 +77,6 @@ class FeatureSampler:
 
     def sample(self, batch_size: int) -> torch.Tensor:
         return sample_features(batch_size, self.n_features, self.sparsity, self.generator)
-
-
-def _check_positive_int(name: str, value) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
 
 def _check_positive(name: str, value) -> None:
@@ -105,7 +102,7 @@ class ToyConfig:
 
     def __post_init__(self):
         for name in ("n_features", "n_hidden", "steps", "batch_size"):
-            _check_positive_int(name, getattr(self, name))
+            check_positive_int(name, getattr(self, name))
         if not 0 <= self.sparsity < 1:
             raise ValueError(f"sparsity must lie in [0, 1), got {self.sparsity}")
         if not 0 < self.importance_decay <= 1:
@@ -240,7 +237,7 @@ class ToySAEConfig:
         if self.kind not in SAE_KINDS:
             raise ValueError(f"unknown SAE kind {self.kind!r}; valid: {SAE_KINDS}")
         for name in ("d_sae", "steps", "batch_size"):
-            _check_positive_int(name, getattr(self, name))
+            check_positive_int(name, getattr(self, name))
         if not self.l1_coefficient >= 0:
             raise ValueError(f"l1_coefficient must be >= 0, got {self.l1_coefficient!r}")
         _check_positive("lr", self.lr)
@@ -264,8 +261,8 @@ class TiedSAE(nn.Module):
 
     def __init__(self, d_in: int, d_sae: int, decoder_bias: bool = False, seed: int = 0):
         super().__init__()
-        _check_positive_int("d_in", d_in)
-        _check_positive_int("d_sae", d_sae)
+        check_positive_int("d_in", d_in)
+        check_positive_int("d_sae", d_sae)
         generator = torch.Generator().manual_seed(seed)
         self.W_dec = nn.Parameter(torch.randn(d_sae, d_in, generator=generator))
         self.b_enc = nn.Parameter(torch.zeros(d_sae))
@@ -326,7 +323,7 @@ def train_toy_sae(activations: torch.Tensor, config: ToySAEConfig, progress: boo
     if config.kind == "tied":
         return train_tied_sae(activations, config, progress=progress)
     _check_activations(activations)
-    from .dictionaries import SAETrainingConfig, train_sae  # SAE-Lens import is slow; only when asked
+    from lm_superposition.saes.training import SAETrainingConfig, train_sae
 
     sae_lens_config = SAETrainingConfig(
         architecture="standard",
@@ -342,16 +339,6 @@ def train_toy_sae(activations: torch.Tensor, config: ToySAEConfig, progress: boo
 
 
 # ---- measuring ---------------------------------------------------------------------
-
-
-@torch.no_grad()
-def variance_explained(activations: torch.Tensor, reconstruction: torch.Tensor) -> float:
-    """1 - total squared error / total variance of the activations (pooled over dimensions)."""
-    residual = ((activations - reconstruction) ** 2).sum()
-    total = ((activations - activations.mean(0)) ** 2).sum()
-    if total <= 0:
-        raise ValueError("the activations have zero variance; variance explained is undefined")
-    return float(1 - residual / total)
 
 
 @torch.no_grad()

@@ -1,0 +1,170 @@
+"""How well an SAE describes a hook, and the one verdict every output shows about it.
+
+psi counts the features an SAE uses to describe a layer; that only describes the layer if the
+SAE reconstructs it. `evaluate_sae` measures variance explained, L0, dead features and CE loss
+recovered; `quality_flag` turns them into the verdict the tables, JSON files and plots show.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+from sae_lens import SAE
+from sae_lens.evals import ExplainedVarianceCalculator, get_recons_loss
+from sae_lens.training.activation_scaler import ActivationScaler
+from sae_lens.util import extract_stop_at_layer_from_tlens_hook_name, get_special_token_ids
+from tqdm.auto import tqdm
+from transformer_lens import HookedTransformer
+
+from ..codes import decode, sparse_codes
+from ..distributed import all_reduce_
+from ..metric import FeatureBudget
+
+
+# --- quality -----------------------------------------------------------------------------------
+
+# psi counts the features an SAE uses to describe a layer; that only describes the layer if
+# the SAE reconstructs it. Below 70% variance explained, more than 30% of the activation
+# variance sits in the SAE's error term, so the codes describe a visibly different vector and
+# psi would count the features of that one: flag it. (0.7 is a floor, not a target: the
+# pretrained SAEs this tool is meant for usually explain 80-95%.) The same reading for the
+# model's loss: an SAE whose reconstruction recovers less than 70% of the loss gap to
+# zero-ablation has lost much of what the model uses the layer for. Dead features do not bias
+# psi (they carry no budget), but past half the dictionary they cap F well below d_sae.
+QUALITY_THRESHOLD = 0.7  # minimum variance explained
+MIN_CE_LOSS_RECOVERED = 0.7
+MAX_DEAD_FRACTION = 0.5
+
+
+@dataclass
+class SAEQuality:
+    """How well an SAE describes one hook, on `n_tokens` tokens. CE fields are NaN when not measured."""
+
+    variance_explained: float  # 1 - sum |x - x_hat|^2 / sum |x - mean x|^2
+    mean_l0: float  # features active per token
+    dead_fraction: float  # features that never fired on these tokens (depends on how many there were)
+    n_tokens: int
+    ce_loss_clean: float = math.nan
+    ce_loss_reconstructed: float = math.nan  # hook replaced by the SAE's reconstruction
+    ce_loss_zero_ablated: float = math.nan  # hook replaced by zeros
+    ce_loss_recovered: float = math.nan  # (zero - reconstructed) / (zero - clean)
+
+    def to_dict(self) -> dict:
+        """Fields plus the flag, NaN as None (strict JSON has no NaN)."""
+        fields = {key: None if isinstance(value, float) and math.isnan(value) else value for key, value in asdict(self).items()}
+        return fields | {"flag": quality_flag(self)}
+
+
+def quality_flag(quality: SAEQuality) -> str:
+    """'ok', or the problems that make psi through this SAE doubtful, separated by '; '."""
+    problems = []
+    if not quality.variance_explained >= QUALITY_THRESHOLD:
+        problems.append(f"low variance explained ({quality.variance_explained:.3f} < {QUALITY_THRESHOLD})")
+    if not math.isnan(quality.ce_loss_recovered) and quality.ce_loss_recovered < MIN_CE_LOSS_RECOVERED:
+        problems.append(f"low CE loss recovered ({quality.ce_loss_recovered:.3f} < {MIN_CE_LOSS_RECOVERED})")
+    if quality.dead_fraction > MAX_DEAD_FRACTION:
+        problems.append(f"mostly dead features ({quality.dead_fraction:.3f} > {MAX_DEAD_FRACTION})")
+    return "; ".join(problems) or "ok"
+
+
+class VarianceExplained:
+    """Streaming variance explained, 1 - sum |x - x_hat|^2 / sum |x - mean x|^2, over batches.
+
+    The sums are SAE-Lens's `ExplainedVarianceCalculator` (float64, no cancellation trouble with
+    the large means of residual streams); this class adds the merge over processes it lacks.
+    """
+
+    def __init__(self):
+        self.calculator = ExplainedVarianceCalculator()
+
+    def update(self, activations: torch.Tensor, reconstruction: torch.Tensor) -> None:
+        self.calculator.add_batch(reconstruction, activations)
+
+    @property
+    def n_tokens(self) -> int:
+        return int(self.calculator.num_samples)
+
+    def compute(self) -> float:
+        if self.n_tokens == 0:
+            raise ValueError("no tokens were added; call update() with at least one batch first")
+        return float(self.calculator.compute())
+
+    def all_reduce(self) -> "VarianceExplained":
+        """Sum over every process of torch.distributed (in place), reaching into the calculator's sums."""
+        calc = self.calculator
+        scalars = torch.tensor([calc.sum_squared_norm, calc.sum_squared_residual, calc.num_samples], dtype=torch.float64)
+        all_reduce_(scalars, calc.sum_x)
+        calc.sum_squared_norm, calc.sum_squared_residual, calc.num_samples = scalars[0].item(), scalars[1].item(), int(scalars[2])
+        return self
+
+
+def variance_explained(activations: torch.Tensor, reconstruction: torch.Tensor) -> float:
+    """Variance explained of one batch [tokens, d_in] (`VarianceExplained` for a stream)."""
+    stats = VarianceExplained()
+    stats.update(activations, reconstruction)
+    return stats.compute()
+
+
+@torch.no_grad()
+def evaluate_sae(
+    model: HookedTransformer,
+    sae: SAE,
+    hook_name: str,
+    tokens,
+    batch_size: int = 8,
+    progress: bool = False,
+) -> SAEQuality:
+    """Quality of `sae` at `hook_name` of `model` on `tokens` (data.TokenWindows or a LongTensor [n, context]).
+
+    BOS and padding positions are left out of the statistics and left untouched when the
+    reconstruction replaces the hook (as SAE-Lens's evals do); CE losses average over the
+    positions whose next token is text. CE losses come from SAE-Lens's `get_recons_loss`; the
+    rest from `VarianceExplained` and a `FeatureBudget`, since SAE-Lens's sparsity/variance eval needs its own
+    ActivationsStore rather than a given token tensor.
+    """
+    token_ids, keep, special_ids = _tokens_and_mask(model, tokens)
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be a positive number of windows, got {batch_size}")
+    variance = VarianceExplained()
+    budget = FeatureBudget(sae.cfg.d_sae, sae.cfg.d_in)
+    loss_sums = {"clean": 0.0, "reconstructed": 0.0, "zero_ablated": 0.0}
+    n_predictions = 0
+    stop_at_layer = extract_stop_at_layer_from_tlens_hook_name(hook_name)
+    for start in tqdm(range(0, len(token_ids), batch_size), desc=f"evaluating SAE at {hook_name}", disable=not progress):
+        batch = token_ids[start : start + batch_size].to(model.cfg.device)
+        batch_keep = keep[start : start + batch_size].to(model.cfg.device)
+        _, cache = model.run_with_cache(batch, names_filter=[hook_name], stop_at_layer=stop_at_layer)
+        activations = cache[hook_name][batch_keep].to(sae.device)
+        codes = sparse_codes(sae.encode(activations))
+        variance.update(activations, decode(sae, codes))
+        budget.update(codes)
+
+        losses = get_recons_loss(
+            sae, model, ActivationScaler(), batch, compute_kl=False, compute_ce_loss=True,
+            ignore_tokens=special_ids, hook_name=hook_name,
+        )
+        predicts_text = batch_keep[:, 1:].to(losses["ce_loss_without_sae"].device)
+        for name, key in (("clean", "ce_loss_without_sae"), ("reconstructed", "ce_loss_with_sae"), ("zero_ablated", "ce_loss_with_ablation")):
+            loss_sums[name] += losses[key][predicts_text].sum().item()
+        n_predictions += int(predicts_text.sum())
+    quality = SAEQuality(variance.compute(), budget.mean_l0, budget.dead_fraction, budget.tokens)
+    if n_predictions:
+        clean, reconstructed, zero = (loss_sums[name] / n_predictions for name in ("clean", "reconstructed", "zero_ablated"))
+        quality.ce_loss_clean, quality.ce_loss_reconstructed, quality.ce_loss_zero_ablated = clean, reconstructed, zero
+        quality.ce_loss_recovered = (zero - reconstructed) / (zero - clean) if zero != clean else math.nan
+    return quality
+
+
+def _tokens_and_mask(model: HookedTransformer, tokens) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """Token ids [n, context], the mask of text positions, and the special token ids left alone."""
+    if hasattr(tokens, "measured_mask"):  # data.TokenWindows
+        special = [i for i in (tokens.bos_token_id, tokens.pad_token_id) if i is not None]
+        return tokens.tokens, tokens.measured_mask, special
+    tokens = torch.as_tensor(tokens)
+    if tokens.ndim != 2 or tokens.dtype not in (torch.long, torch.int):
+        raise ValueError(f"tokens must be TokenWindows or an integer tensor [n_windows, context], got {tokens.dtype} {tuple(tokens.shape)}")
+    special = get_special_token_ids(model.tokenizer) if model.tokenizer is not None else []
+    keep = ~torch.isin(tokens, torch.tensor(special, dtype=tokens.dtype)) if special else torch.ones_like(tokens, dtype=torch.bool)
+    return tokens, keep, special

@@ -1,0 +1,290 @@
+"""Train SAE-Lens SAEs for several hooks from ONE pass over streamed activations.
+
+`train_saes` trains from any stream of {hook: [tokens, d_in]} batches, `train_sae` from one
+tensor, `train_saes_for_model` from a model and token windows (saving each SAE and judging it
+on held-out windows): what `[saes.train]` and `lm-superposition train-sae` run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import warnings
+from collections.abc import Iterable, Iterator
+from itertools import chain, islice
+from pathlib import Path
+
+import torch
+from sae_lens import (
+    SAE,
+    StandardTrainingSAE,
+    StandardTrainingSAEConfig,
+    TopKTrainingSAE,
+    TopKTrainingSAEConfig,
+    TrainingSAE,
+)
+from sae_lens.config import LoggingConfig, SAETrainerConfig
+from sae_lens.saes.sae import SAEMetadata
+from sae_lens.training.sae_trainer import SAETrainer
+from tqdm.auto import tqdm
+from transformer_lens import HookedTransformer
+
+from ..activations import stream_activations
+from ..models import hook_point
+from ..config import SAETrainingConfig
+from .loading import save_sae
+from .quality import evaluate_sae
+
+
+# --- training ---------------------------------------------------------------------------
+#
+# SAE-Lens's `SAETrainer.fit` (and `MultiSAETrainer.fit`) pull exactly `total_training_samples`
+# from their data provider and cannot stop cleanly when a one-pass stream runs out first; the
+# multi-SAE one also throws away its norm-estimation batches, which a single pass cannot spare.
+# So we drive the trainers' public `step` seam ourselves, one `SAETrainer` per hook: SAE-Lens
+# still owns the loss (`training_forward_pass`), optimiser, schedules, gradient clipping and
+# dead-feature tracking; this loop only routes each batch of tokens to every SAE.
+
+
+def train_saes(
+    batches: Iterable[dict[str, torch.Tensor]],
+    widths: dict[str, int],
+    config: SAETrainingConfig,
+    progress: bool = True,
+) -> dict[str, SAE]:
+    """Train one SAE per hook in `widths` ({hook_name: d_in}) from one pass over `batches`.
+
+    Each batch is {hook_name: [tokens, d_in]} (the same tokens for every hook) and feeds every
+    SAE. Training stops after `config.training_tokens` tokens or when the stream ends (with a
+    warning). Returns inference SAEs (SAE-Lens `StandardSAE` / `TopKSAE`) with
+    `cfg.metadata.hook_name`, `model_name` and `training_tokens` set.
+    """
+    if not widths:
+        raise ValueError("widths is empty: give {hook_name: d_in} for at least one hook")
+    with torch.random.fork_rng(devices=[]):  # seeded init without resetting the caller's RNG
+        torch.manual_seed(config.seed)
+        trainers = {hook: _new_trainer(hook, d_in, config) for hook, d_in in widths.items()}
+    shuffle = torch.Generator().manual_seed(config.seed)
+    stream = _fixed_size_batches(batches, widths, config.batch_size_tokens, config.shuffle_buffer_batches, shuffle)
+
+    first_batches = list(islice(stream, config.shuffle_buffer_batches))
+    if not first_batches:
+        raise ValueError(
+            f"the activations hold fewer than batch_size_tokens={config.batch_size_tokens} tokens; "
+            "give more tokens or a smaller batch_size_tokens"
+        )
+    for hook, trainer in trainers.items():
+        _initialise_from_data(trainer, [batch[hook] for batch in first_batches], config)
+
+    n_tokens = 0
+    bar = tqdm(total=config.training_tokens, unit="tok", desc=f"training {len(trainers)} SAE(s)", disable=not progress)
+    for batch in chain(first_batches, stream):
+        mse = {}
+        for hook, trainer in trainers.items():
+            trainer.maybe_reset_sparsity()
+            output = trainer.step(batch[hook])
+            trainer.n_training_steps += 1
+            mse[hook] = output.losses["mse_loss"].item()
+        n_tokens += config.batch_size_tokens
+        bar.update(config.batch_size_tokens)
+        bar.set_postfix(mean_mse=f"{sum(mse.values()) / len(mse):.4g}")
+        if n_tokens >= config.training_tokens:
+            break
+    bar.close()
+    if n_tokens + config.batch_size_tokens <= config.training_tokens:  # short by a whole batch or more
+        warnings.warn(
+            f"the activation stream ended after {n_tokens} tokens, before training_tokens={config.training_tokens}; "
+            "the SAEs are trained on what there was",
+            stacklevel=2,
+        )
+    return {hook: _to_inference_sae(trainer, n_tokens) for hook, trainer in trainers.items()}
+
+
+def train_sae(
+    activations: torch.Tensor,
+    config: SAETrainingConfig,
+    hook_name: str = "toy",
+    progress: bool = False,
+) -> SAE:
+    """Train one SAE on a [tokens, d_in] tensor, cycling over it (reshuffled) until the token budget."""
+    if activations.ndim != 2:
+        raise ValueError(f"activations must be [tokens, d_in], got shape {tuple(activations.shape)}")
+    epochs = _epochs(activations, hook_name, torch.Generator().manual_seed(config.seed))
+    return train_saes(epochs, {hook_name: activations.shape[1]}, config, progress=progress)[hook_name]
+
+
+def _epochs(activations: torch.Tensor, hook_name: str, generator: torch.Generator) -> Iterator[dict[str, torch.Tensor]]:
+    while True:
+        yield {hook_name: activations[torch.randperm(len(activations), generator=generator)]}
+
+
+def _new_trainer(hook_name: str, d_in: int, config: SAETrainingConfig) -> SAETrainer:
+    common = dict(
+        d_in=d_in,
+        d_sae=config.width_for(d_in),
+        device=config.device,
+        normalize_activations="expected_average_only_in" if config.normalize_activations else "none",
+        metadata=SAEMetadata(hook_name=hook_name, model_name=config.model_name),
+    )
+    steps = config.total_steps
+    sae: TrainingSAE
+    if config.architecture == "standard":
+        sae = StandardTrainingSAE(
+            StandardTrainingSAEConfig(
+                l1_coefficient=config.l1_coefficient, l1_warm_up_steps=steps // 20, **common
+            )
+        )
+    else:
+        sae = TopKTrainingSAE(TopKTrainingSAEConfig(k=config.k, **common))
+    trainer_config = SAETrainerConfig(
+        total_training_samples=config.training_tokens,
+        train_batch_size_samples=config.batch_size_tokens,
+        lr=config.lr,
+        lr_end=config.lr,  # the decay runs from lr to 0
+        lr_decay_steps=steps // 5,
+        device=config.device,
+        # SAE-Lens's 1000-step windows assume millions of tokens; short runs need shorter ones
+        # for the dead-feature count (and topk's auxiliary loss on dead features) to mean anything.
+        dead_feature_window=max(1, min(1000, steps // 10)),
+        feature_sampling_window=max(1, min(2000, steps // 5)),
+        logger=LoggingConfig(log_to_wandb=False),
+    )
+    return SAETrainer(cfg=trainer_config, sae=sae, data_provider=iter(()))
+
+
+@torch.no_grad()
+def _initialise_from_data(trainer: SAETrainer, first_batches: list[torch.Tensor], config: SAETrainingConfig) -> None:
+    """Estimate the input scaling (SAE-Lens) and start b_dec at the data mean.
+
+    SAE-Lens 6 dropped its b_dec initialisers; starting at the mean spares the features from
+    having to learn the (large, in residual streams) constant offset first.
+    """
+    if config.normalize_activations:
+        trainer.activation_scaler.estimate_scaling_factor(
+            d_in=trainer.sae.cfg.d_in, data_provider=iter(first_batches), n_batches_for_norm_estimate=len(first_batches)
+        )
+    scaled = trainer.activation_scaler(torch.cat(first_batches).to(trainer.sae.device, trainer.sae.dtype))
+    trainer.sae.b_dec.copy_(scaled.mean(dim=0))
+
+
+@torch.no_grad()
+def _to_inference_sae(trainer: SAETrainer, n_tokens: int) -> SAE:
+    """Fold the input scaling into the weights and convert to SAE-Lens's inference class.
+
+    Does in memory what `TrainingSAE.save_inference_model` + `SAE.load_from_disk` do on disk.
+    """
+    training_sae = trainer.sae
+    if trainer.activation_scaler.scaling_factor is not None:
+        training_sae.fold_activation_norm_scaling_factor(trainer.activation_scaler.scaling_factor)
+        trainer.activation_scaler.scaling_factor = None
+    trainer.set_final_sae_metadata()  # records l0 and num_dead_features of the last window
+    training_sae.cfg.metadata.training_tokens = n_tokens
+    state_dict = training_sae.state_dict()
+    training_sae.process_state_dict_for_saving_inference(state_dict)
+    sae = SAE.from_dict(training_sae.cfg.get_inference_sae_cfg_dict())
+    sae.load_state_dict(state_dict)
+    return sae.eval()
+
+
+def _fixed_size_batches(
+    batches: Iterable[dict[str, torch.Tensor]],
+    widths: dict[str, int],
+    batch_size: int,
+    buffer_batches: int,
+    generator: torch.Generator,
+) -> Iterator[dict[str, torch.Tensor]]:
+    """Re-cut a stream of {hook: [tokens, d_in]} into shuffled batches of exactly `batch_size` tokens.
+
+    Tokens are shuffled within a buffer of `buffer_batches` batches (the same permutation for
+    every hook); a last remainder smaller than one batch is dropped.
+    """
+    pending: dict[str, list[torch.Tensor]] = {hook: [] for hook in widths}
+    n_pending = 0
+    for batch in batches:
+        n_pending += _check_batch(batch, widths)
+        for hook in widths:
+            pending[hook].append(batch[hook].detach())
+        if n_pending >= batch_size * buffer_batches:
+            buffer = {hook: torch.cat(parts) for hook, parts in pending.items()}
+            order = torch.randperm(n_pending, generator=generator)
+            n_full = n_pending - n_pending % batch_size
+            for start in range(0, n_full, batch_size):
+                rows = order[start : start + batch_size]
+                yield {hook: acts[rows] for hook, acts in buffer.items()}
+            pending = {hook: [acts[order[n_full:]]] for hook, acts in buffer.items()}
+            n_pending -= n_full
+    if n_pending >= batch_size:
+        buffer = {hook: torch.cat(parts) for hook, parts in pending.items()}
+        order = torch.randperm(n_pending, generator=generator)
+        for start in range(0, n_pending - batch_size + 1, batch_size):
+            rows = order[start : start + batch_size]
+            yield {hook: acts[rows] for hook, acts in buffer.items()}
+
+
+def _check_batch(batch: dict[str, torch.Tensor], widths: dict[str, int]) -> int:
+    """Number of tokens in a batch, after checking it has every hook at the right width."""
+    missing = [hook for hook in widths if hook not in batch]
+    if missing:
+        raise ValueError(f"activation batch lacks hooks {missing}; it has {sorted(batch)}")
+    n_tokens = {}
+    for hook, d_in in widths.items():
+        acts = batch[hook]
+        if acts.ndim != 2 or acts.shape[1] != d_in:
+            raise ValueError(f"activations for {hook} must be [tokens, {d_in}], got shape {tuple(acts.shape)}")
+        n_tokens[hook] = acts.shape[0]
+    if len(set(n_tokens.values())) > 1:
+        raise ValueError(f"every hook must hold the same tokens in a batch, got token counts {n_tokens}")
+    return next(iter(n_tokens.values()))
+
+
+# --- training SAEs for a model (what `lm-superposition train-sae` runs) ------------------------
+
+QUALITY_FILENAME = "quality.json"
+
+
+def text_tokens_for_training(config: SAETrainingConfig, n_eval_windows: int, context_size: int) -> int:
+    """The token budget of windows to give train_saes_for_model: one pass of training text,
+    one batch of slack (a remainder under one batch is dropped), and the held-out windows."""
+    return config.distinct_tokens + config.batch_size_tokens + n_eval_windows * context_size
+
+
+def train_saes_for_model(
+    model: HookedTransformer,
+    hooks: Iterable,
+    windows,
+    config: SAETrainingConfig,
+    out_dir: str | Path,
+    batch_size: int = 8,
+    n_eval_windows: int = 32,
+    progress: bool = True,
+) -> dict[str, Path]:
+    """Train an SAE for each hook from one activation stream over `windows`, save and judge each.
+
+    `hooks`: hook names or models.HookPoint. The last `n_eval_windows` windows (data.TokenWindows)
+    are held out: each SAE is evaluated on them (`evaluate_sae`) and the result written next to
+    it as quality.json (with its flag). Returns {hook_name: out_dir/<hook_name>}, each folder an
+    SAE-Lens folder that `load_sae_from_disk` and `sae_lens.SAE.load_from_disk` open.
+    """
+    points = [hook if hasattr(hook, "width") else hook_point(model, hook) for hook in hooks]
+    if not points:
+        raise ValueError("no hooks given; see models.hook_catalogue(model) for the hooks of this model")
+    if not 0 < n_eval_windows < len(windows):
+        raise ValueError(f"n_eval_windows must be between 1 and len(windows) - 1 = {len(windows) - 1}, got {n_eval_windows}")
+    if config.model_name is None:
+        config = dataclasses.replace(config, model_name=model.cfg.model_name)
+    train_windows, eval_windows = windows[: len(windows) - n_eval_windows], windows[len(windows) - n_eval_windows :]
+
+    stream = stream_activations(model, train_windows, [p.name for p in points], batch_size=batch_size, progress=False)
+    batches = (batch.activations for batch in stream)
+    if config.epochs > 1:
+        one_pass = list(batches)
+        batches = (batch for _ in range(config.epochs) for batch in one_pass)
+    saes = train_saes(batches, {p.name: p.width for p in points}, config, progress=progress)
+
+    folders = {}
+    for name, sae in saes.items():
+        quality = evaluate_sae(model, sae, name, eval_windows, batch_size=batch_size, progress=progress)
+        summary = {"hook_name": name, "training_tokens": sae.cfg.metadata.training_tokens, **quality.to_dict()}
+        # quality.json inside the folder marks the SAE as complete (a resumed run reuses it).
+        folders[name] = save_sae(sae, Path(out_dir) / name, {QUALITY_FILENAME: json.dumps(summary, indent=2) + "\n"})
+    return folders
