@@ -1,0 +1,431 @@
+"""The layer-wise measurement against the paper's real stack: nnsight traces + dictionary_learning AutoEncoders.
+
+Issue 16, item 1. In one run, on the same model, hooks, dictionaries and tokens:
+
+  ours   `lm_superposition.measure_layers` (the whole public call, its table included; no
+         CE-loss check, which the paper's loop does not do either), on the model loaded by
+         `lm_superposition.load_model(folder)` and the dictionaries loaded from their ae.pt
+         files by the project's dictionary_learning loader;
+  paper  the loop of the paper's published script (leonardbereska/superposition-measurement,
+         experiments/layerwise/pythia70m.py and pythia_fixed.py), run with the packages it
+         imports: an nnsight `LanguageModel`, one `model.trace` per document saving the 19
+         module outputs, one dictionary_learning `AutoEncoder.encode` per module, |z| summed
+         into float32 per-feature totals, then F = exp(H) with the script's eps formula.
+
+The model is a random-init `GPTNeoXForCausalLM` of Pythia-70M's real config (6 layers, d_model
+512, 8 heads, d_mlp 2048, rotary_pct 0.25, vocab 50304, parallel residual), saved to a temporary
+folder that both stacks load. The 19 dictionaries are dictionary_learning AutoEncoders of
+32,768 latents, saved as ae.pt in the paper's folder layout; their encoders are set so their
+codes are as sparse as trained dictionaries' (mean L0 ~200), since ours exploits sparsity.
+
+A document is 128 random token ids with no BOS (pythia_fixed.py traces token ids; the paper
+tokenised each text on its own, and Pythia's tokenizer adds no BOS). Ours gets the same
+documents as windows without BOS (`TokenWindows(bos_token_id=None)`), so both measure the
+same tokens with the same context.
+
+Speed: the two take turns, round after round (the first of each round alternates), on fresh
+documents each round, after a warm-up round that is not kept; tokens/s and their ratio are
+totals over the rounds, so a machine shared with other work slows both alike.
+Correctness: in every round both measure the same documents; the report gives the largest
+relative difference of F over the hooks and rounds, ours against F = exp(H) of the paper's
+float32 totals (target <= 1e-6), and also against the F the paper's script prints (its
+eps = 1e-12 inside the log shifts F by up to ~1e-6 relative by itself).
+
+Needs the `bench` extra's peers: nnsight 0.8.1 and dictionary-learning 0.1.0 (installed with
+--no-deps; see results/benchmarks/peers/README.md).
+
+    python experiments/benchmarks/vs_paper_stack.py --smoke        # tiny model; exits 1 if F differs > 1e-6
+    python experiments/benchmarks/vs_paper_stack.py --profile 25   # full size: 4 rounds x 32 documents of 128 tokens
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TQDM_DISABLE", "1")  # progress bars of the loaders and trainers (read when tqdm is imported)
+
+import argparse
+import cProfile
+import io
+import math
+import pstats
+import shlex
+import sys
+import tempfile
+import time
+import warnings
+from importlib.metadata import version
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+import lm_superposition
+from lm_superposition import load_model, measure_layers, paper_hooks
+from lm_superposition.data import TokenWindows
+from lm_superposition.metric import effective_features
+
+# The ae.pt loader is moving from lm_superposition.dictionaries into lm_superposition.saes;
+# take it from the top level when it is exported there.
+load_dictionary_learning_sae = getattr(lm_superposition, "load_dictionary_learning_sae", None)
+if load_dictionary_learning_sae is None:
+    try:
+        from lm_superposition.saes import load_dictionary_learning_sae
+    except ImportError:
+        from lm_superposition.dictionaries import load_dictionary_learning_sae
+
+F_TOLERANCE = 1e-6
+TARGET_L0_FRACTION = 200 / 32_768  # codes on per token and latent, as in trained dictionaries
+MODEL_NAME = "pythia-70m-deduped"
+
+# Pythia-70M's Hugging Face config (EleutherAI/pythia-70m-deduped); random weights cost what trained ones do.
+PYTHIA_70M_CONFIG = dict(
+    vocab_size=50304, hidden_size=512, num_hidden_layers=6, num_attention_heads=8, intermediate_size=2048,
+    rotary_pct=0.25, rotary_emb_base=10000, use_parallel_residual=True, hidden_act="gelu",
+    max_position_embeddings=2048, layer_norm_eps=1e-5, bos_token_id=0, eos_token_id=0, tie_word_embeddings=False,
+)
+# --smoke: the same architecture options, tiny.
+SMOKE_CONFIG = PYTHIA_70M_CONFIG | dict(vocab_size=512, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                        intermediate_size=256, max_position_embeddings=256)
+
+
+# ---- the shared setup: one model folder, one set of ae.pt files -------------------------------
+
+
+def save_random_model(config: dict, folder: Path) -> None:
+    """A random-init GPTNeoXForCausalLM and a word-level tokenizer over its vocabulary, as a HF folder.
+
+    The tokenizer only has to exist (both stacks are given token ids): nnsight and
+    lm_superposition.load_model read one from the folder."""
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM, PreTrainedTokenizerFast
+
+    torch.manual_seed(0)
+    GPTNeoXForCausalLM(GPTNeoXConfig(**config)).eval().save_pretrained(folder)
+    vocab = {f"t{i}": i for i in range(config["vocab_size"])}
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(WordLevel(vocab, unk_token="t1")),
+                                        bos_token="t0", eos_token="t0", pad_token="t0", unk_token="t1")
+    tokenizer.save_pretrained(folder)
+
+
+def paper_layer_names(n_layers: int) -> list[str]:
+    """The paper's layer_specs: embed, then attn_out, mlp_out and resid_out of every layer."""
+    return ["embed"] + [f"{kind}_layer{layer}" for layer in range(n_layers) for kind in ("attn_out", "mlp_out", "resid_out")]
+
+
+def tl_hook_name(paper_name: str) -> str:
+    """The TransformerLens hook holding the same activations as the paper's nnsight module output."""
+    if paper_name == "embed":
+        return "blocks.0.hook_resid_pre"  # Pythia: rotary, so the residual stream starts as the embedding
+    kind, layer = paper_name.rsplit("_layer", 1)
+    return f"blocks.{layer}." + {"attn_out": "hook_attn_out", "mlp_out": "hook_mlp_out", "resid_out": "hook_resid_post"}[kind]
+
+
+def ae_path(dictionaries: Path, paper_name: str, d_sae: int) -> Path:
+    return dictionaries / paper_name / f"10_{d_sae}" / "ae.pt"  # the paper's layout
+
+
+@torch.no_grad()
+def save_random_dictionaries(folder: Path, dictionaries: Path, d_sae: int, documents: torch.Tensor) -> None:
+    """One dictionary_learning AutoEncoder per paper module, saved as ae.pt.
+
+    Set so its codes are as sparse as a trained dictionary's: `bias` (subtracted from the
+    input) at the module's mean activation, encoder rows ~ N(0, 1/typical centred norm), and
+    encoder.bias one threshold chosen on these calibration documents so that TARGET_L0_FRACTION
+    of the codes are on (L0 ~200 of 32,768 latents on every hook). The decoder keeps
+    dictionary_learning's init; F does not read it."""
+    from dictionary_learning.dictionary import AutoEncoder
+    from transformers import GPTNeoXForCausalLM
+
+    model = GPTNeoXForCausalLM.from_pretrained(folder).eval()
+    outputs = {}
+    modules = {"embed": model.gpt_neox.embed_in}
+    for layer, block in enumerate(model.gpt_neox.layers):
+        modules |= {f"attn_out_layer{layer}": block.attention, f"mlp_out_layer{layer}": block.mlp, f"resid_out_layer{layer}": block}
+    handles = [module.register_forward_hook(lambda m, i, o, name=name: outputs.__setitem__(name, o[0] if isinstance(o, tuple) else o))
+               for name, module in modules.items()]
+    model(documents)
+    for handle in handles:
+        handle.remove()
+    torch.manual_seed(0)
+    for name in paper_layer_names(model.config.num_hidden_layers):
+        acts = outputs[name].reshape(-1, model.config.hidden_size)
+        ae = AutoEncoder(model.config.hidden_size, d_sae)
+        ae.bias.copy_(acts.mean(0))
+        centred = acts - ae.bias
+        ae.encoder.weight.normal_(0, 1 / centred.norm(dim=-1).mean().item())
+        pre_activations = (centred @ ae.encoder.weight.T).flatten()
+        on = max(len(acts), round(TARGET_L0_FRACTION * pre_activations.numel()))  # at least L0 1 in the smoke size
+        ae.encoder.bias.fill_(-pre_activations.kthvalue(pre_activations.numel() - on).values.item())
+        path = ae_path(dictionaries, name, d_sae)
+        path.parent.mkdir(parents=True)
+        torch.save(ae.state_dict(), path)
+
+
+def random_documents(n: int, context: int, vocab: int, seed: int) -> torch.Tensor:
+    """[n, context] random token ids; id 0 (Pythia's <|endoftext|>) left out."""
+    return torch.randint(1, vocab, (n, context), generator=torch.Generator().manual_seed(seed))
+
+
+# ---- the paper's stack ----------------------------------------------------------------------
+
+
+class PaperStack:
+    """The paper's script, its loading and its per-document loop, against nnsight 0.8.1 and
+    dictionary-learning 0.1.0 (the versions installable next to today's transformers)."""
+
+    def __init__(self, folder: Path, dictionaries: Path, d_sae: int):
+        from dictionary_learning.dictionary import AutoEncoder
+        from nnsight import LanguageModel
+        from transformers import AutoTokenizer
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # nnsight 0.8 deprecates LanguageModel, the class the paper uses
+            # nnsight 0.8.1 cannot find a local folder's tokenizer by itself: pass it in.
+            self.model = LanguageModel(str(folder), tokenizer=AutoTokenizer.from_pretrained(folder), device_map="cpu", dispatch=True)
+        self.device = torch.device("cpu")
+        config = self.model.config
+        self.layers = paper_layer_names(config.num_hidden_layers)
+        self.d_sae = d_sae
+        self.saes = {}
+        for name in self.layers:
+            sae = AutoEncoder(config.hidden_size, d_sae)
+            sae.load_state_dict(torch.load(ae_path(dictionaries, name, d_sae), weights_only=True, map_location=self.device))
+            self.saes[name] = sae.to(self.device).eval()
+
+    def _module_output(self, name: str):
+        if name == "embed":
+            return self.model.gpt_neox.embed_in.output.save()
+        layer = int(name.split("layer")[1])
+        if "mlp_out" in name:
+            return self.model.gpt_neox.layers[layer].mlp.output.save()
+        if "attn_out" in name:
+            return self.model.gpt_neox.layers[layer].attention.output[0].save()
+        # The paper saves `layers[i].output[0]`: in the transformers it was written for, a
+        # decoder layer returned a tuple. transformers 5 returns the hidden states tensor, so
+        # [0] would take the first (only) sequence, and the script's sum over dims (0, 1)
+        # would add one scalar to every latent (F = d_sae). The tensor itself is the intent.
+        return self.model.gpt_neox.layers[layer].output.save()
+
+    def feature_sums(self, documents: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The paper's loop: one trace per document, one encode per module, float32 |z| totals."""
+        sums = {name: torch.zeros(self.d_sae, dtype=torch.float32, device=self.device) for name in self.layers}
+        for input_ids in documents:
+            with torch.no_grad():
+                activations = {}
+                with self.model.trace(input_ids):
+                    for name in self.layers:
+                        activations[name] = self._module_output(name)
+                for name in self.layers:
+                    features = self.saes[name].encode(activations[name].to(self.device))
+                    sums[name] += features.abs().sum(dim=(0, 1)).to(self.device)
+                del activations, features
+        return sums
+
+    @staticmethod
+    def feature_count(sums: torch.Tensor) -> float:
+        """The script's calculate_functional_feature_count: exp(H) with eps = 1e-12 in the log."""
+        p = sums / sums.sum()
+        eps = 1e-12
+        return (-torch.sum((p + eps) * torch.log(p + eps))).exp().item()
+
+    def measure(self, documents: torch.Tensor) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+        sums = self.feature_sums(documents)
+        return sums, {name: self.feature_count(s) for name, s in sums.items()}
+
+
+# ---- ours ------------------------------------------------------------------------------------------
+
+
+class Ours:
+    def __init__(self, folder: Path, dictionaries: Path, d_sae: int, batch_size: int):
+        self.model = load_model(str(folder))
+        self.hooks = [hook.name for hook in paper_hooks(self.model)]
+        by_hook = {tl_hook_name(name): name for name in paper_layer_names(self.model.cfg.n_layers)}
+        assert set(by_hook) == set(self.hooks), (sorted(by_hook), self.hooks)
+        self.saes = {hook: load_dictionary_learning_sae(ae_path(dictionaries, by_hook[hook], d_sae), hook, model_name=MODEL_NAME)
+                     for hook in self.hooks}
+        self.batch_size = batch_size
+
+    def measure(self, documents: torch.Tensor) -> pd.DataFrame:
+        """measure_layers on the documents as windows without BOS, one document per window."""
+        doc_ids = torch.arange(len(documents)).unsqueeze(1).expand_as(documents).contiguous()
+        windows = TokenWindows(documents, doc_ids, bos_token_id=None, pad_token_id=None)
+        return measure_layers(self.model, self.saes, windows, batch_size=self.batch_size, ce_windows=0, progress=False,
+                              model_name=MODEL_NAME)
+
+
+def f_differences(table: pd.DataFrame, paper_sums: dict[str, torch.Tensor], paper_f: dict[str, float]) -> pd.DataFrame:
+    """Per hook: ours's F against exp(H) of the paper's float32 totals, and against the paper's printed F."""
+    ours = table.set_index("hook")
+    rows = []
+    for name, sums in paper_sums.items():
+        hook = tl_hook_name(name)
+        f_ours = float(ours.loc[hook, "F"])
+        f_exact = effective_features(sums.double())
+        rows.append({"hook": hook, "paper_module": name, "tokens": int(ours.loc[hook, "tokens"]), "mean_l0": float(ours.loc[hook, "mean_l0"]),
+                     "F_ours": f_ours, "F_paper_totals": f_exact, "F_paper_printed": paper_f[name],
+                     "rel_diff": abs(f_ours / f_exact - 1), "rel_diff_printed": abs(f_ours / paper_f[name] - 1)})
+    return pd.DataFrame(rows)
+
+
+# ---- the report ----------------------------------------------------------------------------------
+
+
+def markdown(table: pd.DataFrame) -> str:
+    """A GitHub table (pandas' to_markdown needs tabulate, which is not a dependency)."""
+    def cell(value) -> str:
+        if isinstance(value, float):
+            if math.isnan(value):
+                return ""
+            return f"{value:.2e}" if 0 < abs(value) < 1e-3 else f"{value:,.3g}" if abs(value) < 100 else f"{value:,.0f}"
+        return str(value)
+    lines = ["| " + " | ".join(table.columns) + " |", "|" + "---|" * len(table.columns)]
+    lines += ["| " + " | ".join(cell(value) for value in row) + " |" for row in table.itertuples(index=False)]
+    return "\n".join(lines)
+
+
+def machine_line() -> str:
+    cpus = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")]
+    return f"{cpus[0] if cpus else 'unknown CPU'}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, float32, no GPU"
+
+
+def load_line(before, after) -> str:
+    return "; ".join(f"{when} {', '.join(f'{x:.2f}' for x in values)}" for when, values in (("before", before), ("after", after)))
+
+
+# ---- the run -----------------------------------------------------------------------------------------
+
+
+def timed(function):
+    start = time.perf_counter()
+    result = function()
+    return result, time.perf_counter() - start
+
+
+def profile_top(function, n: int) -> str:
+    """cProfile of one call: the `n` functions with the most time of their own."""
+    profiler = cProfile.Profile()
+    profiler.runcall(function)
+    out = io.StringIO()
+    pstats.Stats(profiler, stream=out).sort_stats("tottime").print_stats(n)
+    lines = out.getvalue().splitlines()
+    start = next(i for i, line in enumerate(lines) if "ncalls" in line)
+    return "\n".join(line for line in lines[start:] if line.strip())
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--documents", type=int, default=32,
+                        help="documents per round, measured by both, one public call each (default 32: 4,096 tokens)")
+    parser.add_argument("--rounds", type=int, default=4, help="timed rounds after a warm-up round (default 4)")
+    parser.add_argument("--context", type=int, default=128, help="tokens per document (default 128)")
+    parser.add_argument("--d-sae", type=int, default=32_768, help="latents per dictionary (the paper's: 32,768)")
+    parser.add_argument("--batch-size", type=int, default=8, help="windows per forward pass for ours (measure_layers' default 8)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's, one per core)")
+    parser.add_argument("--profile", type=int, default=0, metavar="N",
+                        help="after the rounds, cProfile one more round of each and print its N top functions")
+    parser.add_argument("--smoke", action="store_true",
+                        help="tiny model (d_model 64, 2 layers), 256-latent dictionaries, 2 rounds of 4 documents of 32 tokens, 1 thread")
+    parser.add_argument("--out", type=Path, default=REPO_ROOT / "results" / "benchmarks" / "peers",
+                        help="folder for vs_paper_stack{,_smoke}.{md,csv}")
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.documents, args.rounds, args.context, args.d_sae, args.batch_size, args.threads = 4, 2, 32, 256, 2, 1
+    for name in ("documents", "rounds", "context", "d_sae", "batch_size"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be a positive integer")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    config = SMOKE_CONFIG if args.smoke else PYTHIA_70M_CONFIG
+    load_before = os.getloadavg()
+    with tempfile.TemporaryDirectory(prefix="vs_paper_stack-") as tmp:
+        folder, dictionaries = Path(tmp) / "model", Path(tmp) / "dictionaries"
+        save_random_model(config, folder)
+        save_random_dictionaries(folder, dictionaries, args.d_sae, random_documents(4, args.context, config["vocab_size"], seed=10_000))
+        paper = PaperStack(folder, dictionaries, args.d_sae)
+        ours = Ours(folder, dictionaries, args.d_sae, args.batch_size)
+
+        rounds, differences = [], []
+        for index in range(args.rounds + 1):  # round 0 warms both up and is not kept
+            documents = random_documents(args.documents, args.context, config["vocab_size"], seed=index)
+            runs = {}
+            order = ("ours", "paper") if index % 2 else ("paper", "ours")
+            for name in order:
+                runs[name] = timed(lambda: ours.measure(documents)) if name == "ours" else timed(lambda: paper.measure(documents))
+            if index == 0:
+                continue
+            tokens = documents.numel()
+            (table, ours_seconds), ((paper_sums, paper_f), paper_seconds) = runs["ours"], runs["paper"]
+            difference = f_differences(table, paper_sums, paper_f).assign(round=index)
+            differences.append(difference)
+            rounds.append({"round": index, "first": order[0], "tokens": tokens, "ours_seconds": ours_seconds, "paper_seconds": paper_seconds,
+                           "ours_tokens_per_s": tokens / ours_seconds, "paper_tokens_per_s": tokens / paper_seconds,
+                           "ratio": paper_seconds / ours_seconds, "max_rel_diff_F": difference.rel_diff.max(),
+                           "load_1min": os.getloadavg()[0]})
+        profiles = {}
+        if args.profile:
+            documents = random_documents(args.documents, args.context, config["vocab_size"], seed=args.rounds + 1)
+            profiles = {"ours": profile_top(lambda: ours.measure(documents), args.profile),
+                        "paper": profile_top(lambda: paper.measure(documents), args.profile)}
+    load_after = os.getloadavg()
+
+    rounds = pd.DataFrame(rounds)
+    differences = pd.concat(differences, ignore_index=True)
+    tokens = rounds.tokens.sum()
+    speed = pd.DataFrame([
+        {"measurement": "ours: lm_superposition.measure_layers (table included, ce_windows=0)", "tokens": tokens,
+         "seconds": rounds.ours_seconds.sum()},
+        {"measurement": "paper: nnsight trace + dictionary_learning AutoEncoder, one document at a time", "tokens": tokens,
+         "seconds": rounds.paper_seconds.sum()},
+    ])
+    speed["tokens_per_s"] = speed.tokens / speed.seconds
+    speed["vs_paper"] = speed.tokens_per_s / speed.tokens_per_s[1]
+    max_diff, max_diff_printed = differences.rel_diff.max(), differences.rel_diff_printed.max()
+    per_hook = differences[differences["round"] == 1].drop(columns="round")
+
+    command = "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(__file__, REPO_ROOT), *(sys.argv[1:] if argv is None else argv)])
+    n_layers = config["num_hidden_layers"]
+    text = "\n\n".join([
+        "# Layer-wise measurement: ours vs the paper's stack (nnsight + dictionary_learning)",
+        f"Command: `{command}`  \n"
+        f"Machine: {machine_line()}  \n"
+        f"Versions: {', '.join(f'{p} {version(p)}' for p in ('torch', 'transformers', 'nnsight', 'dictionary-learning', 'transformer-lens', 'sae-lens', 'lm-superposition'))}  \n"
+        f"Model: random-init GPTNeoXForCausalLM, {n_layers} layers, d_model {config['hidden_size']}, {config['num_attention_heads']} heads, "
+        f"d_mlp {config['intermediate_size']}, rotary_pct {config['rotary_pct']}, vocab {config['vocab_size']}, parallel residual; "
+        f"{len(per_hook)} hooks, dictionary_learning AutoEncoders of {args.d_sae} latents (mean L0 {per_hook.mean_l0.mean():.0f})  \n"
+        f"Tokens: {args.rounds} rounds x {args.documents} documents x {args.context} tokens (random ids, no BOS), the same for both; "
+        f"ours {args.batch_size} documents per forward pass  \n"
+        f"F check: largest relative difference of F over hooks and rounds, ours vs exp(H) of the paper's float32 totals "
+        f"**{max_diff:.1e}** (target <= {F_TOLERANCE:g}); vs the F the paper's script prints (eps 1e-12 in its log) {max_diff_printed:.1e}  \n"
+        f"Load average (1, 5, 15 min): {load_line(load_before, load_after)}",
+        markdown(speed),
+        "Per round (the first to run alternates; round 0 was a warm-up):",
+        markdown(rounds),
+        "F per hook, round 1:",
+        markdown(per_hook),
+        *([f"cProfile of one more round, {name} (top functions by own time):\n\n```\n{profile}\n```" for name, profile in profiles.items()]),
+    ])
+    print(text)
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = args.out / ("vs_paper_stack_smoke" if args.smoke else "vs_paper_stack")
+    stem.with_suffix(".md").write_text(text + "\n")
+    pd.concat([speed.assign(table="speed"), rounds.assign(table="rounds"), differences.assign(table="f_per_hook")]).to_csv(
+        stem.with_suffix(".csv"), index=False)
+    print(f"\nwrote {stem}.md and {stem}.csv")
+    if not max_diff <= F_TOLERANCE:
+        print(f"FAIL: F differs by {max_diff:.2e} > {F_TOLERANCE:g} between ours and the paper's stack", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

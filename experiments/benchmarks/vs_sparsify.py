@@ -1,0 +1,358 @@
+"""Training TopK SAEs on several hooks from one activation stream: ours against EleutherAI's eai-sparsify.
+
+Issue 16, item 4. In one run, on the same model, hooks and tokens, with TopK SAEs of the same
+width and k, the same tokens per optimiser step and the same number of steps:
+
+  ours         `lm_superposition.train_saes` fed by `stream_activations` (one forward pass per
+               batch of windows, stopping after the deepest hook, serves every SAE): the training
+               itself, what sparsify's `Trainer.fit` does;
+  ours, whole  `train_saes_for_model`, what `lm-superposition train-sae` runs: the same training,
+               plus saving each SAE and its quality check (evaluate_sae) on the held-out windows;
+  sparsify     `sparsify.Trainer(cfg, dataset, model).fit()` on the Hugging Face model, as its CLI
+               sets it up for the fvu loss (`AutoModel`, no LM head): forward hooks on the
+               hookpoints' modules, one SAE step per hook per batch, its default optimiser
+               (signum, schedule-free) and learning rate, checkpoint saved at the end.
+
+Each stack is timed on its whole call, model forward passes included; training tokens/s counts the
+tokens the SAEs were trained on (BOS left out by both). The three take turns round after round
+(the first of each round rotates), each round training fresh SAEs, so a machine shared with other
+work slows them alike. Held-out variance explained, 1 - sum |x - x_hat|^2 / sum |x - mean x|^2
+over the held-out windows' tokens (SAE-Lens's ExplainedVarianceCalculator, as the project's
+quality check), is computed the same way for both, each SAE on its own stack's activations; the
+report also gives how far the two stacks' activations are apart (they should agree to float noise).
+
+Models: --model gemma (default): the offline Gemma 3 270M (`lm_superposition.load_model()`;
+sparsify gets `AutoModel.from_pretrained` of the same cached folder), resid_post of layers 3/9/15,
+the offline corpus. --model pythia: a random-init GPTNeoX of Pythia-70M's real config, resid_post
+of layers 1/3/5, random tokens. --smoke: a tiny GPTNeoX of the same architecture, a few steps;
+exits 1 unless variance explained is computed for both and the activations agree.
+
+    python experiments/benchmarks/vs_sparsify.py --smoke
+    python experiments/benchmarks/vs_sparsify.py                    # Gemma 3 270M, 3 hooks, 2 rounds (~15 min idle)
+    python experiments/benchmarks/vs_sparsify.py --model pythia --rounds 2
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TQDM_DISABLE", "1")  # progress bars of the loaders and trainers (read when tqdm is imported)
+
+import argparse
+import contextlib
+import io
+import json
+import math
+import shlex
+import sys
+import tempfile
+import time
+from importlib.metadata import version
+from pathlib import Path
+
+import pandas as pd
+import torch
+from sae_lens.evals import ExplainedVarianceCalculator
+
+from lm_superposition import SAETrainingConfig, load_model, load_texts, token_windows, train_saes
+from lm_superposition.activations import stream_activations
+from lm_superposition.data import TokenWindows
+from lm_superposition.models import offline_cache_dir
+
+try:
+    from lm_superposition import train_saes_for_model
+except ImportError:  # not a top-level name (yet)
+    try:
+        from lm_superposition.saes import train_saes_for_model
+    except ImportError:
+        from lm_superposition.dictionaries import train_saes_for_model
+
+from vs_paper_stack import PYTHIA_70M_CONFIG, SMOKE_CONFIG, load_line, machine_line, markdown, save_random_model
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+ACTIVATION_TOLERANCE = 1e-4  # relative: the two stacks must hand their SAEs the same activations
+
+
+# ---- the setup: model on both stacks, windows, hooks ----------------------------------------------
+
+
+class Setup:
+    """TL model (ours), HF base model (sparsify), the hooks on each, and the windows."""
+
+    def __init__(self, args, tmp: Path):
+        from transformers import AutoModel
+
+        if args.model == "gemma":
+            self.model = load_model()  # the offline default, cached dequantized in ~/.cache/lm_superposition
+            hf_folder = offline_cache_dir()
+            layers = args.layers or [3, 9, 15]
+            texts = load_texts("offline")
+            budget = (args.windows + args.eval_windows + 8) * (args.context - 1)
+            windows = token_windows(texts, self.model.tokenizer, context_size=args.context, token_budget=budget)
+        else:
+            hf_folder = tmp / "model"
+            config = SMOKE_CONFIG if args.smoke else PYTHIA_70M_CONFIG
+            save_random_model(config, hf_folder)
+            self.model = load_model(str(hf_folder))
+            layers = args.layers or ([0, 1] if args.smoke else [1, 3, 5])
+            n = args.windows + args.eval_windows
+            tokens = torch.randint(1, config["vocab_size"], (n, args.context), generator=torch.Generator().manual_seed(0))
+            tokens[:, 0] = config["bos_token_id"]
+            windows = TokenWindows(tokens, torch.arange(n).unsqueeze(1).expand(n, args.context).contiguous(), config["bos_token_id"], None)
+        self.hf_model = AutoModel.from_pretrained(hf_folder, dtype=torch.float32).eval()
+        self.hf_name = str(hf_folder)
+
+        # Whole windows only (no padding), so a window is context - 1 trained tokens on both sides.
+        full = windows[(windows.doc_ids >= 0).all(1)]
+        if len(full) < args.windows + args.eval_windows:
+            raise SystemExit(f"the corpus gave {len(full)} full windows, fewer than --windows + --eval-windows")
+        self.train = full[: args.windows]
+        self.eval = full[args.windows : args.windows + args.eval_windows]
+        self.all = full[: args.windows + args.eval_windows]
+        self.bos = windows.bos_token_id
+        self.hooks = {f"blocks.{layer}.hook_resid_post": f"layers.{layer}" for layer in layers}  # TL -> HF module
+        self.d_in = self.model.cfg.d_model
+        self.layers = layers
+
+
+# ---- the three calls ------------------------------------------------------------------------------
+
+
+def our_config(args, setup: Setup) -> SAETrainingConfig:
+    return SAETrainingConfig(
+        architecture="topk", k=args.k, d_sae=args.width, lr=args.lr,
+        batch_size_tokens=args.windows_per_step * (args.context - 1),
+        training_tokens=setup.train.n_tokens, seed=0, model_name=setup.model.cfg.model_name,
+    )
+
+
+def train_ours(args, setup: Setup) -> dict:
+    stream = stream_activations(setup.model, setup.train, list(setup.hooks), batch_size=args.forward_batch, progress=False)
+    saes = train_saes((batch.activations for batch in stream), {hook: setup.d_in for hook in setup.hooks}, our_config(args, setup), progress=False)
+    return {"saes": saes, "tokens": next(iter(saes.values())).cfg.metadata.training_tokens}
+
+
+def train_ours_whole(args, setup: Setup, out: Path) -> dict:
+    """train_saes_for_model on the training windows plus the first --whole-eval-windows held-out
+    windows, which it holds out for its own quality check (a CE-loss check per hook)."""
+    windows = setup.all[: args.windows + args.whole_eval_windows]
+    folders = train_saes_for_model(setup.model, list(setup.hooks), windows, our_config(args, setup), out,
+                                   batch_size=args.forward_batch, n_eval_windows=args.whole_eval_windows, progress=False)
+    quality = {hook: json.loads((folder / "quality.json").read_text()) for hook, folder in folders.items()}
+    return {"quality": quality, "tokens": next(iter(quality.values()))["training_tokens"]}
+
+
+def train_sparsify(args, setup: Setup, out: Path) -> dict:
+    from datasets import Dataset
+    from sparsify import SaeConfig, TrainConfig, Trainer
+
+    dataset = Dataset.from_dict({"input_ids": setup.train.tokens.tolist()}).with_format("torch")
+    config = TrainConfig(
+        SaeConfig(num_latents=args.width, k=args.k), batch_size=args.windows_per_step,
+        hookpoints=list(setup.hooks.values()), exclude_tokens=[setup.bos], log_to_wandb=False,
+        save_dir=str(out), save_every=10**9,
+    )
+    precision = torch.get_float32_matmul_precision()  # fit() sets "high"; ours must not run under it
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):  # it prints its setup; its progress bar is off below
+            trainer = Trainer(config, dataset, setup.hf_model)
+            trainer.fit()
+    finally:
+        torch.set_float32_matmul_precision(precision)
+    used = (len(dataset) // args.windows_per_step) * args.windows_per_step  # whole batches, as its DataLoader gives them
+    tokens = int((setup.train.tokens[:used] != setup.bos).sum())  # exclude_tokens=[BOS] drops every BOS, also mid-window ones
+    return {"saes": {hook: trainer.saes[module] for hook, module in setup.hooks.items()}, "tokens": tokens}
+
+
+# ---- held-out quality, the same formula for both ---------------------------------------------------
+
+
+@torch.no_grad()
+def held_out_activations(setup: Setup) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """({hook: [tokens, d]} from TL, the same from the HF model), held-out windows, BOS left out."""
+    ours = {hook: [] for hook in setup.hooks}
+    for batch in stream_activations(setup.model, setup.eval, list(setup.hooks), batch_size=8, progress=False):
+        for hook, acts in batch.activations.items():
+            ours[hook].append(acts)
+    theirs, captured = {hook: [] for hook in setup.hooks}, {}
+    modules = {setup.hf_model.get_submodule(module): hook for hook, module in setup.hooks.items()}
+    handles = [m.register_forward_hook(lambda m, i, o: captured.__setitem__(modules[m], o[0] if isinstance(o, tuple) else o)) for m in modules]
+    keep = setup.eval.measured_mask
+    try:
+        for start in range(0, len(setup.eval), 8):
+            setup.hf_model(setup.eval.tokens[start : start + 8])
+            for hook in setup.hooks:
+                theirs[hook].append(captured[hook][keep[start : start + 8]])
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {h: torch.cat(a) for h, a in ours.items()}, {h: torch.cat(a) for h, a in theirs.items()}
+
+
+@torch.no_grad()
+def quality(reconstruct, acts: torch.Tensor, d_sae: int) -> dict:
+    """Variance explained (SAE-Lens's calculator), L0 and alive latents of one SAE on held-out activations."""
+    calculator = ExplainedVarianceCalculator()
+    fired = torch.zeros(d_sae, dtype=torch.bool)
+    l0 = 0
+    for chunk in acts.split(1024):
+        x_hat, codes_idx, n_active = reconstruct(chunk)
+        calculator.add_batch(x_hat, chunk)
+        fired[codes_idx] = True
+        l0 += n_active
+    return {"variance_explained": calculator.compute(), "mean_l0": l0 / len(acts), "alive_fraction": fired.float().mean().item()}
+
+
+def ours_reconstruct(sae):
+    def run(x):
+        codes = sae.encode(x)
+        nonzero = codes != 0
+        return sae.decode(codes), nonzero.any(0).nonzero().flatten(), int(nonzero.sum())
+    return run
+
+
+def sparsify_reconstruct(sae):
+    def run(x):
+        out = sae(x)
+        active = out.latent_indices[out.latent_acts != 0]
+        return out.sae_out, active.unique(), int((out.latent_acts != 0).sum())
+    return run
+
+
+# ---- the run ---------------------------------------------------------------------------------------
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", choices=["gemma", "pythia"], default="gemma")
+    parser.add_argument("--layers", type=int, nargs="*", default=None, help="resid_post of these layers (gemma: 3 9 15; pythia: 1 3 5)")
+    parser.add_argument("--windows", type=int, default=None, help="training windows (default 512: ~65k tokens, 256 steps)")
+    parser.add_argument("--eval-windows", type=int, default=32, help="held-out windows for variance explained (default 32)")
+    parser.add_argument("--context", type=int, default=128, help="tokens per window, BOS included (default 128)")
+    parser.add_argument("--windows-per-step", type=int, default=2,
+                        help="windows per optimiser step on both sides (default 2: 254 tokens, the demo's 256-token batches)")
+    parser.add_argument("--forward-batch", type=int, default=8, help="windows per forward pass for ours (train_saes_for_model's default)")
+    parser.add_argument("--width", type=int, default=None, help="latents per SAE (default 2 x d_model: 1280 on Gemma 3 270M)")
+    parser.add_argument("--k", type=int, default=32, help="active latents per token (default 32)")
+    parser.add_argument("--lr", type=float, default=2e-3, help="our learning rate (the demo's 2e-3); sparsify keeps its own default")
+    parser.add_argument("--rounds", type=int, default=2, help="times each of the three trains, taking turns (default 2)")
+    parser.add_argument("--no-whole", action="store_true", help="skip the train_saes_for_model row")
+    parser.add_argument("--whole-eval-windows", type=int, default=1,
+                        help="windows train_saes_for_model holds out for its own quality check (default 1; --smoke: all held-out windows)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's, one per core)")
+    parser.add_argument("--smoke", action="store_true", help="tiny GPTNeoX, 16 windows of 32 tokens, 1 round, 1 thread")
+    parser.add_argument("--out", type=Path, default=REPO_ROOT / "results" / "benchmarks" / "peers",
+                        help="folder for vs_sparsify_<model>{,_smoke}.{md,csv}")
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.model, args.windows, args.eval_windows, args.context, args.k, args.rounds, args.threads = "pythia", 16, 4, 32, 8, 1, 1
+        args.whole_eval_windows = args.eval_windows  # so its quality.json and this script evaluate the same tokens
+    args.windows = args.windows or 512
+    if args.whole_eval_windows > args.eval_windows:
+        parser.error("--whole-eval-windows must be at most --eval-windows")
+    for name in ("windows", "eval_windows", "whole_eval_windows", "context", "windows_per_step", "forward_batch", "k", "rounds"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be a positive integer")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    load_before = os.getloadavg()
+    with tempfile.TemporaryDirectory(prefix="vs_sparsify-") as tmp:
+        tmp = Path(tmp)
+        setup = Setup(args, tmp)
+        args.width = args.width or 2 * setup.d_in
+        acts_ours, acts_hf = held_out_activations(setup)
+        activation_diff = max(((acts_ours[h] - acts_hf[h]).norm() / acts_hf[h].norm()).item() for h in setup.hooks)
+
+        calls = {"ours": lambda i: train_ours(args, setup),
+                 "sparsify": lambda i: train_sparsify(args, setup, tmp / f"sparsify{i}")}
+        if not args.no_whole:
+            calls["ours_whole"] = lambda i: train_ours_whole(args, setup, tmp / f"ours{i}")
+        names = list(calls)
+        rounds, qualities = [], []
+        for index in range(1, args.rounds + 1):
+            order = names[index - 1 :] + names[: index - 1]  # rotate who goes first
+            row = {"round": index, "order": " > ".join(order)}
+            results = {}
+            for name in order:
+                start = time.perf_counter()
+                results[name] = calls[name](index)
+                row[f"{name}_seconds"] = time.perf_counter() - start
+                row[f"{name}_tokens"] = results[name]["tokens"]
+            row["load_1min"] = os.getloadavg()[0]
+            rounds.append(row)
+            for hook in setup.hooks:
+                for name, reconstruct, acts in (("ours", ours_reconstruct, acts_ours), ("sparsify", sparsify_reconstruct, acts_hf)):
+                    q = quality(reconstruct(results[name]["saes"][hook]), acts[hook], args.width)
+                    qualities.append({"round": index, "hook": hook, "stack": name, **q})
+                if "ours_whole" in results:
+                    own = results["ours_whole"]["quality"][hook]
+                    qualities.append({"round": index, "hook": hook, "stack": f"ours_whole (its quality.json, {args.whole_eval_windows} windows)",
+                                      "variance_explained": own["variance_explained"], "mean_l0": own["mean_l0"],
+                                      "alive_fraction": 1 - own["dead_fraction"]})
+    load_after = os.getloadavg()
+
+    rounds = pd.DataFrame(rounds)
+    qualities = pd.DataFrame(qualities)
+    labels = {"ours": "ours: train_saes over stream_activations (training)",
+              "sparsify": "sparsify: Trainer(cfg, dataset, AutoModel).fit()",
+              "ours_whole": "ours, whole: train_saes_for_model (training + save + quality check)"}
+    speed = pd.DataFrame([{"training": labels[name], "tokens": rounds[f"{name}_tokens"].sum(), "seconds": rounds[f"{name}_seconds"].sum()}
+                          for name in names])
+    speed["tokens_per_s"] = speed.tokens / speed.seconds
+    speed["vs_sparsify"] = speed.tokens_per_s / speed.tokens_per_s[names.index("sparsify")]
+    for name in names:
+        rounds[f"{name}_vs_sparsify"] = rounds["sparsify_seconds"] / rounds[f"{name}_seconds"] * rounds[f"{name}_tokens"] / rounds["sparsify_tokens"]
+    ve = qualities.pivot_table(index="hook", columns="stack", values="variance_explained", aggfunc="mean", sort=False)
+    ve_ok = qualities.variance_explained.map(math.isfinite).all() and {"ours", "sparsify"} <= set(qualities["stack"])
+    equal_or_better = bool((ve["ours"] >= ve["sparsify"]).all())
+
+    command = "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(__file__, REPO_ROOT), *(sys.argv[1:] if argv is None else argv)])
+    model_line = ("Gemma 3 270M (offline default: dequantized Q4_K_M, fp32), the offline corpus" if args.model == "gemma" else
+                  f"random-init GPTNeoX ({'tiny smoke shape' if args.smoke else 'Pythia-70M config'}), random tokens")
+    text = "\n\n".join([
+        "# Training TopK SAEs on several hooks: ours vs eai-sparsify",
+        f"Command: `{command}`  \n"
+        f"Machine: {machine_line()}  \n"
+        f"Versions: {', '.join(f'{p} {version(p)}' for p in ('torch', 'transformers', 'eai-sparsify', 'transformer-lens', 'sae-lens', 'lm-superposition'))}  \n"
+        f"Model: {model_line}; hooks {', '.join(f'{h} (sparsify: {m})' for h, m in setup.hooks.items())}  \n"
+        f"SAEs: TopK k={args.k}, {args.width} latents, d_in {setup.d_in}; {args.windows} training windows of {args.context} tokens "
+        f"({setup.train.n_tokens:,} tokens without BOS); a step: {args.windows_per_step} windows for sparsify "
+        f"({args.windows // args.windows_per_step} steps), {args.windows_per_step * (args.context - 1)} tokens for ours "
+        f"({setup.train.n_tokens // (args.windows_per_step * (args.context - 1))} steps); ours lr {args.lr:g} (Adam, SAE-Lens), "
+        f"forward passes of {args.forward_batch} windows; "
+        f"sparsify's defaults otherwise (signum, schedule-free, lr 5e-3 / sqrt(latents / 2^14))  \n"
+        f"Held out: {args.eval_windows} windows ({len(next(iter(acts_ours.values()))):,} tokens); the stacks' activations there differ by "
+        f"{activation_diff:.1e} (largest relative Frobenius difference over the hooks)  \n"
+        f"Load average (1, 5, 15 min): {load_line(load_before, load_after)}",
+        markdown(speed),
+        "Held-out variance explained (mean over rounds):",
+        markdown(ve.reset_index()),
+        f"Ours at equal or better variance explained on every hook: **{'yes' if equal_or_better else 'no'}**",
+        "Per round (the first to run rotates):",
+        markdown(rounds),
+        "Held-out quality per round:",
+        markdown(qualities),
+    ])
+    print(text)
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = args.out / (f"vs_sparsify_{args.model}" + ("_smoke" if args.smoke else ""))
+    stem.with_suffix(".md").write_text(text + "\n")
+    pd.concat([speed.assign(table="speed"), rounds.assign(table="rounds"), qualities.assign(table="quality")]).to_csv(stem.with_suffix(".csv"), index=False)
+    print(f"\nwrote {stem}.md and {stem}.csv")
+    failures = []
+    if not ve_ok:
+        failures.append("variance explained was not computed for both stacks")
+    if not activation_diff <= ACTIVATION_TOLERANCE:
+        failures.append(f"the stacks' activations differ by {activation_diff:.2e} > {ACTIVATION_TOLERANCE:g}")
+    for failure in failures:
+        print(f"FAIL: {failure}", file=sys.stderr)
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
