@@ -63,7 +63,7 @@ import torch
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 import lm_superposition
-from lm_superposition import load_model, measure_layers, paper_hooks
+from lm_superposition import LayerwiseAnalyzer, load_model, measure_layers, paper_hooks
 from lm_superposition.data import TokenWindows
 from lm_superposition.metric import effective_features
 
@@ -241,8 +241,16 @@ class PaperStack:
 
 
 class Ours:
-    def __init__(self, folder: Path, dictionaries: Path, d_sae: int, batch_size: int):
-        self.model = load_model(str(folder))
+    """The project's side. Same work as the paper's loop: no CE-loss check (ce_windows=0) and
+    every latent its own feature (merge_duplicates=False: the paper does not look for duplicate
+    latents; the dictionaries here have none, so F is the same either way, but searching for
+    them is a per-call cost, reported apart: see `duplicate_search_seconds`)."""
+
+    OPTIONS = dict(ce_windows=0, merge_duplicates=False)
+
+    def __init__(self, folder: Path, dictionaries: Path, d_sae: int, batch_size: int, backend: str | None):
+        self.model = load_model(str(folder), **({"backend": backend} if backend else {}))
+        self.backend = type(self.model).__name__
         self.hooks = [hook.name for hook in paper_hooks(self.model)]
         by_hook = {tl_hook_name(name): name for name in paper_layer_names(self.model.cfg.n_layers)}
         assert set(by_hook) == set(self.hooks), (sorted(by_hook), self.hooks)
@@ -250,12 +258,31 @@ class Ours:
                      for hook in self.hooks}
         self.batch_size = batch_size
 
-    def measure(self, documents: torch.Tensor) -> pd.DataFrame:
-        """measure_layers on the documents as windows without BOS, one document per window."""
+    @staticmethod
+    def windows(documents: torch.Tensor) -> TokenWindows:
+        """The documents as windows without BOS, one document per window."""
         doc_ids = torch.arange(len(documents)).unsqueeze(1).expand_as(documents).contiguous()
-        windows = TokenWindows(documents, doc_ids, bos_token_id=None, pad_token_id=None)
-        return measure_layers(self.model, self.saes, windows, batch_size=self.batch_size, ce_windows=0, progress=False,
-                              model_name=MODEL_NAME)
+        return TokenWindows(documents, doc_ids, bos_token_id=None, pad_token_id=None)
+
+    def measure(self, documents: torch.Tensor) -> pd.DataFrame:
+        """The public call: measure_layers, its table included."""
+        return measure_layers(self.model, self.saes, self.windows(documents), batch_size=self.batch_size, progress=False,
+                              model_name=MODEL_NAME, **self.OPTIONS)
+
+    def run_seed(self, documents: torch.Tensor):
+        """The measurement without the table (no bootstrap intervals): the per-token rate a
+        long run (the paper's 20,000 documents) approaches, where the per-call table cost vanishes."""
+        analyzer = LayerwiseAnalyzer(self.model, self.saes, batch_size=self.batch_size, model_name=MODEL_NAME,
+                                     merge_duplicates=self.OPTIONS["merge_duplicates"])
+        return analyzer.run_seed(self.windows(documents), seed=0, progress=False)
+
+    def duplicate_search_seconds(self) -> float:
+        """What measure_layers' default merge_duplicates=True adds per call and SAE: the search for
+        duplicate latents when the analyzer is built (timed on the first hook's SAE)."""
+        hook = self.hooks[0]
+        start = time.perf_counter()
+        LayerwiseAnalyzer(self.model, {hook: self.saes[hook]}, model_name=MODEL_NAME, merge_duplicates=True)
+        return time.perf_counter() - start
 
 
 def f_differences(table: pd.DataFrame, paper_sums: dict[str, torch.Tensor], paper_f: dict[str, float]) -> pd.DataFrame:
@@ -326,6 +353,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--d-sae", type=int, default=32_768, help="latents per dictionary (the paper's: 32,768)")
     parser.add_argument("--batch-size", type=int, default=8, help="windows per forward pass for ours (measure_layers' default 8)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's, one per core)")
+    parser.add_argument("--backend", default=None, help="load_model's backend (default: the package's default)")
     parser.add_argument("--profile", type=int, default=0, metavar="N",
                         help="after the rounds, cProfile one more round of each and print its N top functions")
     parser.add_argument("--smoke", action="store_true",
@@ -341,6 +369,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+PHASES = {
+    "ours": "ours: lm_superposition.measure_layers (the public call, table included)",
+    "ours_run_seed": "ours, measurement only: LayerwiseAnalyzer.run_seed (no table)",
+    "paper": "paper: nnsight trace + dictionary_learning AutoEncoder, one document at a time",
+}
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.threads:
@@ -352,48 +387,45 @@ def main(argv=None) -> int:
         save_random_model(config, folder)
         save_random_dictionaries(folder, dictionaries, args.d_sae, random_documents(4, args.context, config["vocab_size"], seed=10_000))
         paper = PaperStack(folder, dictionaries, args.d_sae)
-        ours = Ours(folder, dictionaries, args.d_sae, args.batch_size)
+        ours = Ours(folder, dictionaries, args.d_sae, args.batch_size, args.backend)
+        calls = {"ours": ours.measure, "ours_run_seed": ours.run_seed, "paper": paper.measure}
+        names = list(calls)
 
         rounds, differences = [], []
-        for index in range(args.rounds + 1):  # round 0 warms both up and is not kept
+        for index in range(args.rounds + 1):  # round 0 warms everything up and is not kept
             documents = random_documents(args.documents, args.context, config["vocab_size"], seed=index)
-            runs = {}
-            order = ("ours", "paper") if index % 2 else ("paper", "ours")
-            for name in order:
-                runs[name] = timed(lambda: ours.measure(documents)) if name == "ours" else timed(lambda: paper.measure(documents))
+            order = names[index % len(names) :] + names[: index % len(names)]  # who goes first rotates
+            runs = {name: timed(lambda: calls[name](documents)) for name in order}
             if index == 0:
                 continue
             tokens = documents.numel()
-            (table, ours_seconds), ((paper_sums, paper_f), paper_seconds) = runs["ours"], runs["paper"]
+            (table, _), ((paper_sums, paper_f), _) = runs["ours"], runs["paper"]
             difference = f_differences(table, paper_sums, paper_f).assign(round=index)
             differences.append(difference)
-            rounds.append({"round": index, "first": order[0], "tokens": tokens, "ours_seconds": ours_seconds, "paper_seconds": paper_seconds,
-                           "ours_tokens_per_s": tokens / ours_seconds, "paper_tokens_per_s": tokens / paper_seconds,
-                           "ratio": paper_seconds / ours_seconds, "max_rel_diff_F": difference.rel_diff.max(),
-                           "load_1min": os.getloadavg()[0]})
-        profiles = {}
+            row = {"round": index, "order": " > ".join(order), "tokens": tokens}
+            row |= {f"{name}_seconds": runs[name][1] for name in names}
+            row |= {f"{name}_vs_paper": runs["paper"][1] / runs[name][1] for name in names if name != "paper"}
+            rounds.append(row | {"max_rel_diff_F": difference.rel_diff.max(), "load_1min": os.getloadavg()[0]})
+        profiles, duplicate_seconds = {}, math.nan
         if args.profile:
             documents = random_documents(args.documents, args.context, config["vocab_size"], seed=args.rounds + 1)
-            profiles = {"ours": profile_top(lambda: ours.measure(documents), args.profile),
-                        "paper": profile_top(lambda: paper.measure(documents), args.profile)}
+            profiles = {name: profile_top(lambda: calls[name](documents), args.profile) for name in ("ours", "paper")}
+            duplicate_seconds = ours.duplicate_search_seconds()
     load_after = os.getloadavg()
 
     rounds = pd.DataFrame(rounds)
     differences = pd.concat(differences, ignore_index=True)
     tokens = rounds.tokens.sum()
-    speed = pd.DataFrame([
-        {"measurement": "ours: lm_superposition.measure_layers (table included, ce_windows=0)", "tokens": tokens,
-         "seconds": rounds.ours_seconds.sum()},
-        {"measurement": "paper: nnsight trace + dictionary_learning AutoEncoder, one document at a time", "tokens": tokens,
-         "seconds": rounds.paper_seconds.sum()},
-    ])
+    speed = pd.DataFrame([{"measurement": PHASES[name], "tokens": tokens, "seconds": rounds[f"{name}_seconds"].sum()} for name in names])
     speed["tokens_per_s"] = speed.tokens / speed.seconds
-    speed["vs_paper"] = speed.tokens_per_s / speed.tokens_per_s[1]
+    speed["vs_paper"] = speed.tokens_per_s / speed.tokens_per_s[names.index("paper")]
     max_diff, max_diff_printed = differences.rel_diff.max(), differences.rel_diff_printed.max()
     per_hook = differences[differences["round"] == 1].drop(columns="round")
+    table_seconds = (rounds.ours_seconds - rounds.ours_run_seed_seconds).median()
 
     command = "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(__file__, REPO_ROOT), *(sys.argv[1:] if argv is None else argv)])
     n_layers = config["num_hidden_layers"]
+    options = ", ".join(f"{key}={value}" for key, value in Ours.OPTIONS.items())
     text = "\n\n".join([
         "# Layer-wise measurement: ours vs the paper's stack (nnsight + dictionary_learning)",
         f"Command: `{command}`  \n"
@@ -401,14 +433,18 @@ def main(argv=None) -> int:
         f"Versions: {', '.join(f'{p} {version(p)}' for p in ('torch', 'transformers', 'nnsight', 'dictionary-learning', 'transformer-lens', 'sae-lens', 'lm-superposition'))}  \n"
         f"Model: random-init GPTNeoXForCausalLM, {n_layers} layers, d_model {config['hidden_size']}, {config['num_attention_heads']} heads, "
         f"d_mlp {config['intermediate_size']}, rotary_pct {config['rotary_pct']}, vocab {config['vocab_size']}, parallel residual; "
-        f"{len(per_hook)} hooks, dictionary_learning AutoEncoders of {args.d_sae} latents (mean L0 {per_hook.mean_l0.mean():.0f})  \n"
-        f"Tokens: {args.rounds} rounds x {args.documents} documents x {args.context} tokens (random ids, no BOS), the same for both; "
-        f"ours {args.batch_size} documents per forward pass  \n"
+        f"{len(per_hook)} hooks, dictionary_learning AutoEncoders of {args.d_sae} latents (mean L0 {per_hook.mean_l0.mean():.0f}); "
+        f"ours through `load_model(folder)` ({ours.backend}) and the project's ae.pt loader  \n"
+        f"Tokens: {args.rounds} rounds x {args.documents} documents x {args.context} tokens (random ids, no BOS), the same for all; "
+        f"ours {args.batch_size} documents per forward pass, options {options} (the paper's loop does neither)  \n"
         f"F check: largest relative difference of F over hooks and rounds, ours vs exp(H) of the paper's float32 totals "
         f"**{max_diff:.1e}** (target <= {F_TOLERANCE:g}); vs the F the paper's script prints (eps 1e-12 in its log) {max_diff_printed:.1e}  \n"
+        f"Table (bootstrap intervals) per call: {table_seconds:.1f} s (median over rounds of measure_layers minus run_seed)"
+        + (f"; measure_layers' default merge_duplicates=True would add {duplicate_seconds:.1f} s per SAE per call "
+           f"(duplicate-latent search, timed once on one {args.d_sae}-latent SAE)" if not math.isnan(duplicate_seconds) else "") + "  \n"
         f"Load average (1, 5, 15 min): {load_line(load_before, load_after)}",
         markdown(speed),
-        "Per round (the first to run alternates; round 0 was a warm-up):",
+        "Per round (the order rotates; round 0 was a warm-up):",
         markdown(rounds),
         "F per hook, round 1:",
         markdown(per_hook),
