@@ -164,6 +164,23 @@ def train_sparsify(args, setup: Setup, out: Path) -> dict:
     return {"saes": {hook: trainer.saes[module] for hook, module in setup.hooks.items()}, "tokens": tokens}
 
 
+@torch.no_grad()
+def forward_ours(args, setup: Setup) -> dict:
+    """Only the forward passes train_ours makes: the activation stream, consumed and dropped."""
+    tokens = sum(batch.n_tokens for batch in stream_activations(setup.model, setup.train, list(setup.hooks),
+                                                                 batch_size=args.forward_batch, progress=False))
+    return {"tokens": tokens}
+
+
+@torch.no_grad()
+def forward_sparsify(args, setup: Setup) -> dict:
+    """Only the forward passes sparsify's fit makes: the base model on each batch of windows."""
+    used = (len(setup.train) // args.windows_per_step) * args.windows_per_step
+    for start in range(0, used, args.windows_per_step):
+        setup.hf_model(setup.train.tokens[start : start + args.windows_per_step])
+    return {"tokens": int((setup.train.tokens[:used] != setup.bos).sum())}
+
+
 # ---- held-out quality, the same formula for both ---------------------------------------------------
 
 
@@ -237,6 +254,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--lr", type=float, default=2e-3, help="our learning rate (the demo's 2e-3); sparsify keeps its own default")
     parser.add_argument("--rounds", type=int, default=2, help="times each of the three trains, taking turns (default 2)")
     parser.add_argument("--no-whole", action="store_true", help="skip the train_saes_for_model row")
+    parser.add_argument("--no-split", action="store_true", help="skip timing each stack's forward passes alone")
     parser.add_argument("--whole-eval-windows", type=int, default=1,
                         help="windows train_saes_for_model holds out for its own quality check (default 1; --smoke: all held-out windows)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's, one per core)")
@@ -270,17 +288,23 @@ def main(argv=None) -> int:
 
         calls = {"ours": lambda i: train_ours(args, setup),
                  "sparsify": lambda i: train_sparsify(args, setup, tmp / f"sparsify{i}")}
+        once = {}  # run in the first round only: what the training's time is made of, and the whole call
         if not args.no_whole:
-            calls["ours_whole"] = lambda i: train_ours_whole(args, setup, tmp / f"ours{i}")
-        names = list(calls)
+            once["ours_whole"] = lambda i: train_ours_whole(args, setup, tmp / f"ours{i}")
+        if not args.no_split:
+            once["ours_forward"] = lambda i: forward_ours(args, setup)
+            once["sparsify_forward"] = lambda i: forward_sparsify(args, setup)
+        names = list(calls) + list(once)
         rounds, qualities = [], []
         for index in range(1, args.rounds + 1):
-            order = names[index - 1 :] + names[: index - 1]  # rotate who goes first
+            present = list(calls) + (list(once) if index == 1 else [])
+            order = present[(index - 1) % len(present) :] + present[: (index - 1) % len(present)]  # rotate who goes first
             row = {"round": index, "order": " > ".join(order)}
+            calls_now = calls | once
             results = {}
             for name in order:
                 start = time.perf_counter()
-                results[name] = calls[name](index)
+                results[name] = calls_now[name](index)
                 row[f"{name}_seconds"] = time.perf_counter() - start
                 row[f"{name}_tokens"] = results[name]["tokens"]
             row["load_1min"] = os.getloadavg()[0]
@@ -300,11 +324,17 @@ def main(argv=None) -> int:
     qualities = pd.DataFrame(qualities)
     labels = {"ours": "ours: train_saes over stream_activations (training)",
               "sparsify": "sparsify: Trainer(cfg, dataset, AutoModel).fit()",
-              "ours_whole": "ours, whole: train_saes_for_model (training + save + quality check)"}
-    speed = pd.DataFrame([{"training": labels[name], "tokens": rounds[f"{name}_tokens"].sum(), "seconds": rounds[f"{name}_seconds"].sum()}
-                          for name in names])
-    speed["tokens_per_s"] = speed.tokens / speed.seconds
-    speed["vs_sparsify"] = speed.tokens_per_s / speed.tokens_per_s[names.index("sparsify")]
+              "ours_whole": "ours, whole: train_saes_for_model (training + save + quality check), round 1",
+              "ours_forward": "ours' forward passes alone (stream_activations, no SAE), round 1",
+              "sparsify_forward": "sparsify's forward passes alone (AutoModel, no hooks), round 1"}
+    speed = []
+    for name in names:
+        ran = rounds[f"{name}_seconds"].notna()
+        tokens, seconds = rounds[f"{name}_tokens"][ran].sum(), rounds[f"{name}_seconds"][ran].sum()
+        sparsify_rate = rounds.sparsify_tokens[ran].sum() / rounds.sparsify_seconds[ran].sum()  # over the same rounds
+        speed.append({"training": labels[name], "tokens": int(tokens), "seconds": seconds, "tokens_per_s": tokens / seconds,
+                      "vs_sparsify": tokens / seconds / sparsify_rate})
+    speed = pd.DataFrame(speed)
     for name in names:
         rounds[f"{name}_vs_sparsify"] = rounds["sparsify_seconds"] / rounds[f"{name}_seconds"] * rounds[f"{name}_tokens"] / rounds["sparsify_tokens"]
     ve = qualities.pivot_table(index="hook", columns="stack", values="variance_explained", aggfunc="mean", sort=False)
