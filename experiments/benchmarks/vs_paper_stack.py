@@ -62,19 +62,9 @@ import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
-import lm_superposition
-from lm_superposition import LayerwiseAnalyzer, load_model, measure_layers, paper_hooks
+from lm_superposition import LayerwiseAnalyzer, effective_features, load_model, measure_layers, paper_hooks
 from lm_superposition.data import TokenWindows
-from lm_superposition.metric import effective_features
-
-# The ae.pt loader is moving from lm_superposition.dictionaries into lm_superposition.saes;
-# take it from the top level when it is exported there.
-load_dictionary_learning_sae = getattr(lm_superposition, "load_dictionary_learning_sae", None)
-if load_dictionary_learning_sae is None:
-    try:
-        from lm_superposition.saes import load_dictionary_learning_sae
-    except ImportError:
-        from lm_superposition.dictionaries import load_dictionary_learning_sae
+from lm_superposition.saes import load_dictionary_learning_sae  # the project's ae.pt loader (not a top-level name)
 
 F_TOLERANCE = 1e-6
 TARGET_L0_FRACTION = 200 / 32_768  # codes on per token and latent, as in trained dictionaries

@@ -58,16 +58,12 @@ from lm_superposition import SAETrainingConfig, load_model, load_texts, token_wi
 from lm_superposition.activations import stream_activations
 from lm_superposition.data import TokenWindows
 from lm_superposition.models import offline_cache_dir
+from lm_superposition.saes import train_saes_for_model  # what `lm-superposition train-sae` runs (not a top-level name)
 
-try:
-    from lm_superposition import train_saes_for_model
-except ImportError:  # not a top-level name (yet)
-    try:
-        from lm_superposition.saes import train_saes_for_model
-    except ImportError:
-        from lm_superposition.dictionaries import train_saes_for_model
-
-from vs_paper_stack import PYTHIA_70M_CONFIG, SMOKE_CONFIG, load_line, machine_line, markdown, save_random_model
+try:  # run as a script (python experiments/benchmarks/vs_sparsify.py) or as a module (python -m experiments.benchmarks.vs_sparsify)
+    from vs_paper_stack import PYTHIA_70M_CONFIG, SMOKE_CONFIG, load_line, machine_line, markdown, save_random_model
+except ImportError:
+    from experiments.benchmarks.vs_paper_stack import PYTHIA_70M_CONFIG, SMOKE_CONFIG, load_line, machine_line, markdown, save_random_model
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 ACTIVATION_TOLERANCE = 1e-4  # relative: the two stacks must hand their SAEs the same activations
