@@ -1,11 +1,12 @@
-"""Model + SAEs + token windows -> one row per hook and seed: F, psi, their interval, quality.
+"""Model + SAEs + token windows -> one row per hook, SAE and seed: F, psi, their interval, the verdict.
 
 One forward pass per batch serves every hook (activations.stream_activations). Each hook's
-activations are encoded by its SAE a slice of tokens at a time, so a whole batch of
-[tokens, d_sae] codes is never held; the codes are kept as a sparse matrix of their nonzeros,
-whose |z| sums go into that hook's FeatureBudget and whose decode gives the quality stats.
-A `SeedMeasurement` holds everything one seed has accumulated; it saves and loads, which
-is how an interrupted run resumes without losing or double-counting a token.
+activations are read through its SAE(s) by a `codes.CodeReader` a slice of tokens at a time:
+codes kept as a sparse matrix of their nonzeros, weighted by decoder norms into the hook's
+FeatureBudget (duplicate latents grouped), and decoded for variance explained. `sae_budget`
+does exactly the same for one SAE and a tensor of activations. A `SeedMeasurement` holds what
+one data seed has accumulated; it saves and loads, which is how an interrupted run resumes
+without losing or double-counting a token.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from __future__ import annotations
 import copy
 import math
 import warnings
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
@@ -23,13 +24,14 @@ import torch
 
 from .activations import stream_activations
 from .atomic import atomic_file
-from .codes import decode, encode, encodes_in_place, sparse_codes
+from .codes import CodeReader, decode, encode, encodes_in_place, sparse_codes
 from .data import PAD_DOC_ID, TokenWindows
 from .distributed import world_size_and_rank
+from .gate import QualityGate
 from .metric import FeatureBudget
 from .models import HookPoint, hook_point
 from .saes.loading import check_sae_fits
-from .saes.quality import SAEQuality, VarianceExplained, evaluate_sae, quality_flag
+from .saes.quality import VarianceExplained, evaluate_sae
 from .sparse_coding import additivity_of, compressed_sensing_margin
 
 # Codes are encoded in slices of about this many elements (tokens x d_sae). SAE-Lens's encode
@@ -39,11 +41,15 @@ from .sparse_coding import additivity_of, compressed_sensing_margin
 # matmul runs fastest on large slices. Measured: results/benchmarks/README.md.
 ENCODE_CHUNK_ELEMENTS = 2**22
 IN_PLACE_CHUNK_ELEMENTS = 2**25
+# Latents whose decoder directions are at least this aligned count as one feature (codes.duplicate_groups).
+DUPLICATE_COSINE = 0.95
 
 TABLE_COLUMNS = [
-    "model", "hook", "layer", "kind", "N", "d_sae", "sae", "seed", "tokens",
-    "entropy", "F", "F_low", "F_high", "psi", "psi_low", "psi_high", "F_saturated",
-    "mean_l0", "alive_features", "dead_fraction", "cs_margin", "additivity", "variance_explained", "ce_recovered", "quality",
+    "model", "hook", "layer", "kind", "N", "d_sae", "sae", "sae_seed", "seed", "tokens",
+    "entropy", "F", "F_low", "F_high", "psi", "psi_low", "psi_high", "interval_over",
+    "F_saturated", "F_saturated_note", "last_doubling_growth",
+    "mean_l0", "alive_features", "dead_fraction", "merged_latents", "cs_margin", "additivity",
+    "variance_explained", "ce_recovered", "ce_tokens", "quality",
 ]
 
 
@@ -51,16 +57,24 @@ class MeasurementStopped(Exception):
     """`run_seed` was asked to stop (its `stop` callback said so) and saved its checkpoint first."""
 
 
+@dataclass(frozen=True)
+class Slot:
+    """One SAE reading one hook: the key its accumulators are kept under."""
+
+    key: str  # the hook name, or "HOOK#SAE_SEED" when a hook is read through several SAEs
+    hook: str
+    sae_seed: int | None
+    sae: object
+
+
 @dataclass
 class SeedMeasurement:
-    """Everything one seed has accumulated so far, for every hook."""
+    """Everything one data seed has accumulated so far, for every slot (hook x SAE)."""
 
     seed: int
     budgets: dict[str, FeatureBudget]
     variance: dict[str, VarianceExplained]
     windows_done: int = 0
-    # One row per (hook, token count) at log-spaced token counts: the convergence curve.
-    convergence: list[dict] = field(default_factory=list)
 
     @property
     def tokens(self) -> int:
@@ -70,8 +84,7 @@ class SeedMeasurement:
         return {
             "seed": self.seed,
             "windows_done": self.windows_done,
-            "convergence": self.convergence,
-            "budgets": {hook: budget.state_dict() for hook, budget in self.budgets.items()},
+            "budgets": {key: budget.state_dict() for key, budget in self.budgets.items()},
             # Pickled whole: SAE-Lens's variance calculator inside has no state_dict of its own.
             "variance": self.variance,
         }
@@ -80,10 +93,9 @@ class SeedMeasurement:
     def from_state_dict(cls, state: dict) -> "SeedMeasurement":
         return cls(
             seed=state["seed"],
-            budgets={hook: FeatureBudget.from_state_dict(s) for hook, s in state["budgets"].items()},
+            budgets={key: FeatureBudget.from_state_dict(s) for key, s in state["budgets"].items()},
             variance=state["variance"],
             windows_done=state["windows_done"],
-            convergence=state["convergence"],
         )
 
     def save(self, path: Path) -> None:
@@ -97,7 +109,8 @@ class SeedMeasurement:
         except Exception as err:  # torch.load raises many unrelated types for a bad file
             raise ValueError(
                 f"{path} is not a checkpoint this version can resume (expected a SeedMeasurement state: "
-                f"seed, windows_done, budgets, variance): {err!r}. Start the run again with --overwrite"
+                f"seed, windows_done, budgets, variance): {err!r}. Delete it to measure that seed again from its "
+                "start (other seeds keep theirs), or start over with --overwrite"
             ) from None
 
 
@@ -124,14 +137,83 @@ def sample_windows(windows: TokenWindows, seed: int, token_budget: int | None = 
 
 
 def log_spaced_checkpoints(total_tokens: int, start: int = 256) -> list[int]:
-    """Token counts at which F is recorded: powers of two from `start`, then the total."""
+    """Token counts at which the early stop looks at the interval: powers of two from `start`, then the total."""
     points = [2**k for k in range(int(math.log2(start)), int(math.log2(max(total_tokens, 1))) + 1) if 2**k < total_tokens]
     return points + [total_tokens]
 
 
-class LayerwiseAnalyzer:
-    """Measures F and psi for several hooks of one model, each through its own SAE.
+class _SlotReader:
+    """Reads one slot's activations into its budget and variance: encode a slice of tokens at a
+    time, weight the nonzero codes by decoder norms, decode them for variance explained."""
 
+    def __init__(self, sae, merge_duplicates: bool, duplicate_cosine: float, chunk_tokens: int | None, buffers: dict):
+        self.sae = sae
+        self.codes = CodeReader(sae, merge_duplicates=merge_duplicates, duplicate_cosine=duplicate_cosine)
+        self.d_sae, self.d_in = sae.W_dec.shape  # any SAE with encode, decode and W_dec (toy SAEs too)
+        self.dtype = sae.W_dec.dtype
+        self.in_place = encodes_in_place(sae)
+        elements = IN_PLACE_CHUNK_ELEMENTS if self.in_place else ENCODE_CHUNK_ELEMENTS
+        self.chunk = chunk_tokens or max(1, elements // self.d_sae)
+        self._buffers = buffers
+
+    def new_budget(self, width: int, n_blocks: int) -> FeatureBudget:
+        return FeatureBudget(self.d_sae, width, n_blocks, groups=self.codes.groups)
+
+    def read(self, budget: FeatureBudget, variance: VarianceExplained | None, acts: torch.Tensor, doc_ids) -> None:
+        buffer = self._buffer() if self.in_place else None
+        doc_chunks = doc_ids.split(self.chunk) if isinstance(doc_ids, torch.Tensor) else [doc_ids] * -(-len(acts) // self.chunk)
+        for act_chunk, doc_chunk in zip(acts.split(self.chunk), doc_chunks):
+            # ~99% of the codes are zeros: everything after the encode reads only the nonzeros.
+            act_chunk = act_chunk.to(self.dtype)
+            codes = sparse_codes(encode(self.sae, act_chunk, out=buffer))
+            budget.update(self.codes.weighted(codes), doc_chunk)
+            if variance is not None:
+                variance.update(act_chunk, decode(self.sae, codes))
+
+    def _buffer(self) -> torch.Tensor:
+        """One [tokens, d_sae] buffer per code shape, reused by every SAE of that shape and every batch."""
+        sae = self.sae
+        key = (sae.cfg.d_sae, sae.dtype, str(sae.device))
+        if key not in self._buffers or len(self._buffers[key]) < self.chunk:
+            self._buffers[key] = torch.empty(self.chunk, sae.cfg.d_sae, dtype=sae.dtype, device=sae.device)
+        return self._buffers[key]
+
+
+def sae_budget(
+    sae,
+    activations: torch.Tensor,
+    *,
+    width: int | None = None,
+    doc_ids: torch.Tensor | None = None,
+    n_blocks: int = 64,
+    merge_duplicates: bool = True,
+    duplicate_cosine: float = DUPLICATE_COSINE,
+    chunk_tokens: int | None = None,
+) -> FeatureBudget:
+    """The FeatureBudget of `sae` on a [tokens, d_in] tensor of activations: exactly what
+    `measure_layers` sums for a hook (decoder-norm weights, duplicate latents grouped), so
+    toys, notebooks and users' own activations are measured the way a layer is.
+
+    width: the hook's N for psi (default d_in); doc_ids: the document of each row for the
+    bootstrap (default: each row its own document).
+    """
+    reader = _SlotReader(sae, merge_duplicates, duplicate_cosine, chunk_tokens, {})
+    if activations.ndim != 2 or activations.shape[1] != reader.d_in:
+        raise ValueError(f"activations must be [tokens, d_in={reader.d_in}], got shape {tuple(activations.shape)}")
+    budget = reader.new_budget(width or reader.d_in, n_blocks)
+    with torch.inference_mode():
+        reader.read(budget, None, activations, torch.arange(len(activations)) if doc_ids is None else doc_ids)
+    return budget
+
+
+class LayerwiseAnalyzer:
+    """Measures F and psi for several hooks of one model, each through its own SAE(s).
+
+    saes: {hook name: SAE}, or {hook name: {sae_seed: SAE}} to read a hook through several SAEs
+        (e.g. trained from different seeds, so the interval can include SAE variance).
+    merge_duplicates, duplicate_cosine: group latents whose decoder directions have cosine >=
+        duplicate_cosine (codes.duplicate_groups); merge_duplicates=False gives the raw measure.
+    gate: the quality gate whose verdict fills the `quality` column.
     encode_chunk_tokens: tokens encoded at a time; None sizes slices by ENCODE_CHUNK_ELEMENTS
         (IN_PLACE_CHUNK_ELEMENTS for SAEs that `encode` computes in place).
     """
@@ -145,6 +227,9 @@ class LayerwiseAnalyzer:
         allow_hook_mismatch: bool = False,
         n_blocks: int = 64,
         batch_size: int = 8,
+        merge_duplicates: bool = True,
+        duplicate_cosine: float = DUPLICATE_COSINE,
+        gate: QualityGate | None = None,
         encode_chunk_tokens: int | None = None,
     ):
         if not saes:
@@ -152,19 +237,32 @@ class LayerwiseAnalyzer:
         self.model = model
         self.model_name = model_name or model.cfg.model_name
         self.hooks: dict[str, HookPoint] = {name: hook_point(model, name) for name in saes}
-        for name, sae in saes.items():
-            check_sae_fits(sae, self.hooks[name], self.model_name, allow_hook_mismatch=allow_hook_mismatch)
-        self.saes = dict(saes)
+        self.slots: dict[str, Slot] = {}
+        for hook, entry in saes.items():
+            by_seed = entry if isinstance(entry, Mapping) else {None: entry}
+            for sae_seed, sae in by_seed.items():
+                check_sae_fits(sae, self.hooks[hook], self.model_name, allow_hook_mismatch=allow_hook_mismatch)
+                key = hook if sae_seed is None else f"{hook}#{sae_seed}"
+                self.slots[key] = Slot(key, hook, sae_seed, sae)
         self.n_blocks = n_blocks
         self.batch_size = batch_size
-        self.encode_chunk_tokens = encode_chunk_tokens
-        self._code_buffers: dict[tuple, torch.Tensor] = {}
+        self.gate = gate or QualityGate()
+        buffers: dict = {}
+        self._readers = {
+            key: _SlotReader(slot.sae, merge_duplicates, duplicate_cosine, encode_chunk_tokens, buffers)
+            for key, slot in self.slots.items()
+        }
+
+    @property
+    def saes(self) -> dict[str, object]:
+        """{slot key: SAE}."""
+        return {key: slot.sae for key, slot in self.slots.items()}
 
     def new_seed(self, seed: int) -> SeedMeasurement:
         return SeedMeasurement(
             seed=seed,
-            budgets={h: FeatureBudget(self.saes[h].cfg.d_sae, self.hooks[h].width, self.n_blocks) for h in self.saes},
-            variance={h: VarianceExplained() for h in self.saes},
+            budgets={key: self._readers[key].new_budget(self.hooks[slot.hook].width, self.n_blocks) for key, slot in self.slots.items()},
+            variance={key: VarianceExplained() for key in self.slots},
         )
 
     @torch.inference_mode()
@@ -181,16 +279,18 @@ class LayerwiseAnalyzer:
         progress: bool = True,
         stop: Callable[[], bool] | None = None,
     ) -> SeedMeasurement:
-        """Measure every hook on seed `seed`'s sample of the windows.
+        """Measure every slot on seed `seed`'s sample of the windows.
 
         resume_from: a SeedMeasurement saved part-way; its windows are skipped.
         checkpoint: called with the state every `checkpoint_every` batches and at the end.
-        target_relative_interval: stop early once every hook's 95% interval of F is narrower
-            than this fraction of F (checked at the log-spaced convergence points).
+        target_relative_interval: stop early once every slot's 95% interval of F is narrower
+            than this fraction of F (checked at log-spaced token counts).
+        stop: checked after every batch; when it returns True the checkpoint is saved and
+            MeasurementStopped raised.
 
         Under torch.distributed (torchrun), each process measures every world_size-th window
         of the sample, checkpoints its own share, and returns the state summed over all
-        processes; F is then recorded only at the end (no convergence curve, no early stop).
+        processes (no early stop).
         """
         world_size, rank = world_size_and_rank()
         if world_size > 1 and target_relative_interval is not None:
@@ -200,18 +300,18 @@ class LayerwiseAnalyzer:
         state = resume_from or self.new_seed(seed)
         if state.seed != seed:
             raise ValueError(f"resume state is for seed {state.seed}, not seed {seed}")
-        pending = [t for t in log_spaced_checkpoints(total) if t > state.tokens] if world_size == 1 else []
+        pending = [t for t in log_spaced_checkpoints(total) if t > state.tokens] if target_relative_interval else []
         batches = stream_activations(
-            self.model, shard[state.windows_done:], list(self.saes), batch_size=self.batch_size, progress=progress and rank == 0
+            self.model, shard[state.windows_done:], list(self.hooks), batch_size=self.batch_size, progress=progress and rank == 0
         )
         for n_batch, batch in enumerate(batches, start=1):
-            for hook, acts in batch.activations.items():
-                self._consume(state, hook, acts, batch.doc_ids)
+            for key, slot in self.slots.items():
+                self._readers[key].read(state.budgets[key], state.variance[key], batch.activations[slot.hook], batch.doc_ids)
             state.windows_done += batch.window_slice.stop - batch.window_slice.start
             converged = False
             while pending and state.tokens >= pending[0]:
                 pending.pop(0)
-                converged = self._record_convergence(state, target_relative_interval)
+                converged = _all_intervals_within(state, target_relative_interval)
             if stop is not None and stop():
                 if checkpoint:
                     checkpoint(state)
@@ -227,91 +327,72 @@ class LayerwiseAnalyzer:
         # Sum a copy: the checkpointed state must stay this process's own share, or a resume
         # would count the other processes' tokens twice.
         merged = SeedMeasurement.from_state_dict(copy.deepcopy(state.state_dict()))
-        for hook in merged.budgets:
-            merged.budgets[hook].all_reduce()
-            merged.variance[hook].all_reduce()
-        merged.convergence = []
-        self._record_convergence(merged, None)
+        for key in merged.budgets:
+            merged.budgets[key].all_reduce()
+            merged.variance[key].all_reduce()
         return merged
-
-    def _consume(self, state: SeedMeasurement, hook: str, acts: torch.Tensor, doc_ids: torch.Tensor) -> None:
-        sae = self.saes[hook]
-        in_place = encodes_in_place(sae)
-        chunk = self.encode_chunk_tokens or max(1, (IN_PLACE_CHUNK_ELEMENTS if in_place else ENCODE_CHUNK_ELEMENTS) // sae.cfg.d_sae)
-        buffer = self._code_buffer(sae, chunk) if in_place else None
-        for act_chunk, doc_chunk in zip(acts.split(chunk), doc_ids.split(chunk)):
-            # ~99% of the codes are zeros: everything after the encode reads only the nonzeros.
-            codes = sparse_codes(encode(sae, act_chunk, out=buffer))
-            state.budgets[hook].update(codes, doc_chunk)
-            state.variance[hook].update(act_chunk.to(sae.dtype), decode(sae, codes))
-
-    def _code_buffer(self, sae, tokens: int) -> torch.Tensor:
-        """One [tokens, d_sae] buffer per code shape, reused by every SAE of that shape and every batch."""
-        key = (sae.cfg.d_sae, sae.dtype, str(sae.device))
-        if key not in self._code_buffers or len(self._code_buffers[key]) < tokens:
-            self._code_buffers[key] = torch.empty(tokens, sae.cfg.d_sae, dtype=sae.dtype, device=sae.device)
-        return self._code_buffers[key]
-
-    def _record_convergence(self, state: SeedMeasurement, target_relative_interval: float | None) -> bool:
-        """Append F at the current token count; True if every hook meets the interval target."""
-        all_tight = target_relative_interval is not None
-        for hook, budget in state.budgets.items():
-            row = {"seed": state.seed, "hook": hook, "tokens": budget.tokens, "F": budget.effective_features()}
-            if target_relative_interval is not None:
-                interval = _interval_or_none(budget, n_resamples=200)
-                row["F_low"], row["F_high"] = (interval.low, interval.high) if interval else (math.nan, math.nan)
-                all_tight &= interval is not None and (interval.high - interval.low) < target_relative_interval * row["F"]
-            state.convergence.append(row)
-        return all_tight
 
     def table(
         self,
         states: Sequence[SeedMeasurement],
-        ce_recovered: Mapping[str, float] | None = None,
+        ce_recovered: Mapping[str, tuple[float, int]] | None = None,
         sae_names: Mapping[str, str] | None = None,
         additivity: Mapping[str, float] | None = None,
     ) -> pd.DataFrame:
-        """One row per hook x seed, columns TABLE_COLUMNS; CE recovered and additivity are NaN where not given."""
-        rows = []
+        """One row per slot x seed, columns TABLE_COLUMNS. ce_recovered: {slot key: (CE loss
+        recovered, tokens it was measured on)}; CE recovered and additivity are NaN where not given.
+        The sample-size curves behind F_saturated are in `table.attrs["convergence"]`."""
+        rows, curves = [], []
         for state in states:
-            for hook, budget in state.budgets.items():
-                point = self.hooks[hook]
+            for key, budget in state.budgets.items():
+                slot, point = self.slots[key], self.hooks[self.slots[key].hook]
                 summary = budget.summary()
-                quality = SAEQuality(
-                    variance_explained=state.variance[hook].compute(),
-                    mean_l0=summary["mean_l0"],
-                    dead_fraction=summary["dead_fraction"],
-                    n_tokens=summary["tokens"],
-                    ce_loss_recovered=(ce_recovered or {}).get(hook, math.nan),
-                )
-                convergence = [r for r in state.convergence if r["hook"] == hook]
+                curve = budget.sample_size_curve()
+                curves += [{"seed": state.seed, "hook": slot.hook, "sae_seed": slot.sae_seed, **r} for r in curve]
+                saturated, note = saturated_features([r["tokens"] for r in curve], [r["F"] for r in curve])
+                growth = curve[-1]["F"] / curve[-2]["F"] - 1 if len(curve) >= 2 else math.nan
+                ce, ce_tokens = (ce_recovered or {}).get(key, (math.nan, 0))
+                variance_explained = state.variance[key].compute()
                 rows.append(
                     {
                         "model": self.model_name,
-                        "hook": hook,
+                        "hook": slot.hook,
                         "layer": point.layer,
                         "kind": point.kind,
-                        "sae": (sae_names or {}).get(hook, ""),
+                        "sae": (sae_names or {}).get(key, ""),
+                        "sae_seed": slot.sae_seed,
                         "seed": state.seed,
                         **summary,
-                        "F_saturated": saturated_features([r["tokens"] for r in convergence], [r["F"] for r in convergence]),
+                        "interval_over": "documents",
+                        "F_saturated": saturated,
+                        "F_saturated_note": note,
+                        "last_doubling_growth": growth,
                         "cs_margin": _margin_or_nan(point.width, summary["mean_l0"], summary["d_sae"]),
-                        "additivity": (additivity or {}).get(hook, math.nan),
-                        "variance_explained": quality.variance_explained,
-                        "ce_recovered": quality.ce_loss_recovered,
-                        "quality": quality_flag(quality),
+                        "additivity": (additivity or {}).get(slot.hook, math.nan),
+                        "variance_explained": variance_explained,
+                        "ce_recovered": ce,
+                        "ce_tokens": ce_tokens,
+                        "quality": self.gate.verdict(
+                            variance_explained=variance_explained, ce_recovered=ce, ce_tokens=ce_tokens,
+                            dead_fraction=summary["dead_fraction"], effective_features=summary["F"], d_sae=summary["d_sae"],
+                            last_doubling_growth=growth,
+                        ),
                     }
                 )
-        return pd.DataFrame(rows, columns=TABLE_COLUMNS)
+        table = pd.DataFrame(rows, columns=TABLE_COLUMNS)
+        table.attrs["convergence"] = pd.DataFrame(curves)
+        return table
 
-    def ce_recovered(self, windows: TokenWindows, hooks: Sequence[str] | None = None) -> dict[str, float]:
-        """CE loss recovered per hook (all, or `hooks`): the model's loss with the hook replaced by
-        its reconstruction, against zero-ablation, on a few windows. Costs three forward passes
-        with the unembedding per hook, so keep the windows few."""
-        return {
-            hook: evaluate_sae(self.model, self.saes[hook], hook, windows, batch_size=self.batch_size).ce_loss_recovered
-            for hook in (self.saes if hooks is None else hooks)
-        }
+    def ce_recovered(self, windows: TokenWindows, keys: Sequence[str] | None = None) -> dict[str, tuple[float, int]]:
+        """CE loss recovered per slot (all, or `keys`) and the tokens it was measured on: the
+        model's loss with the hook replaced by the reconstruction, against zero-ablation. Costs
+        three forward passes with the unembedding per slot."""
+        result = {}
+        for key in self.slots if keys is None else keys:
+            slot = self.slots[key]
+            quality = evaluate_sae(self.model, slot.sae, slot.hook, windows, batch_size=self.batch_size)
+            result[key] = (quality.ce_loss_recovered, quality.n_tokens)
+        return result
 
     @torch.inference_mode()
     def additivity(self, windows: TokenWindows, n_pairs: int = 16, seed: int = 0) -> dict[str, float]:
@@ -338,7 +419,7 @@ class LayerwiseAnalyzer:
         a, b = segments[:n_pairs], segments[n_pairs:]
         (f_a, n_a), (f_b, n_b), (f_ab, n_ab) = (self._summed_activations(x, windows) for x in (a, b, torch.cat([a, b], dim=1)))
         result = {}
-        for hook in self.saes:
+        for hook in self.hooks:
             mean = (f_a[hook].sum(0) + f_b[hook].sum(0)) / (n_a.sum() + n_b.sum())
             centred = [f[hook] - n.unsqueeze(1) * mean for f, n in ((f_a, n_a), (f_b, n_b), (f_ab, n_ab))]
             result[hook] = additivity_of(*centred).mean
@@ -351,7 +432,7 @@ class LayerwiseAnalyzer:
         doc_ids = torch.arange(len(segments)).unsqueeze(1).expand_as(segments)
         windows = TokenWindows(segments, doc_ids.contiguous(), like.bos_token_id, like.pad_token_id)
         sums = {hook: torch.zeros(len(segments), point.width, dtype=torch.float64) for hook, point in self.hooks.items()}
-        for batch in stream_activations(self.model, windows, list(self.saes), batch_size=self.batch_size, progress=False):
+        for batch in stream_activations(self.model, windows, list(self.hooks), batch_size=self.batch_size, progress=False):
             for hook, acts in batch.activations.items():
                 sums[hook].index_add_(0, batch.doc_ids, acts.to(device="cpu", dtype=torch.float64))
         return sums, torch.bincount(windows.doc_ids[windows.measured_mask], minlength=len(segments)).to(torch.float64)
@@ -363,25 +444,25 @@ class LayerwiseAnalyzer:
         *,
         seeds: Sequence[int] = (0,),
         token_budget: int | None = None,
-        ce_windows: int = 4,
+        ce_windows: int = 80,
         additivity_pairs: int = 0,
         target_relative_interval: float | None = None,
         checkpoint_dir: str | Path | None = None,
         checkpoint_name: str = "measurement",
         checkpoint_every: int = 50,
-        known_ce: Mapping[str, float] | None = None,
+        known_ce: Mapping[str, tuple[float, int]] | None = None,
         sae_names: Mapping[str, str] | None = None,
         progress: bool = True,
         stop: Callable[[], bool] | None = None,
     ) -> pd.DataFrame:
-        """Measure every hook for every seed: the one pipeline behind `measure_layers` and `runs`.
+        """Measure every slot for every seed: the one pipeline behind `measure_layers` and `runs`.
 
         windows: the windows to sample from, or a function seed -> that seed's own windows
             (a run reads a fresh shuffle of its corpus per seed).
-        seeds: each seed measures its own seeded sample of `token_budget` tokens (all when None);
-            the bootstrap interval is over the documents inside that sample.
-        ce_windows: windows for CE loss recovered (0 skips it: NaN), drawn from every seed's sample;
-            hooks in `known_ce` (e.g. measured when the SAE was trained) are not re-measured.
+        seeds: each data seed measures its own seeded sample of `token_budget` tokens (all when
+            None); each row's bootstrap interval is over the documents inside that sample.
+        ce_windows: windows for CE loss recovered (0 skips it: NaN), drawn from every seed's
+            sample; slots in `known_ce` (e.g. measured when the SAE was trained) are not re-measured.
         additivity_pairs: segment pairs for the linear-additivity column (0 skips it: NaN), drawn
             from every seed's sample.
         checkpoint_dir: where each seed's state is saved every `checkpoint_every` batches (as
@@ -407,13 +488,11 @@ class LayerwiseAnalyzer:
             )
             samples.append(sample_windows(seed_windows, seed, token_budget))
         ce = dict(known_ce or {})
-        missing = [hook for hook in self.saes if hook not in ce]
+        missing = [key for key in self.slots if key not in ce]
         if ce_windows and missing:
             ce |= self.ce_recovered(_drawn_from_each(samples, ce_windows), missing)
         additivity = self.additivity(TokenWindows.concat(samples), additivity_pairs) if additivity_pairs else None
-        table = self.table(states, ce_recovered=ce, sae_names=sae_names, additivity=additivity)
-        table.attrs["convergence"] = convergence_table(states)
-        return table
+        return self.table(states, ce_recovered=ce, sae_names=sae_names, additivity=additivity)
 
     @staticmethod
     def _checkpoint_path(folder: str | Path | None, name: str, seed: int) -> Path | None:
@@ -423,6 +502,18 @@ class LayerwiseAnalyzer:
         shard = f"__rank{rank}" if world_size > 1 else ""
         Path(folder).mkdir(parents=True, exist_ok=True)
         return Path(folder) / f"{name}__seed{seed}{shard}.pt"
+
+
+def _all_intervals_within(state: SeedMeasurement, target_relative_interval: float) -> bool:
+    """True if every slot's bootstrap 95% interval of F is narrower than the target fraction of F."""
+    for budget in state.budgets.values():
+        try:
+            interval = budget.bootstrap_effective_features(n_resamples=200)
+        except ValueError:  # fewer than two document blocks so far
+            return False
+        if interval.high - interval.low >= target_relative_interval * budget.effective_features():
+            return False
+    return True
 
 
 def _drawn_from_each(samples: Sequence[TokenWindows], n_windows: int) -> TokenWindows:
@@ -447,26 +538,28 @@ def _margin_or_nan(width: int, mean_l0: float, d_sae: int) -> float:
     return compressed_sensing_margin(width, mean_l0, d_sae) if 0 < mean_l0 < d_sae else math.nan
 
 
-def _interval_or_none(budget: FeatureBudget, **kwargs):
-    try:
-        return budget.bootstrap_effective_features(**kwargs)
-    except ValueError:  # fewer than two document blocks so far
-        return None
+MIN_SATURATION_DECADES = 1.0
+MIN_SATURATION_POINTS = 5
 
 
-def saturated_features(tokens: Sequence[int], effective: Sequence[float]) -> float:
-    """Estimate F as tokens -> infinity by fitting F(T) = F_inf * T / (T + T_half).
+def saturated_features(tokens: Sequence[float], effective: Sequence[float]) -> tuple[float, str]:
+    """F as tokens -> infinity, fitting F(T) = F_inf * T / (T + T_half), and a note: "" when
+    fitted, else why not (F_inf is then NaN and the measured F is a lower bound).
 
     The saturating (Michaelis-Menten) form matches how F rises fast and then levels off as
-    rarer features keep appearing; fitted by least squares in log F to the log-spaced
-    convergence points. NaN when there are fewer than 4 points or the fit does not converge
-    (then F has clearly not saturated and the measured F is a lower bound).
+    rarer features keep appearing; fitted by least squares in log F. Only where the data can
+    support it: at least MIN_SATURATION_POINTS distinct token counts spanning at least
+    MIN_SATURATION_DECADES decade(s), and F_inf within 100x the largest F measured.
     """
     from scipy.optimize import curve_fit
 
     tokens, effective = np.asarray(tokens, dtype=float), np.asarray(effective, dtype=float)
-    if len(tokens) < 4:
-        return math.nan
+    distinct = np.unique(tokens)
+    if len(distinct) < MIN_SATURATION_POINTS:
+        return math.nan, f"{len(distinct)} token counts < {MIN_SATURATION_POINTS}"
+    decades = math.log10(distinct[-1] / distinct[0])
+    if decades < MIN_SATURATION_DECADES:
+        return math.nan, f"tokens span {decades:.1f} decades < {MIN_SATURATION_DECADES}"
 
     def log_model(t, log_f_inf, log_t_half):
         return log_f_inf + np.log(t) - np.log(t + np.exp(log_t_half))
@@ -477,9 +570,11 @@ def saturated_features(tokens: Sequence[int], effective: Sequence[float]) -> flo
             warnings.simplefilter("ignore")
             (log_f_inf, _), _ = curve_fit(log_model, tokens, np.log(effective), p0=start, maxfev=5000)
     except RuntimeError:
-        return math.nan
+        return math.nan, "fit did not converge"
     f_inf = float(np.exp(log_f_inf))
-    return f_inf if math.isfinite(f_inf) else math.nan
+    if not math.isfinite(f_inf) or f_inf > 100 * effective.max():
+        return math.nan, "no saturation in sight (fit runs away)"
+    return f_inf, ""
 
 
 def measure_layers(
@@ -490,7 +585,7 @@ def measure_layers(
     seeds: Sequence[int] = (0,),
     token_budget: int | None = None,
     batch_size: int = 8,
-    ce_windows: int = 4,
+    ce_windows: int = 80,
     additivity_pairs: int = 0,
     target_relative_interval: float | None = None,
     checkpoint_dir: str | Path | None = None,
@@ -498,11 +593,10 @@ def measure_layers(
     progress: bool = True,
     **analyzer_options,
 ) -> pd.DataFrame:
-    """Per-layer F and psi: one row per hook x seed (see TABLE_COLUMNS).
+    """Per-layer F and psi: one row per hook x SAE x seed (see TABLE_COLUMNS).
 
-    `LayerwiseAnalyzer(model, saes, ...).measure(windows, ...)` in one call; see `measure` for
-    the arguments. The convergence curve (F at log-spaced token counts) is in
-    `table.attrs["convergence"]`.
+    `LayerwiseAnalyzer(model, saes, ...).measure(windows, ...)` in one call; see those for the
+    arguments. The sample-size curves (F against tokens) are in `table.attrs["convergence"]`.
     """
     analyzer = LayerwiseAnalyzer(model, saes, batch_size=batch_size, **analyzer_options)
     return analyzer.measure(
@@ -512,17 +606,13 @@ def measure_layers(
     )
 
 
-def convergence_table(states: Sequence[SeedMeasurement]) -> pd.DataFrame:
-    return pd.DataFrame([row for state in states for row in state.convergence])
-
-
 __all__ = [
     "LayerwiseAnalyzer",
+    "MeasurementStopped",
     "SeedMeasurement",
     "TABLE_COLUMNS",
-    "convergence_table",
-    "log_spaced_checkpoints",
     "measure_layers",
+    "sae_budget",
     "sample_windows",
     "saturated_features",
 ]

@@ -15,6 +15,15 @@ from collections.abc import Iterator
 from pathlib import Path
 
 
+PARTIAL_MARKERS = (".partial-", ".old-")
+
+
+def is_partial(name: str) -> bool:
+    """True for the name of a temporary this module makes (a hidden name with .partial- or .old-):
+    what a run killed mid-write leaves beside its files, never part of a result."""
+    return name.startswith(".") and any(marker in name for marker in PARTIAL_MARKERS)
+
+
 def _commit(temporary: Path, final: Path) -> None:
     """The one rename that makes a write visible (tests inject faults here)."""
     os.replace(temporary, final)

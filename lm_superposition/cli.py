@@ -162,14 +162,19 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
-    from .runs import RunInterrupted
-
     try:
         return COMMANDS[args.command](args) or 0
-    except RunInterrupted as stopped:
-        resume = [arg for arg in argv if arg != "--overwrite"] + ([] if "--resume" in argv else ["--resume"])
-        print(f"lm-superposition {args.command}: {stopped}. Continue with: {shlex.join(['lm-superposition', *resume])}",
-              file=sys.stderr)
+    except KeyboardInterrupt as stopped:  # runs.RunInterrupted, or Ctrl-C outside a run
+        resumable = getattr(stopped, "resumable", None)
+        if resumable:
+            again = [arg for arg in argv if arg != "--overwrite"] + ([] if "--resume" in argv else ["--resume"])
+            print(f"lm-superposition {args.command}: {stopped}. Continue with: {shlex.join(['lm-superposition', *again])}",
+                  file=sys.stderr)
+        elif resumable is False:
+            print(f"lm-superposition {args.command}: {stopped} before writing anything; nothing on disk changed. "
+                  f"Start again with: {shlex.join(['lm-superposition', *argv])}", file=sys.stderr)
+        else:
+            print(f"lm-superposition {args.command}: interrupted", file=sys.stderr)
         return 130
     except (ValueError, TypeError, OSError, RuntimeError, ImportError) as error:
         print(f"lm-superposition {args.command}: error: {error}", file=sys.stderr)

@@ -84,9 +84,98 @@ def decode(sae, codes: torch.Tensor) -> torch.Tensor:
     """
     sparse_ok = (
         type(sae).decode in _matmul_decoders()
-        and not getattr(sae.cfg, "rescale_acts_by_decoder_norm", False)
+        and not getattr(getattr(sae, "cfg", None), "rescale_acts_by_decoder_norm", False)
         and codes.dtype in (torch.float32, torch.float64)
     )
     if codes.layout != torch.strided and not sparse_ok:
         codes = codes.to_dense()
     return sae.decode(codes)
+
+
+# ---------------------------------------------------------------- what a code is worth
+#
+# A code z_i alone is in arbitrary units: SAE-Lens trains its standard SAE with an L1 penalty
+# on |z_i| * ||W_dec,i|| and never normalises decoder rows, so the same function can be written
+# with z_i twice as large and W_dec,i half as long. What does not depend on how the SAE is
+# written is latent i's contribution to the reconstruction, z_i * W_dec,i, whose size is
+# |z_i| * ||W_dec,i||. The budget sums that, so F is the same for every re-expression of one
+# SAE (tests/test_codes.py checks each class).
+
+
+def decoder_rows(sae) -> torch.Tensor:
+    """The vector each latent adds to the reconstruction per unit of code, [d_sae, d_in].
+
+    W_dec for SAE-Lens SAEs, dictionary_learning converts and the toy SAEs; W_dec's rows
+    scaled to unit norm where the SAE rescales codes by the decoder norm (SAE-Lens TopK with
+    rescale_acts_by_decoder_norm: its decode divides each code by ||W_dec,i||)."""
+    weights = getattr(sae, "W_dec", None)
+    if weights is None or weights.ndim != 2:
+        raise TypeError(f"{type(sae).__name__} has no [d_sae, d_in] decoder matrix W_dec; the measure needs one")
+    weights = weights.detach()
+    cfg = getattr(sae, "cfg", None)
+    if getattr(cfg, "rescale_acts_by_decoder_norm", False):
+        weights = weights / weights.norm(dim=1, keepdim=True)
+    return weights
+
+
+def decoder_norms(sae) -> torch.Tensor:
+    """||effective decoder row|| of every latent, float64 [d_sae]."""
+    return decoder_rows(sae).double().norm(dim=1).cpu()
+
+
+def duplicate_groups(directions: torch.Tensor, min_cosine: float, block_rows: int = 2048) -> torch.Tensor:
+    """For each latent, the lowest index of its group: latents joined by any chain of decoder
+    directions with cosine >= min_cosine form one group (connected components). [d_sae] int64.
+
+    Two latents that write the same direction describe one feature; an SAE that splits a
+    feature over duplicates would otherwise count it several times. Cosines are computed a
+    block of rows at a time, so a 32k-latent dictionary never needs its whole Gram matrix.
+    """
+    unit = torch.nn.functional.normalize(directions.double(), dim=1)
+    n = unit.shape[0]
+    parent = list(range(n))
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    for start in range(0, n, block_rows):
+        cosines = unit[start : start + block_rows] @ unit.T
+        rows, cols = (cosines >= min_cosine).nonzero(as_tuple=True)
+        for i, j in zip((rows + start).tolist(), cols.tolist()):
+            if i < j:
+                a, b = root(i), root(j)
+                if a != b:
+                    parent[max(a, b)] = min(a, b)
+    return torch.tensor([root(i) for i in range(n)], dtype=torch.int64)
+
+
+class CodeReader:
+    """How the measure reads one SAE: its codes, each weighted by its decoder norm, and the
+    groups of duplicate latents whose budgets are added before the entropy.
+
+    merge_duplicates: latents whose decoder directions have cosine >= duplicate_cosine count
+        as one feature (see `duplicate_groups`); False keeps every latent apart.
+    """
+
+    def __init__(self, sae, merge_duplicates: bool = True, duplicate_cosine: float = 0.95):
+        if not 0 < duplicate_cosine <= 1:
+            raise ValueError(f"duplicate_cosine must lie in (0, 1], got {duplicate_cosine!r}")
+        self.sae = sae
+        rows = decoder_rows(sae)
+        self.norms = rows.double().norm(dim=1).to(rows.device)
+        self.groups = duplicate_groups(rows, duplicate_cosine) if merge_duplicates else None
+
+    @property
+    def merged_latents(self) -> int:
+        """How many latents were folded into another one's group."""
+        return 0 if self.groups is None else int((self.groups != torch.arange(len(self.groups))).sum())
+
+    def weighted(self, codes: torch.Tensor) -> torch.Tensor:
+        """CSR codes (see `sparse_codes`) with each value multiplied by its latent's decoder norm, float64."""
+        values = codes.values().double() * self.norms[codes.col_indices()]
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+            return torch.sparse_csr_tensor(codes.crow_indices(), codes.col_indices(), values, codes.shape, check_invariants=False)

@@ -9,6 +9,7 @@ the API, the TOML files and the CLI. Nothing here imports torch, SAE-Lens or a m
     [model]    ModelSettings       model names (several = a sweep), Pythia checkpoints, dtype
     [saes]     SAESettings         registry releases, folders, or [saes.train] (SAETrainSettings)
     [corpus]   CorpusSettings      text sources (several = a sweep)
+    [gate]     gate.QualityGate    when a measured F counts as "ok"
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
+from .gate import QualityGate
 from .validation import check_positive_int
 
 if sys.version_info >= (3, 11):
@@ -122,16 +124,18 @@ class RunSettings:
     context_size: int = option(128, "tokens per window")
     device: str = option("cpu", "torch device: cpu, cuda, cuda:N, mps")
     checkpoint_every: int = option(20, "batches between checkpoints of the accumulators")
-    ce_windows: int = option(4, "windows for CE loss recovered (0 skips it)")
+    ce_windows: int = option(80, "windows for CE loss recovered, drawn from every seed (0 skips it; the gate asks for 10,000 tokens)")
     additivity_pairs: int = option(0, "text-segment pairs for the linear-additivity column (0 skips it)")
-    n_blocks: int = option(64, "document blocks the sums are kept in, for the bootstrap interval")
+    n_blocks: int = option(64, "document blocks the sums are kept in, for the bootstrap interval and the sample-size curve")
+    merge_duplicates: bool = option(True, "count latents whose decoder directions have cosine >= duplicate_cosine as one feature")
+    duplicate_cosine: float = option(0.95, "decoder cosine at which two latents are duplicates of one feature")
     target_relative_interval: float | None = option(None, "stop a seed early once every hook's 95%% interval of F is narrower than this fraction of F")
 
     def __post_init__(self) -> None:
         if not self.output.strip():
-            raise ValueError("output must name a folder, got an empty string")
+            raise ValueError(f"output must name a folder, got {self.output!r}")
         if not self.seeds:
-            raise ValueError("seeds must hold at least one seed, e.g. [0]")
+            raise ValueError("seeds = [] must hold at least one seed, e.g. seeds = [0]")
         if len(set(self.seeds)) != len(self.seeds):
             raise ValueError(f"seeds must be distinct, got {self.seeds}")
         for seed in self.seeds:
@@ -144,6 +148,8 @@ class RunSettings:
             raise ValueError(f"context_size must be at least 2 (a BOS and one token of text), got {self.context_size}")
         if self.target_relative_interval is not None and not 0 < self.target_relative_interval:
             raise ValueError(f"target_relative_interval must be a positive fraction or absent, got {self.target_relative_interval!r}")
+        if not (isinstance(self.duplicate_cosine, (int, float)) and 0 < self.duplicate_cosine <= 1):
+            raise ValueError(f"duplicate_cosine must lie in (0, 1], got {self.duplicate_cosine!r}")
         if not (self.device in ("cpu", "cuda", "mps") or self.device.startswith("cuda:")):
             raise ValueError(f"device must be cpu, cuda, cuda:N or mps, got {self.device!r}")
 
@@ -167,11 +173,14 @@ class SAETrainSettings(SAETrainingConfig):
     """[saes.train]: the hooks to train SAEs for, and any SAETrainingConfig field."""
 
     hooks: list[str] = option([], "hook names to train an SAE for (see `lm-superposition hooks`)")
+    sae_seeds: list[int] = option([0], "train one SAE per hook for each of these seeds (several: the interval covers SAE variance)")
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if not self.hooks:
             raise ValueError("hooks must name at least one hook (see `lm-superposition hooks --model NAME`)")
+        if not self.sae_seeds or len(set(self.sae_seeds)) != len(self.sae_seeds):
+            raise ValueError(f"sae_seeds must be one or more distinct seeds, got {self.sae_seeds}")
 
     def training_config(self) -> SAETrainingConfig:
         fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(SAETrainingConfig)}
@@ -204,6 +213,7 @@ class RunConfig:
     model: ModelSettings = field(default_factory=ModelSettings)
     saes: SAESettings = field(default_factory=SAESettings)
     corpus: CorpusSettings = field(default_factory=CorpusSettings)
+    gate: QualityGate = field(default_factory=QualityGate)
 
     def __post_init__(self) -> None:
         if not (self.saes.releases or self.saes.folders or self.saes.train):
@@ -266,7 +276,7 @@ def _build(kind, raw, where: str):
         if nested and not (value is None and _matches(None, hint)):
             values[name] = _build(nested, value, f"{where}.{name}".strip("."))
         else:
-            values[name] = _typed(value, hint, f"{place} {name}")
+            values[name] = _typed(value, hint, place, name, fields[name].metadata.get("help", ""))
     try:
         return kind(**values)
     except ConfigError:
@@ -275,11 +285,45 @@ def _build(kind, raw, where: str):
         raise ConfigError(f"{place} {err}") from None
 
 
-def _typed(value, hint, where: str):
-    """`value` if it has the type `hint` (ints are accepted for floats), else a ConfigError."""
+def _typed(value, hint, place: str, name: str, help: str = ""):
+    """`value` if it has the type `hint` (ints are accepted for floats), else a ConfigError
+    naming the key, the value, the type it needs, what it is for and, where one is evident,
+    the value meant (`token_budget = 1000` for "1000", `seeds = [0]` for 0)."""
     if _matches(value, hint):
         return float(value) if hint is float else value
-    raise ConfigError(f"{where} = {value!r} must be {_describe(hint)}")
+    about = f" ({help.replace('%%', '%')})" if help else ""
+    meant = _meant(value, hint)
+    hint_text = f"; did you mean {name} = {meant}?" if meant is not None else ""
+    raise ConfigError(f"{place} {name} = {value!r} must be {_describe(hint)}{about}{hint_text}")
+
+
+def _meant(value, hint) -> str | None:
+    """The TOML text `value` was probably meant as for type `hint`, or None."""
+    args = [arg for arg in typing.get_args(hint) if arg is not type(None)]
+    if typing.get_origin(hint) in (typing.Union, types.UnionType) and len(args) == 1:
+        hint = args[0]
+    if typing.get_origin(hint) is list:
+        item = typing.get_args(hint)[0]
+        inner = value if _matches(value, item) else _coerced(value, item)
+        return None if inner is None else f"[{json.dumps(inner)}]"
+    coerced = _coerced(value, hint)
+    return None if coerced is None else json.dumps(coerced)
+
+
+def _coerced(value, hint):
+    """A string holding a number or a boolean, as that number or boolean; else None."""
+    if not isinstance(value, str):
+        return None
+    text = value.strip()
+    if hint is bool and text.lower() in ("true", "false"):
+        return text.lower() == "true"
+    for kind in (int, float):
+        if hint is kind:
+            try:
+                return kind(text)
+            except ValueError:
+                return None
+    return None
 
 
 def _matches(value, hint) -> bool:
@@ -302,7 +346,7 @@ def _describe(hint) -> str:
     if origin in (typing.Union, types.UnionType):
         return " or ".join(_describe(arg) for arg in args if arg is not type(None)) + " (or left out)"
     if origin is list:
-        return f"a list of {_describe(args[0])}s"
+        return "a list of " + {int: "integers", float: "numbers", str: "strings", bool: "true/false values"}.get(args[0], str(args[0]))
     return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(hint, str(hint))
 
 

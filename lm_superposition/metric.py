@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from .atomic import atomic_file
 from .codes import csr_entries, sparse_codes
 from .distributed import all_reduce_
 from .validation import check_positive_int
@@ -68,9 +69,12 @@ class FeatureBudget:
     d_sae:    number of SAE features D (the last dimension of every code batch).
     width:    physical width N of the hook the SAE reads (d_model, d_mlp...), for psi.
     n_blocks: how many document blocks the sums are kept in, for the bootstrap.
+    groups:   optional [d_sae] index of each latent's group (codes.duplicate_groups): latents of
+              one group count as one feature, their sums added before the entropy. The sums
+              themselves stay per latent, so the raw measure is always one `groups=None` away.
     """
 
-    def __init__(self, d_sae: int, width: int, n_blocks: int = 64):
+    def __init__(self, d_sae: int, width: int, n_blocks: int = 64, groups: torch.Tensor | None = None):
         check_positive_int("d_sae", d_sae)
         check_positive_int("width", width)
         check_positive_int("n_blocks", n_blocks)
@@ -81,6 +85,11 @@ class FeatureBudget:
         self.active_count = torch.zeros((), dtype=torch.int64)
         # Batches added without document ids; each counts as one document.
         self.anonymous_batches = 0
+        if groups is not None:
+            groups = torch.as_tensor(groups, dtype=torch.int64).cpu()
+            if groups.shape != (d_sae,) or groups.min() < 0 or groups.max() >= d_sae:
+                raise ValueError(f"groups must be a [d_sae={d_sae}] vector of latent indices, got shape {tuple(groups.shape)}")
+        self.groups = groups
 
     # ---- accumulating -------------------------------------------------------------
 
@@ -107,15 +116,22 @@ class FeatureBudget:
         if doc_ids is None:
             doc_ids = self.anonymous_batches
             self.anonymous_batches += 1
-        if isinstance(doc_ids, int) and not isinstance(doc_ids, bool) and doc_ids < 0:
-            raise ValueError(f"doc_ids must be non-negative document indices, got {doc_ids}")
-        if isinstance(doc_ids, int) and not isinstance(doc_ids, bool):
+        if isinstance(doc_ids, (bool, float)):
+            raise ValueError(f"doc_ids must be integer document indices, got {doc_ids!r}")
+        if isinstance(doc_ids, int):
+            if doc_ids < 0:
+                raise ValueError(f"doc_ids must be non-negative document indices, got {doc_ids}")
             return torch.full((n_tokens,), doc_ids % self.n_blocks, dtype=torch.int64, device=device)
         doc_ids = torch.as_tensor(doc_ids, device=device).reshape(-1)
         if doc_ids.shape[0] != n_tokens:
             raise ValueError(f"doc_ids has {doc_ids.shape[0]} entries but codes hold {n_tokens} tokens")
-        if doc_ids.is_floating_point() or doc_ids.is_complex() or doc_ids.dtype == torch.bool:
-            raise ValueError(f"doc_ids must be integer document indices, got dtype {doc_ids.dtype}")
+        if doc_ids.is_floating_point() or doc_ids.is_complex():
+            bad = (~torch.isfinite(doc_ids) | (doc_ids != doc_ids.real.round())).nonzero().flatten()
+            found = (f"token {int(bad[0])} has {doc_ids[bad[0]].item()} ({len(bad)} such in all)" if len(bad)
+                     else "whole numbers, but as floats: convert them with .long()")
+            raise ValueError(f"doc_ids must be integer document indices (an integer tensor), got dtype {doc_ids.dtype}: {found}")
+        if doc_ids.dtype == torch.bool:
+            raise ValueError("doc_ids must be integer document indices, got a bool tensor")
         negative = (doc_ids < 0).nonzero().flatten()
         if len(negative):
             raise ValueError(
@@ -143,10 +159,11 @@ class FeatureBudget:
 
     def merge(self, other: "FeatureBudget") -> "FeatureBudget":
         """Add another budget over disjoint tokens into this one (in place); returns self."""
-        if (other.d_sae, other.width, other.n_blocks) != (self.d_sae, self.width, self.n_blocks):
+        if (other.d_sae, other.width, other.n_blocks) != (self.d_sae, self.width, self.n_blocks) or not _same_groups(self.groups, other.groups):
             raise ValueError(
                 "cannot merge budgets of different shape: "
-                f"(d_sae, width, n_blocks) = {(self.d_sae, self.width, self.n_blocks)} vs {(other.d_sae, other.width, other.n_blocks)}"
+                f"(d_sae, width, n_blocks) = {(self.d_sae, self.width, self.n_blocks)} vs {(other.d_sae, other.width, other.n_blocks)}, "
+                "or different duplicate groups"
             )
         self.block_sums += other.block_sums
         self.block_tokens += other.block_tokens
@@ -175,6 +192,21 @@ class FeatureBudget:
         return self.block_sums.sum(0)
 
     @property
+    def group_sums(self) -> torch.Tensor:
+        """The a_i the entropy reads: `feature_sums` with each group's sums added onto its first latent."""
+        return self._grouped(self.block_sums).sum(0)
+
+    @property
+    def merged_latents(self) -> int:
+        """Latents counted as part of another latent's group."""
+        return 0 if self.groups is None else int((self.groups != torch.arange(self.d_sae)).sum())
+
+    def _grouped(self, block_sums: torch.Tensor) -> torch.Tensor:
+        if self.groups is None:
+            return block_sums
+        return torch.zeros_like(block_sums).index_add_(1, self.groups, block_sums)
+
+    @property
     def alive_features(self) -> int:
         return int((self.feature_sums > 0).sum())
 
@@ -193,7 +225,7 @@ class FeatureBudget:
 
     def entropy(self) -> float:
         self._check_has_tokens()
-        return entropy(self.feature_sums)
+        return entropy(self.group_sums)
 
     def effective_features(self) -> float:
         return math.exp(self.entropy())
@@ -216,7 +248,7 @@ class FeatureBudget:
         """
         self._check_has_tokens()
         used = self.block_tokens > 0
-        sums = self.block_sums[used]
+        sums = self._grouped(self.block_sums[used])
         if sums.shape[0] < 2:
             raise ValueError("a bootstrap needs at least 2 non-empty document blocks; feed more than one document")
         generator = torch.Generator().manual_seed(seed)
@@ -234,6 +266,42 @@ class FeatureBudget:
         ).tolist()
         f = self.effective_features()
         return Interval(f - (median - low), f + (high - median))
+
+    def sample_size_curve(self, n_orders: int = 16, confidence: float = 0.95, seed: int = 0) -> list[dict]:
+        """F against tokens seen, read off the finished budget: F of nested subsets of the
+        non-empty document blocks (1, 2, 4, ... blocks, half of them, all of them), each size
+        averaged over `n_orders` seeded random orders of the blocks, with the spread over orders.
+
+        A subset of blocks is a random subset of the documents, so each point is F after about
+        that many tokens of documents: the paper's sample-size curve (F against documents seen),
+        over as many decades as the budget has blocks, without recording anything while it ran.
+        Rows: tokens (mean over orders), F (mean), F_low, F_high (quantiles over orders), blocks.
+        """
+        self._check_has_tokens()
+        used = self.block_tokens > 0
+        sums, tokens = self._grouped(self.block_sums[used]), self.block_tokens[used].to(SUM_DTYPE)
+        n_used = sums.shape[0]
+        sizes = sorted({*(2**k for k in range(n_used.bit_length()) if 2**k < n_used // 2), max(1, n_used // 2), n_used})
+        generator = torch.Generator().manual_seed(seed)
+        f_by_size = {size: [] for size in sizes}
+        tokens_by_size = {size: [] for size in sizes}
+        for _ in range(n_orders):
+            order = torch.randperm(n_used, generator=generator)
+            cumulative, cumulative_tokens = sums[order].cumsum(0), tokens[order].cumsum(0)
+            for size in sizes:
+                f_by_size[size].append(math.exp(entropy(cumulative[size - 1])) if cumulative[size - 1].sum() > 0 else math.nan)
+                tokens_by_size[size].append(float(cumulative_tokens[size - 1]))
+        tail = (1 - confidence) / 2
+        rows = []
+        for size in sizes:
+            values = torch.tensor(f_by_size[size], dtype=SUM_DTYPE)
+            values = values[~values.isnan()]
+            if len(values) == 0:
+                continue
+            low, high = torch.quantile(values, torch.tensor([tail, 1 - tail], dtype=SUM_DTYPE)).tolist()
+            rows.append({"blocks": size, "tokens": sum(tokens_by_size[size]) / n_orders, "F": float(values.mean()),
+                         "F_low": low, "F_high": high})
+        return rows
 
     def bootstrap_superposition_ratio(self, **kwargs) -> Interval:
         f = self.bootstrap_effective_features(**kwargs)
@@ -257,6 +325,7 @@ class FeatureBudget:
             "mean_l0": self.mean_l0,
             "alive_features": self.alive_features,
             "dead_fraction": self.dead_fraction,
+            "merged_latents": self.merged_latents,
         }
 
     # ---- persistence --------------------------------------------------------------
@@ -270,6 +339,7 @@ class FeatureBudget:
             "block_tokens": self.block_tokens,
             "active_count": self.active_count,
             "anonymous_batches": self.anonymous_batches,
+            "groups": self.groups,
         }
 
     @classmethod
@@ -277,7 +347,7 @@ class FeatureBudget:
         missing = [key for key in STATE_KEYS if not isinstance(state, dict) or key not in state]
         if missing:
             raise ValueError(f"not a FeatureBudget state: it lacks {missing}")
-        budget = cls(int(state["d_sae"]), int(state["width"]), int(state["n_blocks"]))
+        budget = cls(int(state["d_sae"]), int(state["width"]), int(state["n_blocks"]), groups=state.get("groups"))
         budget.block_sums = state["block_sums"].to(SUM_DTYPE).clone()
         budget.block_tokens = state["block_tokens"].to(torch.int64).clone()
         budget.active_count = torch.as_tensor(state["active_count"], dtype=torch.int64).clone()
@@ -285,7 +355,8 @@ class FeatureBudget:
         return budget
 
     def save(self, path: str | Path) -> None:
-        torch.save(self.state_dict(), path)
+        with atomic_file(path) as temporary:  # complete or absent, never half-written
+            torch.save(self.state_dict(), temporary)
 
     @classmethod
     def load(cls, path: str | Path) -> "FeatureBudget":
@@ -298,3 +369,7 @@ class FeatureBudget:
             raise ValueError(
                 f"{path} is not a saved FeatureBudget (expected a torch file with {', '.join(STATE_KEYS)}): {err}"
             ) from None
+
+
+def _same_groups(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
+    return (a is None and b is None) or (a is not None and b is not None and torch.equal(a, b))

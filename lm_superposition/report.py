@@ -36,11 +36,14 @@ def depth(kind: str, layer: int) -> float:
 
 
 def per_hook_summary(table: pd.DataFrame) -> pd.DataFrame:
-    """One row per model and hook, seeds pooled.
+    """One row per model and hook, data seeds and SAE seeds pooled.
 
-    F and psi are the mean over seeds; low/high span every seed's bootstrap 95% interval
-    (the union), so the bar shows both document sampling and seed-to-seed spread.
+    F and psi are the mean over seeds; low/high span every row's bootstrap 95% interval (the
+    union), so the bar shows document sampling, data-seed spread and, where a hook was read
+    through several SAEs, SAE-seed spread: `interval_over` says which. `quality` is "ok" only
+    if the gate passed every row of the hook, else the distinct problems of its rows.
     """
+    table = table.assign(sae_seed=table["sae_seed"] if "sae_seed" in table else None)
     grouped = table.groupby(["model", "hook"], sort=False)
     summary = grouped.agg(
         layer=("layer", "first"),
@@ -48,6 +51,7 @@ def per_hook_summary(table: pd.DataFrame) -> pd.DataFrame:
         N=("N", "first"),
         d_sae=("d_sae", "first"),
         seeds=("seed", "nunique"),
+        sae_seeds=("sae_seed", "nunique"),
         tokens=("tokens", "mean"),
         F=("F", "mean"),
         F_seed_std=("F", "std"),
@@ -56,13 +60,26 @@ def per_hook_summary(table: pd.DataFrame) -> pd.DataFrame:
         psi=("psi", "mean"),
         psi_low=("psi_low", "min"),
         psi_high=("psi_high", "max"),
+        F_saturated=("F_saturated", "mean"),
+        mean_l0=("mean_l0", "mean"),
+        merged_latents=("merged_latents", "mean"),
         variance_explained=("variance_explained", "mean"),
+        ce_recovered=("ce_recovered", "mean"),
         additivity=("additivity", "first"),  # one value per hook: measured once, not per seed
-        quality=("quality", "first"),
+        quality=("quality", _pooled_verdict),
     ).reset_index()
+    summary["interval_over"] = [
+        "documents" + (f", {n} data seeds" if n > 1 else "") + (f", {k} SAE seeds" if k > 1 else "")
+        for n, k in zip(summary["seeds"], summary["sae_seeds"])
+    ]
     summary["group"] = [curve_group(k, l) for k, l in zip(summary["kind"], summary["layer"])]
     summary["depth"] = [depth(k, l) for k, l in zip(summary["kind"], summary["layer"])]
     return summary
+
+
+def _pooled_verdict(verdicts: pd.Series) -> str:
+    problems = list(dict.fromkeys(p for v in verdicts if v != "ok" for p in v.split("; ")))
+    return "; ".join(problems) or "ok"
 
 
 def write_tables(table: pd.DataFrame, folder: str | Path, stem: str = "layerwise") -> list[Path]:
@@ -77,42 +94,53 @@ def write_tables(table: pd.DataFrame, folder: str | Path, stem: str = "layerwise
 
 
 def plot_compression_curve(table: pd.DataFrame, path_stem: str | Path, title: str | None = None) -> list[Path]:
-    """psi and F against depth, one line per hook group (and per model), 95% error bars.
-    Writes PATH_STEM.png and PATH_STEM.svg."""
+    """psi and F / d_sae against depth, one line per hook group (and per model), 95% error bars;
+    rows the gate did not pass are drawn hollow. Writes PATH_STEM.png and PATH_STEM.svg."""
     summary = per_hook_summary(table)
-    fig, (ax_psi, ax_f) = plt.subplots(1, 2, figsize=(12, 4.5))
-    for (model, group), rows in summary.groupby(["model", "group"], sort=False):
+    summary["F_per_d_sae"] = summary["F"] / summary["d_sae"]
+    summary["F_per_d_sae_low"], summary["F_per_d_sae_high"] = summary["F_low"] / summary["d_sae"], summary["F_high"] / summary["d_sae"]
+    fig, (ax_psi, ax_usage) = plt.subplots(1, 2, figsize=(13, 4.8))
+    for index, ((model, group), rows) in enumerate(summary.groupby(["model", "group"], sort=False)):
         rows = rows.sort_values("depth")
+        color = f"C{index}"
         label = group if summary["model"].nunique() == 1 else f"{model} {group}"
-        for ax, value in ((ax_psi, "psi"), (ax_f, "F")):
-            errors = [(rows[value] - rows[f"{value}_low"]).clip(lower=0), (rows[f"{value}_high"] - rows[value]).clip(lower=0)]
-            errors = [e.fillna(0) for e in errors]
-            ax.errorbar(rows["depth"], rows[value], yerr=errors, marker="o", capsize=3, label=label)
+        for ax, value in ((ax_psi, "psi"), (ax_usage, "F_per_d_sae")):
+            errors = [(rows[value] - rows[f"{value}_low"]).clip(lower=0).fillna(0), (rows[f"{value}_high"] - rows[value]).clip(lower=0).fillna(0)]
+            ax.errorbar(rows["depth"], rows[value], yerr=errors, color=color, capsize=3, label=label)
+            passed = rows["quality"] == "ok"
+            ax.scatter(rows["depth"][passed], rows[value][passed], color=color, zorder=3)
+            ax.scatter(rows["depth"][~passed], rows[value][~passed], facecolors="white", edgecolors=color, zorder=3)
     ax_psi.axhline(1.0, color="grey", lw=0.8, ls="--")
     ax_psi.set_ylabel("psi = F / N")
-    ax_f.set_ylabel("effective features F = exp(H)")
-    ax_f.set_yscale("log")
-    for ax in (ax_psi, ax_f):
+    ax_usage.axhline(0.5, color="grey", lw=0.8, ls=":")
+    ax_usage.set_ylabel("F / d_sae (above 0.5: dictionary too narrow to tell)")
+    for ax in (ax_psi, ax_usage):
         ax.set_xlabel("depth (0 = embedding, L+1 = output of block L)")
         ax.grid(alpha=0.3)
+    ax_psi.scatter([], [], facecolors="white", edgecolors="grey", label="failed the quality gate")
     ax_psi.legend(fontsize=8)
     tokens = int(summary["tokens"].min())
-    fig.suptitle(title or f"Superposition per layer ({tokens:,} tokens per seed; bars: 95% bootstrap over documents and seeds)")
+    fig.suptitle(title or f"Superposition per layer ({tokens:,} tokens per seed; bars: 95% over {summary['interval_over'].iloc[0]})")
     fig.tight_layout()
     return _save(fig, path_stem)
 
 
 def plot_convergence(convergence: pd.DataFrame, path_stem: str | Path) -> list[Path]:
-    """F against tokens seen (log-log), one line per hook and seed."""
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for (hook, seed), rows in convergence.groupby(["hook", "seed"], sort=False):
-        ax.plot(rows["tokens"], rows["F"], marker=".", label=f"{hook} (seed {seed})")
+    """F against tokens seen (log-log), one line per hook (data and SAE seeds as thin lines),
+    with the spread over orders of documents as a band (metric.FeatureBudget.sample_size_curve)."""
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    hooks = list(dict.fromkeys(convergence["hook"]))
+    for index, hook in enumerate(hooks):
+        for n, (_, rows) in enumerate(convergence[convergence["hook"] == hook].groupby(["seed", "sae_seed"], dropna=False, sort=False)):
+            ax.plot(rows["tokens"], rows["F"], color=f"C{index % 10}", lw=1, marker=".", label=hook if n == 0 else None)
+            if "F_low" in rows:
+                ax.fill_between(rows["tokens"], rows["F_low"], rows["F_high"], color=f"C{index % 10}", alpha=0.08)
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("tokens seen")
     ax.set_ylabel("effective features F")
     ax.grid(alpha=0.3, which="both")
-    if convergence["hook"].nunique() * convergence["seed"].nunique() <= 24:
+    if len(hooks) <= 24:
         ax.legend(fontsize=6, ncol=2)
     fig.tight_layout()
     return _save(fig, path_stem)
@@ -132,7 +160,8 @@ def _save(fig, path_stem) -> list[Path]:
 def format_table(table: pd.DataFrame) -> str:
     """A compact text view for the terminal: one line per hook, seeds pooled."""
     summary = per_hook_summary(table)
-    columns = ["hook", "N", "d_sae", "tokens", "F", "F_low", "F_high", "psi", "variance_explained", "additivity", "quality"]
+    columns = ["hook", "N", "d_sae", "tokens", "F", "F_low", "F_high", "psi", "F_saturated", "variance_explained", "ce_recovered",
+               "additivity", "quality"]
     view = summary[[c for c in columns if c != "additivity" or summary[c].notna().any()]].copy()
     view["F 95%"] = [f"[{lo:,.0f}, {hi:,.0f}]" if not math.isnan(lo) else "n/a" for lo, hi in zip(view.pop("F_low"), view.pop("F_high"))]
     return view.to_string(index=False, float_format=lambda x: f"{x:,.3f}")

@@ -24,10 +24,12 @@ import dataclasses
 import importlib.metadata
 import json
 import math
+import os
 import platform
 import shutil
 import signal
 import subprocess
+import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -38,12 +40,12 @@ import torch
 
 from . import atomic, report
 from .analyze import LayerwiseAnalyzer, MeasurementStopped
-from .config import RESUMABLE_CHANGES, RunConfig
+from .config import RESUMABLE_CHANGES, ConfigError, RunConfig
 from .data import check_text_source, load_texts, token_windows
 from .distributed import barrier, world_size_and_rank
-from .models import load_model
+from .models import hook_point, load_model
 from .saes.loading import load_release, load_sae_from_disk
-from .saes.training import QUALITY_FILENAME, text_tokens_for_training, train_saes_for_model
+from .saes.training import QUALITY_FILENAME, text_tokens_for_training, train_saes_for_model, trained_sae_folder
 
 MANIFEST = "manifest.json"
 # What a run writes into its folder; --overwrite deletes a folder only if it holds nothing else.
@@ -51,12 +53,20 @@ RUN_FILES = {
     MANIFEST, "layerwise.csv", "layerwise.json", "convergence.csv", "compression_curve.png", "compression_curve.svg",
     "convergence.png", "convergence.svg", "checkpoints", "saes",
 }
+RUN_FOLDERS = {"checkpoints", "saes"}
 # Packages whose version is part of a run's fingerprint: a new version may change the numbers.
 FINGERPRINT_PACKAGES = ("lm-superposition", "torch", "transformer-lens", "sae-lens", "transformers")
 
 
-class RunInterrupted(Exception):
-    """The run was stopped by SIGINT or SIGTERM after saving its checkpoint."""
+class RunInterrupted(KeyboardInterrupt):
+    """The run was stopped by SIGINT or SIGTERM (after saving its checkpoint, if it was measuring).
+
+    A KeyboardInterrupt, so that no `except Exception` on the way out swallows it. `resumable`
+    is True when the run folder holds the run (`--resume` continues it), False when the run
+    stopped before writing anything and left the disk as it found it (run it again as it was).
+    """
+
+    resumable = True
 
 
 @dataclass(frozen=True)
@@ -80,27 +90,50 @@ def sweep_items(config: RunConfig) -> list[SweepItem]:
 def run(config: RunConfig, *, resume: bool = False, overwrite: bool = False, progress: bool = True) -> pd.DataFrame:
     """Carry out a probing run; returns the combined table (also written to the run folder).
 
-    Raises RunInterrupted (after saving the checkpoint) on SIGINT or SIGTERM. Under torchrun
-    every process runs this; windows are shared out (see LayerwiseAnalyzer.run_seed), and only
-    rank 0 trains SAEs and writes the folder's files.
+    Order: check the config and every corpus source, then prepare the folder, then load models.
+    A run that fails or is interrupted before writing anything but its manifest leaves the disk
+    as it found it (a folder it created is removed, a run that --overwrite moved aside is put
+    back). Raises RunInterrupted (after saving the checkpoint) on SIGINT or SIGTERM.
+
+    Under torchrun every process runs this; windows are shared out (see
+    LayerwiseAnalyzer.run_seed), and only rank 0 trains SAEs and writes the folder's files.
     """
     config = RunConfig.from_dict(config.to_dict())  # a config built in code is checked like a file
-    for source in config.corpus.sources:
-        check_text_source(source)
-    output = Path(config.run.output)
-    manifest = _manifest(config)
-    created = False
-    if _rank() == 0:
-        created = prepare_output(output, manifest, resume=resume, overwrite=overwrite)
-        atomic.write_text(output / MANIFEST, json.dumps(manifest, indent=1))
-    barrier()
+    with _interrupts() as interrupts:
+        for source in config.corpus.sources:
+            _check_source(source, config)
+        output = Path(config.run.output).expanduser()
+        manifest = _manifest(config)
+        prepared = None
+        try:
+            if _rank() == 0:
+                prepared = prepare_output(output, manifest, resume=resume, overwrite=overwrite)
+                atomic.write_text(output / MANIFEST, json.dumps(manifest, indent=1))
+            barrier()
+            table = _run_sweep(config, output, manifest, progress, interrupts)
+        except (Exception, KeyboardInterrupt) as error:  # not a kill: that runs no code, and resume handles what it leaves
+            if prepared is not None:
+                prepared.settle(finished=False)
+            if isinstance(error, RunInterrupted):
+                error.resumable = (output / MANIFEST).is_file()
+            raise
+        if prepared is not None:
+            prepared.settle(finished=True)
+        return table
+
+
+def _check_source(source: str, config: RunConfig) -> None:
+    """check_text_source, its error naming the config key."""
+    corpus = config.corpus
     try:
-        with _interrupts() as interrupts:
-            return _run_sweep(config, output, manifest, progress, interrupts)
-    except Exception as error:
-        if created and not isinstance(error, RunInterrupted):
-            _remove_if_only_manifest(output)  # a run that failed before measuring anything leaves no folder
-        raise
+        check_text_source(source, config=corpus.config, split=corpus.split, text_column=corpus.text_column)
+    except (OSError, ValueError, TypeError) as error:
+        message = f"[corpus] sources: {error}"
+        try:
+            renamed = type(error)(message)
+        except Exception:  # an exception type that takes other arguments
+            renamed = ConfigError(message)
+        raise renamed from error
 
 
 def _run_sweep(config: RunConfig, output: Path, manifest: dict, progress: bool, interrupts: _Interrupts) -> pd.DataFrame:
@@ -129,39 +162,77 @@ def _run_sweep(config: RunConfig, output: Path, manifest: dict, progress: bool, 
 # ---------------------------------------------------------------- the run folder
 
 
-def prepare_output(output: Path, manifest: dict, *, resume: bool, overwrite: bool) -> bool:
-    """Make `output` ready for this run; True if it was created (or emptied) now.
+@dataclass
+class PreparedOutput:
+    """What `prepare_output` did to the disk, so that a run which stops before writing any
+    result can undo it (`settle`)."""
 
-    Refuses (FileExistsError, naming what is there) to overwrite a folder this tool did not
-    make, to resume a run made by a different config, and to write into an existing run
-    without --resume or --overwrite.
+    output: Path
+    created: Path | None = None  # the topmost folder created for the run (the output or a parent)
+    emptied: bool = False  # an existing folder with nothing in it (or only a killed run's temporaries)
+    replaced: Path | None = None  # --overwrite: the old run, moved aside until the new one has results
+
+    def settle(self, finished: bool) -> None:
+        """After the run: drop the replaced run once the new one holds results; if it holds
+        none (it stopped before training or measuring anything), undo what was done."""
+        if finished or _holds_results(self.output):
+            if self.replaced is not None:
+                shutil.rmtree(self.replaced, ignore_errors=True)
+            return
+        if self.replaced is not None:
+            shutil.rmtree(self.output, ignore_errors=True)
+            os.replace(self.replaced / self.output.name, self.output)
+            shutil.rmtree(self.replaced, ignore_errors=True)
+        elif self.created is not None:
+            shutil.rmtree(self.created, ignore_errors=True)
+        elif self.emptied:
+            _empty(self.output)
+
+
+def prepare_output(output: Path, manifest: dict, *, resume: bool, overwrite: bool) -> PreparedOutput:
+    """Make `output` ready for this run, and say what was done (see PreparedOutput).
+
+    - missing: created (with --resume: refused, there is nothing to resume);
+    - empty, or holding only the temporaries of a run killed before its manifest: used as is
+      (with --resume too: that run had not begun, so resuming it is starting it);
+    - a folder without this tool's manifest.json: refused, whatever the flags, naming what is there;
+    - a run folder: refused without a flag; --resume continues it if its fingerprint matches
+      (else refused, listing the differences); --overwrite replaces it if it holds nothing but
+      what this tool writes and not the working directory.
+    Every refusal is a FileExistsError/FileNotFoundError/ValueError that changes nothing on disk.
     """
     if resume and overwrite:
         raise ValueError("give --resume or --overwrite, not both")
-    if not output.exists() or not any(output.iterdir()):
+    if output.exists() and not output.is_dir():
+        raise FileExistsError(f"output {output} is a file, not a folder; choose another [run] output. Nothing was changed")
+    if not output.exists():
         if resume:
-            raise FileNotFoundError(f"nothing to resume: {output} holds no run; drop --resume to start one")
-        output.mkdir(parents=True, exist_ok=True)
-        return True
-    if not output.is_dir():
-        raise FileExistsError(f"output {output} is a file, not a folder")
+            raise FileNotFoundError(f"nothing to resume: {output} does not exist; drop --resume to start a run there")
+        created = next(folder for folder in (output, *output.parents) if folder.parent.exists())
+        output.mkdir(parents=True)
+        return PreparedOutput(output, created=created)
+    if not any(not atomic.is_partial(p.name) for p in output.iterdir()):
+        _empty(output)
+        return PreparedOutput(output, emptied=True)
     if not (output / MANIFEST).is_file():
         raise FileExistsError(
             f"{output} is not a run folder of this tool (no {MANIFEST}); it holds {_listing(output)}. "
             "Nothing was deleted: choose another [run] output (or --output)"
         )
     if overwrite:
-        foreign = sorted(p.name for p in output.iterdir() if p.name not in RUN_FILES and not p.name.startswith("."))
+        foreign = _foreign_files(output)
         if foreign or _holds_working_directory(output):
-            what = f"files this tool did not write: {foreign}" if foreign else "the current working directory"
+            what = f"files this tool did not write: {foreign[:10]}" if foreign else "the current working directory"
             raise FileExistsError(f"--overwrite refused: {output} holds {what}. Nothing was deleted")
-        shutil.rmtree(output)
-        output.mkdir(parents=True)
-        return True
+        # Moved aside, not deleted: if the new run stops before writing a result, it is put back.
+        aside = Path(tempfile.mkdtemp(prefix=f".{output.name}.replaced-", dir=output.parent))
+        os.replace(output, aside / output.name)
+        output.mkdir()
+        return PreparedOutput(output, replaced=aside)
     if not resume:
         raise FileExistsError(f"output folder {output} already holds a run; pass --resume to continue it or --overwrite to replace it")
     _check_same_run(output, manifest)
-    return False
+    return PreparedOutput(output)
 
 
 def _check_same_run(output: Path, manifest: dict) -> None:
@@ -199,10 +270,52 @@ def _holds_working_directory(folder: Path) -> bool:
     return folder.resolve() == here or folder.resolve() in here.parents or folder.resolve() == Path.home().resolve()
 
 
-def _remove_if_only_manifest(output: Path) -> None:
-    leftovers = [p for p in output.rglob("*") if p.is_file() and p.name != MANIFEST]
-    if not leftovers:
-        shutil.rmtree(output, ignore_errors=True)
+def _holds_results(output: Path) -> bool:
+    """True if `output` holds a file a run wrote besides its manifest (an SAE, a checkpoint, a table)."""
+    return any(
+        path.is_file() and path.relative_to(output) != Path(MANIFEST)
+        and not any(atomic.is_partial(part) for part in path.relative_to(output).parts)
+        for path in output.rglob("*")
+    )
+
+
+def _empty(folder: Path) -> None:
+    """Remove everything inside `folder` (only ever called on what a run wrote there)."""
+    for path in folder.iterdir():
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+
+
+def _foreign_files(output: Path) -> list[str]:
+    """Paths under a run folder that a run does not write (the topmost of each), for --overwrite.
+
+    A run writes RUN_FILES at the top, checkpoints/*.pt, saes/<item>/<hook>/ SAE-Lens folders,
+    and, if killed mid-write, hidden temporaries (atomic.py)."""
+    foreign = []
+
+    def visit(folder: Path, depth: tuple[str, ...]) -> None:
+        for path in sorted(folder.iterdir()):
+            relative = (*depth, path.name)
+            if atomic.is_partial(path.name):
+                continue
+            is_folder = path.is_dir() and not path.is_symlink()
+            if len(relative) == 1:
+                ours = path.name in RUN_FILES and is_folder == (path.name in RUN_FOLDERS)
+            elif relative[0] == "checkpoints":
+                ours = len(relative) == 2 and not is_folder and path.suffix == ".pt"
+            elif relative[0] == "saes":
+                ours = is_folder if len(relative) < 4 else len(relative) == 4 and not is_folder
+            else:
+                ours = False
+            if not ours:
+                foreign.append("/".join(relative))
+            elif is_folder:
+                visit(path, relative)
+
+    visit(output, ())
+    return foreign
 
 
 # ---------------------------------------------------------------- interrupts
@@ -259,13 +372,15 @@ def _interrupts():
 def _run_item(config: RunConfig, item: SweepItem, output: Path, progress: bool, interrupts: _Interrupts):
     settings = config.run
     model = load_model(item.model, device=settings.device, dtype=getattr(torch, config.model.dtype), checkpoint=item.checkpoint)
+    _check_hooks(config, model)
     texts_for = lambda seed: load_texts(  # noqa: E731
         item.corpus, config=config.corpus.config, split=config.corpus.split, text_column=config.corpus.text_column, seed=seed
     )
     saes, sae_names, known_ce = _saes_for(config, item, model, texts_for, output, progress)
     analyzer = LayerwiseAnalyzer(
         model, saes, model_name=item.model, batch_size=settings.batch_size, n_blocks=settings.n_blocks,
-        allow_hook_mismatch=config.saes.allow_hook_mismatch,
+        allow_hook_mismatch=config.saes.allow_hook_mismatch, merge_duplicates=settings.merge_duplicates,
+        duplicate_cosine=settings.duplicate_cosine, gate=config.gate,
     )
     # Each seed reads its own shuffle of the corpus, exactly token_budget tokens of it.
     with interrupts.deferred():
@@ -286,9 +401,19 @@ def _run_item(config: RunConfig, item: SweepItem, output: Path, progress: bool, 
     return table, convergence
 
 
+def _check_hooks(config: RunConfig, model) -> None:
+    """The hooks to train SAEs for, against the model's catalogue, before any text is read."""
+    for hook in config.saes.train.hooks if config.saes.train is not None else []:
+        try:
+            hook_point(model, hook)
+        except ValueError as error:
+            raise ConfigError(f"[saes.train] hooks: {error}") from None
+
+
 def _saes_for(config: RunConfig, item: SweepItem, model, texts_for, output: Path, progress: bool):
-    """{hook: SAE}, {hook: where it came from} and {hook: CE loss recovered already measured},
-    from releases, folders or training on the spot (whose held-out evaluation gives the CE)."""
+    """{hook: SAE or {sae_seed: SAE}}, {slot: where it came from} and {slot: (CE loss recovered,
+    tokens)} already measured, from releases, folders or training on the spot (whose held-out
+    evaluation gives the CE)."""
     saes, names, known_ce = {}, {}, {}
     for release in config.saes.releases:
         for hook, sae in load_release(release, device=config.run.device).items():
@@ -300,11 +425,21 @@ def _saes_for(config: RunConfig, item: SweepItem, model, texts_for, output: Path
         if _rank() == 0:
             _train_or_reuse(config, model, texts_for, output / "saes" / item.slug, item.model, progress)
         barrier()
-        for hook in config.saes.train.hooks:
-            folder = output / "saes" / item.slug / hook
-            saes[hook], names[hook] = load_sae_from_disk(folder, device=config.run.device), f"trained: {folder}"
-            ce = json.loads((folder / QUALITY_FILENAME).read_text())["ce_loss_recovered"]
-            known_ce[hook] = math.nan if ce is None else ce
+        train = config.saes.train
+        several = len(train.sae_seeds) > 1
+        for hook in train.hooks:
+            for seed in train.sae_seeds:
+                folder = trained_sae_folder(output / "saes" / item.slug, hook, seed if several else None)
+                sae = load_sae_from_disk(folder, device=config.run.device)
+                key = f"{hook}#{seed}" if several else hook
+                if several:
+                    saes.setdefault(hook, {})[seed] = sae
+                else:
+                    saes[hook] = sae
+                names[key] = f"trained: {folder}"
+                quality = json.loads((folder / QUALITY_FILENAME).read_text())
+                ce = quality["ce_loss_recovered"]
+                known_ce[key] = (math.nan if ce is None else ce, quality["n_tokens"])
     return saes, names, known_ce
 
 
@@ -313,7 +448,9 @@ def _train_or_reuse(config: RunConfig, model, texts_for, folder: Path, model_nam
     so its accumulators keep reading through the same dictionaries. An SAE counts as saved
     only with its quality.json, written last inside a folder that appears whole (atomic.py)."""
     train = config.saes.train
-    if all((folder / hook / QUALITY_FILENAME).is_file() for hook in train.hooks):
+    several = len(train.sae_seeds) > 1
+    folders = [trained_sae_folder(folder, hook, seed if several else None) for hook in train.hooks for seed in train.sae_seeds]
+    if all((sae_folder / QUALITY_FILENAME).is_file() for sae_folder in folders):
         return
     # Training text comes from a seed no measurement uses, so SAEs are not scored on their
     # training tokens; a few windows more are held out to judge them.
@@ -323,7 +460,8 @@ def _train_or_reuse(config: RunConfig, model, texts_for, folder: Path, model_nam
     windows = token_windows(texts_for(training_seed), model.tokenizer, context_size=config.run.context_size, token_budget=budget, seed=training_seed)
     sae_config = dataclasses.replace(train.training_config(), device=config.run.device, model_name=model_name)
     train_saes_for_model(
-        model, train.hooks, windows, sae_config, folder, batch_size=config.run.batch_size, n_eval_windows=eval_windows, progress=progress
+        model, train.hooks, windows, sae_config, folder, batch_size=config.run.batch_size, n_eval_windows=eval_windows,
+        progress=progress, sae_seeds=train.sae_seeds if several else None,
     )
 
 
@@ -341,7 +479,12 @@ def train_only(config: RunConfig, out_dir: str | Path, progress: bool = True) ->
         item.corpus, config=config.corpus.config, split=config.corpus.split, text_column=config.corpus.text_column, seed=seed
     )
     _train_or_reuse(config, model, texts_for, Path(out_dir), item.model, progress)
-    return {hook: Path(out_dir) / hook for hook in config.saes.train.hooks}
+    train = config.saes.train
+    several = len(train.sae_seeds) > 1
+    return {
+        f"{hook}#{seed}" if several else hook: trained_sae_folder(out_dir, hook, seed if several else None)
+        for hook in train.hooks for seed in train.sae_seeds
+    }
 
 
 def _rank() -> int:

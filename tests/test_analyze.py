@@ -18,6 +18,7 @@ from lm_superposition.analyze import (
     sample_windows,
     saturated_features,
 )
+from lm_superposition.gate import QualityGate
 from lm_superposition.metric import FeatureBudget
 
 HOOKS = ["blocks.0.hook_resid_pre", "blocks.1.hook_attn_out", "blocks.2.hook_mlp_out"]
@@ -57,7 +58,7 @@ def test_table_matches_the_metric_on_the_same_codes(pythia_shaped_model, saes, w
     for hook in HOOKS:
         codes = saes[hook].encode(cache[hook][mask])
         reference = FeatureBudget(256, 512)
-        reference.update(codes)
+        reference.update(codes * saes[hook].W_dec.norm(dim=1))  # each code in decoder-norm units
         row = table.set_index("hook").loc[hook]
         assert row["tokens"] == windows.n_tokens
         assert row["F"] == pytest.approx(reference.effective_features(), rel=1e-6)
@@ -104,7 +105,7 @@ def test_seeds_reproduce_bit_for_bit_and_differ_from_each_other(pythia_shaped_mo
     by_seed = first.set_index(["seed", "hook"])["F"]
     assert by_seed.loc[0].tolist() != by_seed.loc[1].tolist()
     convergence = first.attrs["convergence"]
-    assert set(convergence["seed"]) == {0, 1} and convergence["tokens"].max() == 300
+    assert set(convergence["seed"]) == {0, 1} and convergence["tokens"].max() == pytest.approx(300)
 
 
 def test_sample_windows_is_exact_and_seeded(windows):
@@ -149,11 +150,16 @@ def test_resume_state_of_another_seed_is_refused(pythia_shaped_model, saes, wind
         analyzer.run_seed(windows, seed=0, resume_from=analyzer.new_seed(1), progress=False)
 
 
-def test_convergence_is_recorded_and_early_stop_honours_the_target(pythia_shaped_model, saes, windows):
+def test_sample_size_curve_and_early_stop(pythia_shaped_model, saes, windows):
     analyzer = analyzer_for(pythia_shaped_model, saes)
     full = analyzer.run_seed(windows, seed=0, progress=False)
-    token_points = sorted({row["tokens"] for row in full.convergence})
-    assert token_points[-1] == windows.n_tokens and len(token_points) >= 2
+    budget = full.budgets[HOOKS[1]]
+    curve = budget.sample_size_curve()
+    assert [row["blocks"] for row in curve] == [1, 2, 4, 8, 16]  # 16 blocks: powers of two, half, all
+    assert curve[-1]["tokens"] == windows.n_tokens and curve[-1]["F"] == pytest.approx(budget.effective_features())
+    assert all(a["tokens"] < b["tokens"] and a["F"] < b["F"] for a, b in zip(curve, curve[1:]))  # F grows with tokens
+    assert all(row["F_low"] <= row["F"] <= row["F_high"] for row in curve[:-1])
+    assert curve[-1]["F_low"] == pytest.approx(curve[-1]["F_high"], rel=1e-12)  # every order of all blocks: one sample
 
     loose = analyzer.run_seed(windows, seed=0, target_relative_interval=10.0, progress=False)
     assert loose.tokens < windows.n_tokens  # stopped at the first convergence point
@@ -177,11 +183,17 @@ def test_log_spaced_checkpoints():
     assert log_spaced_checkpoints(100) == [100]
 
 
-def test_saturation_fit_recovers_a_known_curve():
+def test_saturation_fit_recovers_a_known_curve_and_says_when_it_cannot():
     tokens = [2**k for k in range(8, 20)]
     curve = [6000 * t / (t + 30_000) for t in tokens]
-    assert saturated_features(tokens, curve) == pytest.approx(6000, rel=1e-3)
-    assert math.isnan(saturated_features(tokens[:3], curve[:3]))
+    fitted, note = saturated_features(tokens, curve)
+    assert fitted == pytest.approx(6000, rel=1e-3) and note == ""
+    f, note = saturated_features(tokens[:4], curve[:4])
+    assert math.isnan(f) and note == "4 token counts < 5"
+    f, note = saturated_features([100, 1200, 1500, 4000, 4000], [10, 11, 12, 14, 14])
+    assert math.isnan(f) and note == "4 token counts < 5"  # repeated counts count once
+    f, note = saturated_features([1000, 1500, 2000, 3000, 5000], [10, 11, 12, 13, 14])
+    assert math.isnan(f) and note == "tokens span 0.7 decades < 1.0"
 
 
 def test_reports_write_tables_and_both_plots(pythia_shaped_model, saes, windows, tmp_path):
@@ -191,7 +203,7 @@ def test_reports_write_tables_and_both_plots(pythia_shaped_model, saes, windows,
     written = report.write_tables(table, tmp_path)
     assert pd.read_csv(written[0]).shape == table.shape
     for stem in ("curve", "convergence"):
-        plot = report.plot_compression_curve if stem == "curve" else lambda t, p: report.plot_convergence(pd.DataFrame([r for s in states for r in s.convergence]), p)
+        plot = report.plot_compression_curve if stem == "curve" else lambda t, p: report.plot_convergence(t.attrs["convergence"], p)
         for path in plot(table, tmp_path / stem):
             assert path.stat().st_size > 1000
     summary = report.per_hook_summary(table)
@@ -202,3 +214,47 @@ def test_reports_write_tables_and_both_plots(pythia_shaped_model, saes, windows,
         assert pooled["F_low"] == rows["F_low"].min() and pooled["F_high"] == rows["F_high"].max()
     assert summary.set_index("hook").loc["blocks.0.hook_resid_pre", "group"] == "embedding"
     assert "blocks.2.hook_mlp_out" in report.format_table(table)
+
+
+def test_the_quality_column_is_the_gates_verdict(pythia_shaped_model, saes, windows):
+    analyzer = analyzer_for(pythia_shaped_model, saes)
+    table = analyzer.table([analyzer.run_seed(windows, progress=False)], ce_recovered={h: (0.95, 20_000) for h in HOOKS})
+    for _, row in table.iterrows():
+        assert row["quality"] == analyzer.gate.verdict(
+            variance_explained=row["variance_explained"], ce_recovered=0.95, ce_tokens=20_000, dead_fraction=row["dead_fraction"],
+            effective_features=row["F"], d_sae=row["d_sae"], last_doubling_growth=row["last_doubling_growth"],
+        )
+    # random SAEs reconstruct nothing and a 256-latent dictionary is mostly in use: flagged, with the reasons
+    assert table["quality"].str.contains("variance explained").all()
+    lenient = QualityGate(min_variance_explained=0.0, max_width_usage=1.0, max_last_doubling_growth=10.0)
+    assert lenient.verdict(variance_explained=0.5, ce_recovered=0.95, ce_tokens=20_000, dead_fraction=0.0,
+                           effective_features=10, d_sae=100, last_doubling_growth=0.01) == "ok"
+    verdict = QualityGate().verdict(variance_explained=0.5, ce_recovered=0.8, ce_tokens=500, dead_fraction=0.7,
+                                    effective_features=80, d_sae=100, last_doubling_growth=0.2)
+    for reason in ("variance explained 0.500 < 0.9", "CE recovered 0.800 < 0.9", "CE on 500 tokens < 10,000",
+                   "dead fraction 0.70 > 0.5", "dictionary too narrow to tell", "not converged (F +20%"):
+        assert reason in verdict
+
+
+def test_a_hook_read_through_several_saes_gives_one_row_per_sae_seed(pythia_shaped_model, saes, windows):
+    hook = HOOKS[2]
+    several = {hook: {0: random_sae(hook, seed=10), 1: random_sae(hook, seed=11)}}
+    table = measure_layers(pythia_shaped_model, several, windows, seeds=[0, 1], token_budget=300, batch_size=4, ce_windows=0,
+                           progress=False, model_name="pythia-70m-deduped")
+    assert sorted(zip(table["seed"], table["sae_seed"])) == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    alone = measure_layers(pythia_shaped_model, {hook: several[hook][1]}, windows, seeds=[1], token_budget=300, batch_size=4,
+                           ce_windows=0, progress=False, model_name="pythia-70m-deduped")
+    both = table.set_index(["seed", "sae_seed"])
+    assert both.loc[(1, 1), "F"] == alone["F"].iloc[0]  # reading two SAEs from one pass changes neither
+    summary = report.per_hook_summary(table)
+    assert summary["interval_over"].iloc[0] == "documents, 2 data seeds, 2 SAE seeds"
+
+
+def test_merge_duplicates_false_gives_the_raw_measure(pythia_shaped_model, saes, windows):
+    merged = analyzer_for(pythia_shaped_model, saes).run_seed(windows[:8], progress=False)
+    raw = analyzer_for(pythia_shaped_model, saes, merge_duplicates=False).run_seed(windows[:8], progress=False)
+    for hook in HOOKS:
+        assert raw.budgets[hook].groups is None
+        assert torch.equal(raw.budgets[hook].block_sums, merged.budgets[hook].block_sums)  # the sums are the same...
+        if merged.budgets[hook].merged_latents == 0:  # ...and so is F where nothing was merged
+            assert raw.budgets[hook].effective_features() == merged.budgets[hook].effective_features()

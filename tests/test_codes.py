@@ -1,10 +1,25 @@
 """SAE codes as the measure reads them: sparse form, in-place encode, sparse decode."""
 
+import copy
+
 import pytest
 import torch
-from sae_lens import JumpReLUSAE, JumpReLUSAEConfig, StandardSAE, StandardSAEConfig, TopKSAE, TopKSAEConfig
+from sae_lens import (
+    GatedSAE,
+    GatedSAEConfig,
+    JumpReLUSAE,
+    JumpReLUSAEConfig,
+    StandardSAE,
+    StandardSAEConfig,
+    TopKSAE,
+    TopKSAEConfig,
+)
 
-from lm_superposition.codes import decode, encode, encodes_in_place, sparse_codes
+from experiments.toy import TiedSAE
+from lm_superposition.analyze import sae_budget
+from lm_superposition.codes import decode, duplicate_groups, encode, encodes_in_place, sparse_codes
+from lm_superposition.metric import FeatureBudget
+from lm_superposition.saes import load_dictionary_learning_sae
 
 
 def test_sparse_codes_keep_exactly_the_nonzeros():
@@ -59,3 +74,124 @@ def test_in_place_encode_equals_sae_lens_encode():
         topk = TopKSAE(TopKSAEConfig(d_in=16, d_sae=64, k=3))
         assert not encodes_in_place(topk)
         assert torch.equal(encode(topk, activations, out=buffer), topk.encode(activations))
+
+
+# --- the budget does not depend on how an SAE is written (issue: psi through any SAE) ----------
+
+D_IN, D_SAE = 12, 48
+
+
+def _random_sae(cls, config_cls, **extra):
+    torch.manual_seed(0)
+    sae = cls(config_cls(d_in=D_IN, d_sae=D_SAE, dtype="float64", **extra))
+    with torch.no_grad():
+        for name, parameter in sae.named_parameters():
+            parameter.normal_(0, 0.5)
+        sae.W_dec.mul_(torch.rand(D_SAE, 1, dtype=torch.float64) * 3 + 0.2)  # decoder rows of very different norms
+        if hasattr(sae, "threshold"):
+            sae.threshold.copy_(torch.rand(D_SAE, dtype=torch.float64) * 0.3)
+    return sae
+
+
+def _rescaled(sae, scale: torch.Tensor):
+    """The same function with latent i's code multiplied by scale[i] and its decoder row divided by it."""
+    other = copy.deepcopy(sae)
+    with torch.no_grad():
+        other.W_dec.div_(scale[:, None])
+        if isinstance(sae, GatedSAE):  # magnitudes come from W_enc * exp(r_mag) + b_mag; the gate is unchanged
+            other.r_mag.add_(scale.log())
+            other.b_mag.mul_(scale)
+        else:
+            other.W_enc.mul_(scale[None, :])
+            other.b_enc.mul_(scale)
+        if hasattr(other, "threshold"):
+            other.threshold.mul_(scale)
+    return other
+
+
+ACTIVATIONS = torch.randn(400, D_IN, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+
+RESCALABLE = {
+    "standard": (StandardSAE, StandardSAEConfig, {}),
+    "jumprelu": (JumpReLUSAE, JumpReLUSAEConfig, {}),
+    "gated": (GatedSAE, GatedSAEConfig, {}),
+    "topk, rescale_acts_by_decoder_norm": (TopKSAE, TopKSAEConfig, dict(k=6, rescale_acts_by_decoder_norm=True)),
+    "topk, k = d_sae": (TopKSAE, TopKSAEConfig, dict(k=D_SAE)),
+}
+
+
+@pytest.mark.parametrize("name", list(RESCALABLE))
+@pytest.mark.parametrize("merge", [True, False])
+def test_re_expressing_an_sae_leaves_f_unchanged(name, merge):
+    cls, config_cls, extra = RESCALABLE[name]
+    sae = _random_sae(cls, config_cls, **extra)
+    unit_norm = _rescaled(sae, sae.W_dec.detach().norm(dim=1))  # unit-norm decoder rows, codes rescaled to match
+    arbitrary = _rescaled(sae, torch.rand(D_SAE, generator=torch.Generator().manual_seed(2), dtype=torch.float64) * 5 + 0.1)
+    for other in (unit_norm, arbitrary):
+        assert torch.allclose(other.decode(other.encode(ACTIVATIONS)), sae.decode(sae.encode(ACTIVATIONS)))  # the same function
+    f = sae_budget(sae, ACTIVATIONS, merge_duplicates=merge).effective_features()
+    assert 1 < f < D_SAE
+    for other in (unit_norm, arbitrary):
+        assert sae_budget(other, ACTIVATIONS, merge_duplicates=merge).effective_features() == pytest.approx(f, rel=1e-9)
+    if name == "standard":  # raw |z| sums (the old measure) do move
+        raw = FeatureBudget(D_SAE, D_IN)
+        raw.update(arbitrary.encode(ACTIVATIONS))
+        assert abs(raw.effective_features() / f - 1) > 0.01
+
+
+def test_dictionary_learning_ae_pt_is_read_in_decoder_norm_units(tmp_path):
+    sae = _random_sae(StandardSAE, StandardSAEConfig, apply_b_dec_to_input=True)
+    torch.save({"encoder.weight": sae.W_enc.T.float(), "encoder.bias": sae.b_enc.float(),
+                "decoder.weight": sae.W_dec.T.float(), "bias": sae.b_dec.float()}, tmp_path / "ae.pt")
+    loaded = load_dictionary_learning_sae(tmp_path / "ae.pt", hook_name="h")
+    f_loaded = sae_budget(loaded, ACTIVATIONS.float()).effective_features()
+    f_original = sae_budget(sae, ACTIVATIONS).effective_features()
+    assert f_loaded == pytest.approx(f_original, rel=1e-5)  # float32 file against the float64 original
+
+
+def test_a_toy_tied_sae_is_read_like_an_sae_lens_sae_with_its_weights():
+    toy = TiedSAE(D_IN, D_SAE, seed=3).double()
+    with torch.no_grad():
+        toy.b_enc.normal_(0, 0.3)
+    same = StandardSAE(StandardSAEConfig(d_in=D_IN, d_sae=D_SAE, dtype="float64", apply_b_dec_to_input=True))
+    with torch.no_grad():
+        same.W_enc.copy_(toy.W_dec.T)
+        same.W_dec.copy_(toy.W_dec)
+        same.b_enc.copy_(toy.b_enc)
+        same.b_dec.zero_()
+    assert sae_budget(toy, ACTIVATIONS).effective_features() == pytest.approx(sae_budget(same, ACTIVATIONS).effective_features(), rel=1e-12)
+
+
+def _with_duplicates(sae, copies: list[int]):
+    """The same function with latents `copies` duplicated: same encoder column and bias, each copy's decoder row halved."""
+    d_sae = sae.cfg.d_sae + len(copies)
+    bigger = StandardSAE(StandardSAEConfig(d_in=sae.cfg.d_in, d_sae=d_sae, dtype=str(sae.dtype).removeprefix("torch."),
+                                           apply_b_dec_to_input=sae.cfg.apply_b_dec_to_input))
+    with torch.no_grad():
+        bigger.W_enc.copy_(torch.cat([sae.W_enc, sae.W_enc[:, copies]], dim=1))
+        bigger.b_enc.copy_(torch.cat([sae.b_enc, sae.b_enc[copies]]))
+        W_dec = torch.cat([sae.W_dec, sae.W_dec[copies]])
+        W_dec[copies] /= 2
+        W_dec[sae.cfg.d_sae:] /= 2
+        bigger.W_dec.copy_(W_dec)
+        bigger.b_dec.copy_(sae.b_dec)
+    return bigger
+
+
+def test_duplicated_latents_count_once():
+    sae = _random_sae(StandardSAE, StandardSAEConfig)
+    duplicated = _with_duplicates(sae, [0, 5, 7, 11])
+    assert torch.allclose(duplicated.decode(duplicated.encode(ACTIVATIONS)), sae.decode(sae.encode(ACTIVATIONS)))
+    f = sae_budget(sae, ACTIVATIONS).effective_features()
+    merged = sae_budget(duplicated, ACTIVATIONS)
+    assert merged.merged_latents == 4
+    assert merged.effective_features() == pytest.approx(f, rel=1e-9)
+    assert sae_budget(duplicated, ACTIVATIONS, merge_duplicates=False).effective_features() > f * 1.01  # the raw measure splits them
+
+
+def test_duplicate_groups_are_connected_components():
+    directions = torch.tensor([[1.0, 0.0], [0.99, 0.141], [0.96, 0.28], [0.0, 1.0], [-1.0, 0.0]])
+    # 0-1 and 1-2 are above 0.98, 0-2 is not: one chain, one group; 3 and 4 stand alone (opposite is not a duplicate)
+    assert duplicate_groups(directions, 0.98).tolist() == [0, 0, 0, 3, 4]
+    assert duplicate_groups(directions, 0.999).tolist() == [0, 1, 2, 3, 4]
+    assert duplicate_groups(directions, 0.98, block_rows=2).tolist() == [0, 0, 0, 3, 4]

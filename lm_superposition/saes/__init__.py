@@ -8,8 +8,8 @@ One module per job, as SAE-Lens splits `loading/`, `training/` and `evals.py`.
 """
 
 from .loading import check_sae_fits, load_dictionary_learning_sae, load_release, load_sae, load_sae_from_disk, save_sae
-from .quality import SAEQuality, VarianceExplained, evaluate_sae, quality_flag, variance_explained
-from .training import SAETrainingConfig, train_sae, train_saes, train_saes_for_model
+from .quality import SAEQuality, VarianceExplained, evaluate_sae, variance_explained
+from .training import SAETrainingConfig, train_sae, train_saes, train_saes_for_model, trained_sae_folder
 
 __all__ = [
     "SAEQuality",
@@ -21,10 +21,10 @@ __all__ = [
     "load_release",
     "load_sae",
     "load_sae_from_disk",
-    "quality_flag",
     "save_sae",
     "train_sae",
     "train_saes",
     "train_saes_for_model",
+    "trained_sae_folder",
     "variance_explained",
 ]

@@ -1,8 +1,7 @@
-"""How well an SAE describes a hook, and the one verdict every output shows about it.
+"""How well an SAE describes a hook: variance explained, L0, dead features, CE loss recovered.
 
 psi counts the features an SAE uses to describe a layer; that only describes the layer if the
-SAE reconstructs it. `evaluate_sae` measures variance explained, L0, dead features and CE loss
-recovered; `quality_flag` turns them into the verdict the tables, JSON files and plots show.
+SAE reconstructs it. These are the measurements; gate.QualityGate gives the verdict on them.
 """
 
 from __future__ import annotations
@@ -25,19 +24,6 @@ from ..metric import FeatureBudget
 
 # --- quality -----------------------------------------------------------------------------------
 
-# psi counts the features an SAE uses to describe a layer; that only describes the layer if
-# the SAE reconstructs it. Below 70% variance explained, more than 30% of the activation
-# variance sits in the SAE's error term, so the codes describe a visibly different vector and
-# psi would count the features of that one: flag it. (0.7 is a floor, not a target: the
-# pretrained SAEs this tool is meant for usually explain 80-95%.) The same reading for the
-# model's loss: an SAE whose reconstruction recovers less than 70% of the loss gap to
-# zero-ablation has lost much of what the model uses the layer for. Dead features do not bias
-# psi (they carry no budget), but past half the dictionary they cap F well below d_sae.
-QUALITY_THRESHOLD = 0.7  # minimum variance explained
-MIN_CE_LOSS_RECOVERED = 0.7
-MAX_DEAD_FRACTION = 0.5
-
-
 @dataclass
 class SAEQuality:
     """How well an SAE describes one hook, on `n_tokens` tokens. CE fields are NaN when not measured."""
@@ -52,21 +38,9 @@ class SAEQuality:
     ce_loss_recovered: float = math.nan  # (zero - reconstructed) / (zero - clean)
 
     def to_dict(self) -> dict:
-        """Fields plus the flag, NaN as None (strict JSON has no NaN)."""
-        fields = {key: None if isinstance(value, float) and math.isnan(value) else value for key, value in asdict(self).items()}
-        return fields | {"flag": quality_flag(self)}
-
-
-def quality_flag(quality: SAEQuality) -> str:
-    """'ok', or the problems that make psi through this SAE doubtful, separated by '; '."""
-    problems = []
-    if not quality.variance_explained >= QUALITY_THRESHOLD:
-        problems.append(f"low variance explained ({quality.variance_explained:.3f} < {QUALITY_THRESHOLD})")
-    if not math.isnan(quality.ce_loss_recovered) and quality.ce_loss_recovered < MIN_CE_LOSS_RECOVERED:
-        problems.append(f"low CE loss recovered ({quality.ce_loss_recovered:.3f} < {MIN_CE_LOSS_RECOVERED})")
-    if quality.dead_fraction > MAX_DEAD_FRACTION:
-        problems.append(f"mostly dead features ({quality.dead_fraction:.3f} > {MAX_DEAD_FRACTION})")
-    return "; ".join(problems) or "ok"
+        """The fields, NaN as None (strict JSON has no NaN). The verdict on them is the gate's
+        (gate.QualityGate), given with each measured row, not here."""
+        return {key: None if isinstance(value, float) and math.isnan(value) else value for key, value in asdict(self).items()}
 
 
 class VarianceExplained:

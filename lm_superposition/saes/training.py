@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from itertools import chain, islice
 from pathlib import Path
 
@@ -51,19 +51,26 @@ def train_saes(
     widths: dict[str, int],
     config: SAETrainingConfig,
     progress: bool = True,
-) -> dict[str, SAE]:
+    sae_seeds: Sequence[int] | None = None,
+) -> dict:
     """Train one SAE per hook in `widths` ({hook_name: d_in}) from one pass over `batches`.
 
     Each batch is {hook_name: [tokens, d_in]} (the same tokens for every hook) and feeds every
     SAE. Training stops after `config.training_tokens` tokens or when the stream ends (with a
-    warning). Returns inference SAEs (SAE-Lens `StandardSAE` / `TopKSAE`) with
+    warning). Returns {hook: SAE}: inference SAEs (SAE-Lens `StandardSAE` / `TopKSAE`) with
     `cfg.metadata.hook_name`, `model_name` and `training_tokens` set.
+
+    sae_seeds: train one SAE per hook for each seed, all from the same stream (the seeds differ
+    in initialisation; every SAE sees the same batches); returns {hook: {seed: SAE}} then.
     """
     if not widths:
         raise ValueError("widths is empty: give {hook_name: d_in} for at least one hook")
-    with torch.random.fork_rng(devices=[]):  # seeded init without resetting the caller's RNG
-        torch.manual_seed(config.seed)
-        trainers = {hook: _new_trainer(hook, d_in, config) for hook, d_in in widths.items()}
+    seeds = [config.seed] if sae_seeds is None else list(sae_seeds)
+    trainers = {}
+    for seed in seeds:
+        with torch.random.fork_rng(devices=[]):  # seeded init without resetting the caller's RNG
+            torch.manual_seed(seed)
+            trainers |= {(hook, seed): _new_trainer(hook, d_in, config) for hook, d_in in widths.items()}
     shuffle = torch.Generator().manual_seed(config.seed)
     stream = _fixed_size_batches(batches, widths, config.batch_size_tokens, config.shuffle_buffer_batches, shuffle)
 
@@ -73,18 +80,18 @@ def train_saes(
             f"the activations hold fewer than batch_size_tokens={config.batch_size_tokens} tokens; "
             "give more tokens or a smaller batch_size_tokens"
         )
-    for hook, trainer in trainers.items():
+    for (hook, _), trainer in trainers.items():
         _initialise_from_data(trainer, [batch[hook] for batch in first_batches], config)
 
     n_tokens = 0
     bar = tqdm(total=config.training_tokens, unit="tok", desc=f"training {len(trainers)} SAE(s)", disable=not progress)
     for batch in chain(first_batches, stream):
         mse = {}
-        for hook, trainer in trainers.items():
+        for (hook, seed), trainer in trainers.items():
             trainer.maybe_reset_sparsity()
             output = trainer.step(batch[hook])
             trainer.n_training_steps += 1
-            mse[hook] = output.losses["mse_loss"].item()
+            mse[hook, seed] = output.losses["mse_loss"].item()
         n_tokens += config.batch_size_tokens
         bar.update(config.batch_size_tokens)
         bar.set_postfix(mean_mse=f"{sum(mse.values()) / len(mse):.4g}")
@@ -97,7 +104,10 @@ def train_saes(
             "the SAEs are trained on what there was",
             stacklevel=2,
         )
-    return {hook: _to_inference_sae(trainer, n_tokens) for hook, trainer in trainers.items()}
+    saes = {key: _to_inference_sae(trainer, n_tokens) for key, trainer in trainers.items()}
+    if sae_seeds is None:
+        return {hook: saes[hook, config.seed] for hook in widths}
+    return {hook: {seed: saes[hook, seed] for seed in seeds} for hook in widths}
 
 
 def train_sae(
@@ -257,13 +267,15 @@ def train_saes_for_model(
     batch_size: int = 8,
     n_eval_windows: int = 32,
     progress: bool = True,
-) -> dict[str, Path]:
+    sae_seeds: Sequence[int] | None = None,
+) -> dict:
     """Train an SAE for each hook from one activation stream over `windows`, save and judge each.
 
     `hooks`: hook names or models.HookPoint. The last `n_eval_windows` windows (data.TokenWindows)
     are held out: each SAE is evaluated on them (`evaluate_sae`) and the result written next to
-    it as quality.json (with its flag). Returns {hook_name: out_dir/<hook_name>}, each folder an
-    SAE-Lens folder that `load_sae_from_disk` and `sae_lens.SAE.load_from_disk` open.
+    it as quality.json. Returns {hook_name: out_dir/<hook_name>}, each folder an SAE-Lens folder
+    that `load_sae_from_disk` and `sae_lens.SAE.load_from_disk` open; with `sae_seeds`,
+    {hook_name: {seed: out_dir/sae_seed<seed>/<hook_name>}} (see `trained_sae_folder`).
     """
     points = [hook if hasattr(hook, "width") else hook_point(model, hook) for hook in hooks]
     if not points:
@@ -279,12 +291,21 @@ def train_saes_for_model(
     if config.epochs > 1:
         one_pass = list(batches)
         batches = (batch for _ in range(config.epochs) for batch in one_pass)
-    saes = train_saes(batches, {p.name: p.width for p in points}, config, progress=progress)
+    seeds = [config.seed] if sae_seeds is None else list(sae_seeds)
+    saes = train_saes(batches, {p.name: p.width for p in points}, config, progress=progress, sae_seeds=seeds)
 
-    folders = {}
-    for name, sae in saes.items():
-        quality = evaluate_sae(model, sae, name, eval_windows, batch_size=batch_size, progress=progress)
-        summary = {"hook_name": name, "training_tokens": sae.cfg.metadata.training_tokens, **quality.to_dict()}
-        # quality.json inside the folder marks the SAE as complete (a resumed run reuses it).
-        folders[name] = save_sae(sae, Path(out_dir) / name, {QUALITY_FILENAME: json.dumps(summary, indent=2) + "\n"})
-    return folders
+    folders: dict = {}
+    for name, by_seed in saes.items():
+        for seed, sae in by_seed.items():
+            quality = evaluate_sae(model, sae, name, eval_windows, batch_size=batch_size, progress=progress)
+            summary = {"hook_name": name, "sae_seed": seed, "training_tokens": sae.cfg.metadata.training_tokens,
+                       **quality.to_dict()}
+            # quality.json inside the folder marks the SAE as complete (a resumed run reuses it).
+            folder = trained_sae_folder(out_dir, name, seed if sae_seeds is not None else None)
+            folders.setdefault(name, {})[seed] = save_sae(sae, folder, {QUALITY_FILENAME: json.dumps(summary, indent=2) + "\n"})
+    return folders if sae_seeds is not None else {name: by_seed[config.seed] for name, by_seed in folders.items()}
+
+
+def trained_sae_folder(out_dir: str | Path, hook_name: str, sae_seed: int | None = None) -> Path:
+    """Where `train_saes_for_model` saves the SAE of a hook: OUT/<hook>, or OUT/sae_seed<S>/<hook>."""
+    return Path(out_dir) / hook_name if sae_seed is None else Path(out_dir) / f"sae_seed{sae_seed}" / hook_name
