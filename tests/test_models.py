@@ -74,7 +74,8 @@ def test_unknown_model_name_is_a_clear_error():
         load_model("no-such-model-xyz", backend="hooked")
     # The bridge opens any hub name, so only the hub can say a name does not exist; a name the
     # hub could never hold is refused at once.
-    with pytest.raises(ValueError, match="unknown model 'no such model!' for backend 'bridge': the Hugging Face hub has no"):
+    with pytest.raises(ValueError,
+                       match="unknown model 'no such model!' for backend 'bridge': the Hugging Face hub has no"):
         load_model("no such model!")
 
 
@@ -99,11 +100,13 @@ def test_official_name_without_hub_raises_hub_unavailable(hub_unreachable, backe
     assert isinstance(error.value, RuntimeError)
     message = str(error.value)
     assert f"could not reach the Hugging Face hub for 'pythia-70m-deduped' (backend '{backend}')" in message
-    assert OFFLINE_DEFAULT_MODEL in message and models.SMOLLM2_MODEL in message and "lm-superposition[offline]" in message
+    assert OFFLINE_DEFAULT_MODEL in message and models.SMOLLM2_MODEL in message
+    assert "lm-superposition[offline]" in message
 
 
 def _tiny_hooked_transformer():
-    return HookedTransformer(HookedTransformerConfig(n_layers=1, d_model=8, d_head=4, n_ctx=4, d_vocab=10, attn_only=True))
+    config = HookedTransformerConfig(n_layers=1, d_model=8, d_head=4, n_ctx=4, d_vocab=10, attn_only=True)
+    return HookedTransformer(config)
 
 
 def test_pythia_checkpoint_is_passed_to_transformer_lens(monkeypatch):
