@@ -43,13 +43,13 @@ EXAMPLES = {
 LAYERWISE_OPTIONS = {
     "run": ["output", "seeds", "token_budget", "batch_size", "context_size", "device", "checkpoint_every", "ce_windows",
             "additivity_pairs", "n_blocks", "target_relative_interval"],
-    "model": ["names", "checkpoints", "dtype"],
+    "model": ["names", "checkpoints", "dtype", "backend"],
     "saes": ["releases", "folders", "allow_hook_mismatch"],
     "corpus": ["sources", "config", "split", "text_column"],
 }
 TRAIN_SAE_OPTIONS = {
     "saes.train": [f.name for f in dataclasses.fields(cfg.SAETrainSettings) if f.name != "model_name"],
-    "model": ["names", "dtype"],
+    "model": ["names", "dtype", "backend"],
     "corpus": ["sources", "config", "split", "text_column"],
     "run": ["context_size", "batch_size", "ce_windows"],
 }
@@ -82,6 +82,8 @@ def add_config_options(parser: argparse.ArgumentParser, options: dict[str, list[
                 kwargs["choices"] = cfg.ARCHITECTURES
             if name == "dtype":
                 kwargs["choices"] = cfg.DTYPES
+            if name == "backend":
+                kwargs["choices"] = cfg.BACKENDS
             group.add_argument(field.metadata.get("flag") or "--" + name.replace("_", "-"), **kwargs)
 
 
@@ -151,7 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_output_flags(layerwise)
 
     hooks = _command(commands, "hooks", "List a model's measurable hook points with their kind, layer and width N.")
-    add_config_options(hooks, {"model": ["names"]})
+    add_config_options(hooks, {"model": ["names", "backend"]})
 
     train = _command(commands, "train-sae", "Train SAEs for several hooks from one pass over the data, saved in SAE-Lens format.")
     train.add_argument("--out", type=Path, required=True, help="folder; each SAE goes to OUT/<hook name>/")
@@ -238,8 +240,9 @@ def _join_torchrun(config: cfg.RunConfig) -> int:
 def _hooks(args) -> int:
     from .models import hook_table, load_model
 
-    for name in given_config(args).get("model", {}).get("names") or cfg.ModelSettings().names:
-        print(hook_table(load_model(name)).to_string(index=False))
+    given = given_config(args).get("model", {})
+    for name in given.get("names") or cfg.ModelSettings().names:
+        print(hook_table(load_model(name, backend=given.get("backend", cfg.ModelSettings().backend))).to_string(index=False))
     return 0
 
 

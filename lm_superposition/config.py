@@ -36,6 +36,7 @@ else:  # pragma: no cover - Python 3.10
 OFFLINE_DEFAULT_MODEL = "google/gemma-3-270m-it"
 ARCHITECTURES = ("standard", "topk")
 DTYPES = ("float32", "float64", "bfloat16", "float16")
+BACKENDS = ("bridge", "hooked")  # models.BACKENDS, repeated: this module imports no torch
 
 
 class ConfigError(ValueError):
@@ -159,8 +160,10 @@ class ModelSettings:
     names: list[str] = option([OFFLINE_DEFAULT_MODEL], "TransformerLens model names or local HF folders (several = a sweep)", flag="--model")
     checkpoints: list[int] = option([], "Pythia training steps; empty: the final weights", flag="--checkpoint")
     dtype: str = option("float32", f"model dtype, one of {DTYPES}")
+    backend: str = option("bridge", f"TransformerLens backend, one of {BACKENDS}: TransformerBridge over the HF model, or HookedTransformer (deprecated in TL 3)")
 
     def __post_init__(self) -> None:
+        _check_choice("backend", self.backend, BACKENDS)
         if not self.names:
             raise ValueError("names must hold at least one model name")
         for step in self.checkpoints:

@@ -371,7 +371,7 @@ def _interrupts():
 
 def _run_item(config: RunConfig, item: SweepItem, output: Path, progress: bool, interrupts: _Interrupts):
     settings = config.run
-    model = load_model(item.model, device=settings.device, dtype=getattr(torch, config.model.dtype), checkpoint=item.checkpoint)
+    model = load_model(item.model, device=settings.device, dtype=getattr(torch, config.model.dtype), checkpoint=item.checkpoint, backend=config.model.backend)
     _check_hooks(config, model)
     texts_for = lambda seed: load_texts(  # noqa: E731
         item.corpus, config=config.corpus.config, split=config.corpus.split, text_column=config.corpus.text_column, seed=seed
@@ -474,7 +474,7 @@ def train_only(config: RunConfig, out_dir: str | Path, progress: bool = True) ->
         raise ValueError("the config has no [saes.train] table: nothing to train")
     check_text_source(config.corpus.sources[0])
     item = SweepItem(config.model.names[0], None, config.corpus.sources[0])
-    model = load_model(item.model, device=config.run.device, dtype=getattr(torch, config.model.dtype))
+    model = load_model(item.model, device=config.run.device, dtype=getattr(torch, config.model.dtype), backend=config.model.backend)
     texts_for = lambda seed: load_texts(  # noqa: E731
         item.corpus, config=config.corpus.config, split=config.corpus.split, text_column=config.corpus.text_column, seed=seed
     )

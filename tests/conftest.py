@@ -33,7 +33,7 @@ def pythia_shaped_model() -> HookedTransformer:
 
 @pytest.fixture(scope="session")
 def gemma_model() -> HookedTransformer:
-    """The offline default Gemma 3 270M, loaded once per session (about a minute the first time)."""
+    """The offline default Gemma 3 270M on the default backend (TransformerBridge), loaded once per session."""
     return load_model()
 
 

@@ -15,11 +15,12 @@ from sae_lens.evals import ExplainedVarianceCalculator, get_recons_loss
 from sae_lens.training.activation_scaler import ActivationScaler
 from sae_lens.util import extract_stop_at_layer_from_tlens_hook_name, get_special_token_ids
 from tqdm.auto import tqdm
-from transformer_lens import HookedTransformer
 
+from ..activations import forward_activations
 from ..codes import decode, sparse_codes
 from ..distributed import all_reduce_
 from ..metric import FeatureBudget
+from ..models import Model
 
 
 # --- quality -----------------------------------------------------------------------------------
@@ -83,7 +84,7 @@ def variance_explained(activations: torch.Tensor, reconstruction: torch.Tensor) 
 
 @torch.no_grad()
 def evaluate_sae(
-    model: HookedTransformer,
+    model: Model,
     sae: SAE,
     hook_name: str,
     tokens,
@@ -109,8 +110,7 @@ def evaluate_sae(
     for start in tqdm(range(0, len(token_ids), batch_size), desc=f"evaluating SAE at {hook_name}", disable=not progress):
         batch = token_ids[start : start + batch_size].to(model.cfg.device)
         batch_keep = keep[start : start + batch_size].to(model.cfg.device)
-        _, cache = model.run_with_cache(batch, names_filter=[hook_name], stop_at_layer=stop_at_layer)
-        activations = cache[hook_name][batch_keep].to(sae.device)
+        activations = forward_activations(model, batch, [hook_name], stop_at_layer)[hook_name][batch_keep].to(sae.device)
         codes = sparse_codes(sae.encode(activations))
         variance.update(activations, decode(sae, codes))
         budget.update(codes)
@@ -131,7 +131,7 @@ def evaluate_sae(
     return quality
 
 
-def _tokens_and_mask(model: HookedTransformer, tokens) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+def _tokens_and_mask(model: Model, tokens) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
     """Token ids [n, context], the mask of text positions, and the special token ids left alone."""
     if hasattr(tokens, "measured_mask"):  # data.TokenWindows
         special = [i for i in (tokens.bos_token_id, tokens.pad_token_id) if i is not None]

@@ -27,10 +27,9 @@ from sae_lens.config import LoggingConfig, SAETrainerConfig
 from sae_lens.saes.sae import SAEMetadata
 from sae_lens.training.sae_trainer import SAETrainer
 from tqdm.auto import tqdm
-from transformer_lens import HookedTransformer
 
 from ..activations import stream_activations
-from ..models import hook_point
+from ..models import Model, hook_point
 from ..config import SAETrainingConfig
 from .loading import save_sae
 from .quality import evaluate_sae
@@ -259,7 +258,7 @@ def text_tokens_for_training(config: SAETrainingConfig, n_eval_windows: int, con
 
 
 def train_saes_for_model(
-    model: HookedTransformer,
+    model: Model,
     hooks: Iterable,
     windows,
     config: SAETrainingConfig,
