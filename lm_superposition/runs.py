@@ -112,10 +112,9 @@ def run(config: RunConfig, *, resume: bool = False, overwrite: bool = False, pro
             barrier()
             table = _run_sweep(config, output, manifest, progress, interrupts)
         except (Exception, KeyboardInterrupt) as error:  # not a kill: that runs no code, and resume handles what it leaves
-            if prepared is not None:
-                prepared.settle(finished=False)
+            undone = prepared.settle(finished=False) if prepared is not None else not (output / MANIFEST).is_file()
             if isinstance(error, RunInterrupted):
-                error.resumable = (output / MANIFEST).is_file()
+                error.resumable = not undone
             raise
         if prepared is not None:
             prepared.settle(finished=True)
@@ -172,13 +171,16 @@ class PreparedOutput:
     emptied: bool = False  # an existing folder with nothing in it (or only a killed run's temporaries)
     replaced: Path | None = None  # --overwrite: the old run, moved aside until the new one has results
 
-    def settle(self, finished: bool) -> None:
+    def settle(self, finished: bool) -> bool:
         """After the run: drop the replaced run once the new one holds results; if it holds
-        none (it stopped before training or measuring anything), undo what was done."""
+        none (it stopped before training or measuring anything), undo what was done. True if
+        undone (the disk is as the run found it), False if the folder holds the run."""
         if finished or _holds_results(self.output):
             if self.replaced is not None:
                 shutil.rmtree(self.replaced, ignore_errors=True)
-            return
+            return False
+        if self.created is None and not self.emptied and self.replaced is None:
+            return False  # a resumed run: its folder stays as it was, manifest and all
         if self.replaced is not None:
             shutil.rmtree(self.output, ignore_errors=True)
             os.replace(self.replaced / self.output.name, self.output)
@@ -187,6 +189,7 @@ class PreparedOutput:
             shutil.rmtree(self.created, ignore_errors=True)
         elif self.emptied:
             _empty(self.output)
+        return True
 
 
 def prepare_output(output: Path, manifest: dict, *, resume: bool, overwrite: bool) -> PreparedOutput:
@@ -472,7 +475,7 @@ def train_only(config: RunConfig, out_dir: str | Path, progress: bool = True) ->
     config = RunConfig.from_dict(config.to_dict())
     if config.saes.train is None:
         raise ValueError("the config has no [saes.train] table: nothing to train")
-    check_text_source(config.corpus.sources[0])
+    _check_source(config.corpus.sources[0], config)
     item = SweepItem(config.model.names[0], None, config.corpus.sources[0])
     model = load_model(item.model, device=config.run.device, dtype=getattr(torch, config.model.dtype), backend=config.model.backend)
     texts_for = lambda seed: load_texts(  # noqa: E731
