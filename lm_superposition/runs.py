@@ -99,20 +99,20 @@ def run(config: RunConfig, *, resume: bool = False, overwrite: bool = False, pro
     LayerwiseAnalyzer.run_seed), and only rank 0 trains SAEs and writes the folder's files.
     """
     config = RunConfig.from_dict(config.to_dict())  # a config built in code is checked like a file
+    output = Path(config.run.output).expanduser()
+    prepared = None
     with _interrupts() as interrupts:
-        for source in config.corpus.sources:
-            _check_source(source, config)
-        output = Path(config.run.output).expanduser()
-        manifest = _manifest(config)
-        prepared = None
         try:
+            for source in config.corpus.sources:
+                _check_source(source, config)
+            manifest = _manifest(config)
             if _rank() == 0:
                 prepared = prepare_output(output, manifest, resume=resume, overwrite=overwrite)
                 atomic.write_text(output / MANIFEST, json.dumps(manifest, indent=1))
             barrier()
             table = _run_sweep(config, output, manifest, progress, interrupts)
         except (Exception, KeyboardInterrupt) as error:  # not a kill: that runs no code, and resume handles what it leaves
-            undone = prepared.settle(finished=False) if prepared is not None else not (output / MANIFEST).is_file()
+            undone = prepared.settle(finished=False) if prepared is not None else True  # None: the disk was not touched
             if isinstance(error, RunInterrupted):
                 error.resumable = not undone
             raise

@@ -503,6 +503,22 @@ def test_a_signal_before_any_result_leaves_the_disk_as_it_was(
     assert signal.getsignal(signum) == handler  # the run's handler is gone again
 
 
+@pytest.mark.parametrize("flag", [[], ["--resume"], ["--overwrite"]])
+def test_a_signal_while_the_corpus_is_checked_says_to_start_again(flag, finished_run, tmp_path, monkeypatch, capsys):
+    """Before the folder is touched there is nothing to continue, whatever the flags: the line
+    repeats the command as given."""
+    raw = copy_of_run(finished_run, tmp_path / "run")
+    path = write_toml(tmp_path / "run.toml", raw)
+    before = listing(tmp_path)
+    monkeypatch.setattr(runs, "check_text_source", lambda *a, **k: os.kill(os.getpid(), signal.SIGINT))
+    assert cli.main(["run", str(path), *flag]) == 130
+    command = shlex.join(["lm-superposition", "run", str(path), *flag])
+    err = capsys.readouterr().err
+    assert err == "lm-superposition run: stopped by SIGINT before writing anything; nothing on disk changed. " \
+                  f"Start again with: {command}\n"
+    assert listing(tmp_path) == before
+
+
 def test_sigint_saves_the_checkpoint_and_prints_the_resume_command(tiny_model, tmp_path):
     corpus = tmp_path / "corpus"
     corpus.mkdir()
