@@ -360,15 +360,19 @@ class FeatureBudget:
 
     @classmethod
     def load(cls, path: str | Path) -> "FeatureBudget":
+        expected = f"{path} is not a saved FeatureBudget (expected a torch file with {', '.join(STATE_KEYS)})"
         try:
             state = torch.load(path, weights_only=True)
-            return cls.from_state_dict(state)
         except FileNotFoundError:
             raise
-        except Exception as err:  # torch.load raises many unrelated types for a bad file
-            raise ValueError(
-                f"{path} is not a saved FeatureBudget (expected a torch file with {', '.join(STATE_KEYS)}): {err}"
-            ) from None
+        except Exception as err:  # torch.load raises many unrelated types for a bad file; its messages run to pages
+            raise ValueError(f"{expected}: torch.load cannot read it ({type(err).__name__}: damaged, cut short, "
+                             "or not a torch file)") from None
+        try:
+            return cls.from_state_dict(state)
+        except Exception as err:
+            found = sorted(state) if isinstance(state, dict) else type(state).__name__
+            raise ValueError(f"{expected}: it holds {found}; {err}") from None
 
 
 def _same_groups(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:

@@ -226,7 +226,8 @@ def prepare_output(output: Path, manifest: dict, *, resume: bool, overwrite: boo
         foreign = _foreign_files(output)
         if foreign or _holds_working_directory(output):
             what = f"files this tool did not write: {foreign[:10]}" if foreign else "the current working directory"
-            raise FileExistsError(f"--overwrite refused: {output} holds {what}. Nothing was deleted")
+            where = output if output.is_absolute() else f"{output} ({output.resolve()})"
+            raise FileExistsError(f"--overwrite refused: {where} holds {what}. Nothing was deleted")
         # Moved aside, not deleted: if the new run stops before writing a result, it is put back.
         aside = Path(tempfile.mkdtemp(prefix=f".{output.name}.replaced-", dir=output.parent))
         os.replace(output, aside / output.name)
