@@ -26,6 +26,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from experiments import study_command, torch_threads
 from experiments.tasks import (
     ClassifierTraining,
     MLPClassifier,
@@ -39,7 +40,6 @@ from experiments.tasks import (
     train_test_split,
 )
 from experiments.toy import ToySAEConfig
-from experiments import study_command, torch_threads
 
 DEFAULT_OUT = Path(__file__).resolve().parent.parent / "results" / "algorithmic"
 TASKS = ("modular_addition", "sparse_parity", "multitask_sparse_parity")
@@ -48,7 +48,9 @@ QUICK = dict(seeds=[0], hidden=[16, 16], steps=200, sae_steps=100, p=11, n_train
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     parser.add_argument("--quick", action="store_true", help=f"tiny run for tests: {QUICK}")
     parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS)
@@ -58,14 +60,21 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--p", type=int, default=53, help="modulus of modular addition")
     parser.add_argument("--train-fraction", type=float, default=0.6, help="share of the p^2 sums trained on")
-    parser.add_argument("--weight-decay", type=float, default=1.0, help="AdamW weight decay for modular addition (it generalises only with it)")
+    parser.add_argument(
+        "--weight-decay",
+        type=float,
+        default=1.0,
+        help="AdamW weight decay for modular addition (it generalises only with it)",
+    )
     parser.add_argument("--n-bits", type=int, default=16)
     parser.add_argument("--k", type=int, default=3)
     parser.add_argument("--n-tasks", type=int, default=8, help="tasks of the multi-task sparse parity")
     parser.add_argument("--n-train", type=int, default=20_000, help="sparse parity training samples")
     parser.add_argument("--n-test", type=int, default=10_000, help="fresh sparse parity samples F is measured on")
     parser.add_argument("--sae-expansion", type=int, default=4)
-    parser.add_argument("--l1", type=float, default=0.3, help="tied SAE L1 coefficient (activations scaled to unit RMS)")
+    parser.add_argument(
+        "--l1", type=float, default=0.3, help="tied SAE L1 coefficient (activations scaled to unit RMS)"
+    )
     parser.add_argument("--sae-steps", type=int, default=1500)
     parser.add_argument("--threads", type=int, default=1)
     if "--quick" in argv:
@@ -91,15 +100,31 @@ def task_data(args: argparse.Namespace, task: str, seed: int) -> TaskData:
         inputs = one_hot_pairs(pairs, args.p)
         train, test = train_test_split(len(labels), args.train_fraction, seed)
         # F over every one of the p^2 inputs (a finite task); accuracy on the held-out sums.
-        return TaskData(inputs[train], labels[train], inputs, inputs[test], labels[test], args.p, args.weight_decay,
-                        f"(a + b) mod {args.p}, one-hot a and b, {args.train_fraction:.0%} of sums trained on, "
-                        f"weight decay {args.weight_decay}")
+        return TaskData(
+            inputs[train],
+            labels[train],
+            inputs,
+            inputs[test],
+            labels[test],
+            args.p,
+            args.weight_decay,
+            f"(a + b) mod {args.p}, one-hot a and b, {args.train_fraction:.0%} of sums trained on, "
+            f"weight decay {args.weight_decay}",
+        )
     n_tasks = args.n_tasks if task == "multitask_sparse_parity" else 1
     parity = SparseParityTask(n_tasks=n_tasks, n_bits=args.n_bits, k=args.k, seed=0)
     train_inputs, train_labels, _ = parity.sample(args.n_train, seed=TRAIN_SEED_OFFSET + seed)
     test_inputs, test_labels, _ = parity.sample(args.n_test, seed=TEST_SEED_OFFSET + seed)
-    return TaskData(train_inputs, train_labels, test_inputs, test_inputs, test_labels, 2, 0.0,
-                    f"{n_tasks} task(s) (one-hot prefix), {args.n_bits} bits, parity of k = {args.k}, no weight decay")
+    return TaskData(
+        train_inputs,
+        train_labels,
+        test_inputs,
+        test_inputs,
+        test_labels,
+        2,
+        0.0,
+        f"{n_tasks} task(s) (one-hot prefix), {args.n_bits} bits, parity of k = {args.k}, no weight decay",
+    )
 
 
 def measure_model(args: argparse.Namespace, task: str, seed: int) -> list[dict]:
@@ -115,27 +140,47 @@ def measure_model(args: argparse.Namespace, task: str, seed: int) -> list[dict]:
     rows = []
     for layer, (train_acts, measure_acts) in enumerate(zip(train_layers, measure_layers)):
         width = train_acts.shape[1]
-        sae_config = ToySAEConfig(d_sae=args.sae_expansion * width, l1_coefficient=args.l1, steps=args.sae_steps, seed=seed)
+        sae_config = ToySAEConfig(
+            d_sae=args.sae_expansion * width, l1_coefficient=args.l1, steps=args.sae_steps, seed=seed
+        )
         measured = tied_sae_measure(train_acts, measure_acts, sae_config)
-        rows.append({
-            "task": task, "seed": seed, "layer": layer, "N": width,
-            "input_width": data.train_inputs.shape[1],
-            "train_accuracy": train_accuracy, "test_accuracy": test_accuracy,
-            "F": measured["F"], "F_low": measured["F_low"], "F_high": measured["F_high"],
-            "psi": measured["psi"], "psi_low": measured["psi_low"], "psi_high": measured["psi_high"],
-            "variance_explained": measured["variance_explained"], "mean_l0": measured["mean_l0"],
-            "d_sae": sae_config.d_sae, "neuron_psi": neuron_basis_measure(measure_acts)["psi"],
-            "measured_samples": measured["tokens"],
-        })
+        rows.append(
+            {
+                "task": task,
+                "seed": seed,
+                "layer": layer,
+                "N": width,
+                "input_width": data.train_inputs.shape[1],
+                "train_accuracy": train_accuracy,
+                "test_accuracy": test_accuracy,
+                "F": measured["F"],
+                "F_low": measured["F_low"],
+                "F_high": measured["F_high"],
+                "psi": measured["psi"],
+                "psi_low": measured["psi_low"],
+                "psi_high": measured["psi_high"],
+                "variance_explained": measured["variance_explained"],
+                "mean_l0": measured["mean_l0"],
+                "d_sae": sae_config.d_sae,
+                "neuron_psi": neuron_basis_measure(measure_acts)["psi"],
+                "measured_samples": measured["tokens"],
+            }
+        )
     return rows
 
 
 def summarise(table: pd.DataFrame) -> pd.DataFrame:
     return (
         table.groupby(["task", "layer"], sort=False)
-        .agg(psi_mean=("psi", "mean"), psi_std=("psi", "std"), psi_max=("psi", "max"),
-             neuron_psi=("neuron_psi", "mean"), variance_explained=("variance_explained", "mean"),
-             train_accuracy=("train_accuracy", "mean"), test_accuracy=("test_accuracy", "mean"))
+        .agg(
+            psi_mean=("psi", "mean"),
+            psi_std=("psi", "std"),
+            psi_max=("psi", "max"),
+            neuron_psi=("neuron_psi", "mean"),
+            variance_explained=("variance_explained", "mean"),
+            train_accuracy=("train_accuracy", "mean"),
+            test_accuracy=("test_accuracy", "mean"),
+        )
         .reset_index()
     )
 

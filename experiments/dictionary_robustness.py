@@ -32,10 +32,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from lm_superposition.activations import stream_activations
-from lm_superposition.data import load_texts, token_windows
-from lm_superposition.saes import SAETrainingConfig, train_sae
-from lm_superposition.metric import FeatureBudget
+from experiments import study_command, torch_threads
 from experiments.toy import (
     ToyConfig,
     ToySAEConfig,
@@ -46,17 +43,24 @@ from experiments.toy import (
     train_toy_sae,
     variance_explained,
 )
-from experiments import study_command, torch_threads
+from lm_superposition.activations import stream_activations
+from lm_superposition.data import load_texts, token_windows
+from lm_superposition.metric import FeatureBudget
+from lm_superposition.saes import SAETrainingConfig, train_sae
 
 DEFAULT_OUT = Path(__file__).resolve().parent.parent / "results" / "dictionary_robustness"
 PLATEAU_TOLERANCE = 0.10
 TRAIN_SEED_OFFSET, TEST_SEED_OFFSET = 1_000, 2_000
 CONTEXT_SIZE = 128
-QUICK = dict(toy_expansions=[0.5, 2.0, 8.0], toy_l1=[0.1], toy_steps=300, sae_steps=200, n_train=5000, n_test=2000, model="none")
+QUICK = dict(
+    toy_expansions=[0.5, 2.0, 8.0], toy_l1=[0.1], toy_steps=300, sae_steps=200, n_train=5000, n_test=2000, model="none"
+)
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     parser.add_argument("--quick", action="store_true", help=f"tiny run for tests: {QUICK}")
     parser.add_argument("--seed", type=int, default=0)
@@ -75,9 +79,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     real.add_argument("--model", default="google/gemma-3-270m-it", help='a load_model name, or "none" to skip')
     real.add_argument("--hook", default="blocks.6.hook_resid_post")
     real.add_argument("--real-expansions", type=float, nargs="+", default=[0.5, 1, 2, 4, 8], help="d_sae / d_in")
-    real.add_argument("--real-l1", type=float, nargs="+", default=[1.0, 3.0, 10.0], help="SAE-Lens standard SAE L1 coefficients")
+    real.add_argument(
+        "--real-l1", type=float, nargs="+", default=[1.0, 3.0, 10.0], help="SAE-Lens standard SAE L1 coefficients"
+    )
     real.add_argument("--tokens", type=int, default=20_000, help="offline-corpus tokens, a fifth of them held out")
-    real.add_argument("--training-tokens", type=int, default=48_000, help="SAE training budget (epochs over the kept tokens)")
+    real.add_argument(
+        "--training-tokens", type=int, default=48_000, help="SAE training budget (epochs over the kept tokens)"
+    )
     real.add_argument("--lr", type=float, default=2e-3)
     real.add_argument("--batch-size-tokens", type=int, default=256)
     if "--quick" in argv:
@@ -91,14 +99,16 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 # ---- plateau ---------------------------------------------------------------------------
 
 
-def plateau_expansion(expansions: list[float], effective_features: list[float], tolerance: float = PLATEAU_TOLERANCE) -> float | None:
+def plateau_expansion(
+    expansions: list[float], effective_features: list[float], tolerance: float = PLATEAU_TOLERANCE
+) -> float | None:
     """Smallest expansion from which F stays within `tolerance` (relative) of its value at every larger one.
 
     None when only the widest expansion qualifies (nothing wider to compare with).
     """
     points = sorted(zip(expansions, effective_features))
     for index, (expansion, f) in enumerate(points[:-1]):
-        if all(abs(later - f) <= tolerance * f for _, later in points[index + 1:]):
+        if all(abs(later - f) <= tolerance * f for _, later in points[index + 1 :]):
             return expansion
     return None
 
@@ -106,12 +116,14 @@ def plateau_expansion(expansions: list[float], effective_features: list[float], 
 def plateaus(table: pd.DataFrame) -> pd.DataFrame:
     rows = []
     for (setting, l1), group in table.groupby(["setting", "l1_coefficient"], sort=False):
-        rows.append({
-            "setting": setting,
-            "l1_coefficient": l1,
-            "plateau_expansion": plateau_expansion(group["expansion"].tolist(), group["F"].tolist()),
-            "F_at_widest": group.sort_values("expansion")["F"].iloc[-1],
-        })
+        rows.append(
+            {
+                "setting": setting,
+                "l1_coefficient": l1,
+                "plateau_expansion": plateau_expansion(group["expansion"].tolist(), group["F"].tolist()),
+                "F_at_widest": group.sort_values("expansion")["F"].iloc[-1],
+            }
+        )
     return pd.DataFrame(rows)
 
 
@@ -120,8 +132,9 @@ def plateaus(table: pd.DataFrame) -> pd.DataFrame:
 
 def toy_sweep(args: argparse.Namespace) -> tuple[pd.DataFrame, int]:
     """Tied SAEs of every (expansion, L1) on one toy model's hidden layer; (rows, ground-truth feature count)."""
-    config = ToyConfig(n_features=args.n_features, n_hidden=args.n_hidden, sparsity=args.sparsity,
-                       steps=args.toy_steps, seed=args.seed)
+    config = ToyConfig(
+        n_features=args.n_features, n_hidden=args.n_hidden, sparsity=args.sparsity, steps=args.toy_steps, seed=args.seed
+    )
     model = train_toy_model(config)
     _, train_hidden = hidden_activations(model, args.n_train, args.seed + TRAIN_SEED_OFFSET)
     _, test_hidden = hidden_activations(model, args.n_test, args.seed + TEST_SEED_OFFSET)
@@ -129,7 +142,9 @@ def toy_sweep(args: argparse.Namespace) -> tuple[pd.DataFrame, int]:
     for l1 in args.toy_l1:
         for expansion in tqdm(args.toy_expansions, desc=f"toy SAEs, L1 {l1}", leave=False):
             d_sae = max(1, round(expansion * args.n_hidden))
-            sae = train_toy_sae(train_hidden, ToySAEConfig(d_sae=d_sae, l1_coefficient=l1, steps=args.sae_steps, seed=args.seed))
+            sae = train_toy_sae(
+                train_hidden, ToySAEConfig(d_sae=d_sae, l1_coefficient=l1, steps=args.sae_steps, seed=args.seed)
+            )
             with torch.no_grad():
                 measured = measure_sae(sae, test_hidden)
             rows.append(_row("toy (tied SAE)", expansion, l1, args.n_hidden, measured))
@@ -138,10 +153,19 @@ def toy_sweep(args: argparse.Namespace) -> tuple[pd.DataFrame, int]:
 
 def _row(setting: str, expansion: float, l1: float, width: int, measured: dict) -> dict:
     return {
-        "setting": setting, "expansion": expansion, "l1_coefficient": l1, "N": width, "d_sae": measured["d_sae"],
-        "F": measured["F"], "F_low": measured["F_low"], "F_high": measured["F_high"], "psi": measured["psi"],
-        "variance_explained": measured["variance_explained"], "mean_l0": measured["mean_l0"],
-        "alive_features": measured["alive_features"], "tokens": measured["tokens"],
+        "setting": setting,
+        "expansion": expansion,
+        "l1_coefficient": l1,
+        "N": width,
+        "d_sae": measured["d_sae"],
+        "F": measured["F"],
+        "F_low": measured["F_low"],
+        "F_high": measured["F_high"],
+        "psi": measured["psi"],
+        "variance_explained": measured["variance_explained"],
+        "mean_l0": measured["mean_l0"],
+        "alive_features": measured["alive_features"],
+        "tokens": measured["tokens"],
     }
 
 
@@ -150,7 +174,9 @@ def _row(setting: str, expansion: float, l1: float, width: int, measured: dict) 
 
 def collect_activations(model, hook: str, n_tokens: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Activations [tokens, d_in] of `hook` over ~n_tokens offline-corpus tokens (BOS/padding dropped) and their doc ids."""
-    windows = token_windows(load_texts(None), model.tokenizer, context_size=CONTEXT_SIZE, token_budget=n_tokens, seed=seed)
+    windows = token_windows(
+        load_texts(None), model.tokenizer, context_size=CONTEXT_SIZE, token_budget=n_tokens, seed=seed
+    )
     batches = list(stream_activations(model, windows, [hook], batch_size=8, progress=False))
     return torch.cat([batch.activations[hook] for batch in batches]), torch.cat([batch.doc_ids for batch in batches])
 
@@ -165,7 +191,9 @@ def split_by_document(doc_ids: torch.Tensor, held_out_share: float = 0.2) -> tup
     return ~held_out, held_out
 
 
-def real_sweep(activations: torch.Tensor, doc_ids: torch.Tensor, args: argparse.Namespace, setting: str) -> pd.DataFrame:
+def real_sweep(
+    activations: torch.Tensor, doc_ids: torch.Tensor, args: argparse.Namespace, setting: str
+) -> pd.DataFrame:
     """SAE-Lens standard SAEs of every (expansion, L1) trained on the kept documents, F on the held-out ones."""
     train_mask, test_mask = split_by_document(doc_ids)
     train_acts, test_acts, test_docs = activations[train_mask], activations[test_mask], doc_ids[test_mask]
@@ -173,9 +201,15 @@ def real_sweep(activations: torch.Tensor, doc_ids: torch.Tensor, args: argparse.
     rows = []
     for l1 in args.real_l1:
         for expansion in tqdm(args.real_expansions, desc=f"SAE-Lens SAEs, L1 {l1}", leave=False):
-            config = SAETrainingConfig(architecture="standard", d_sae=max(1, round(expansion * width)), l1_coefficient=l1,
-                                       lr=args.lr, batch_size_tokens=args.batch_size_tokens,
-                                       training_tokens=args.training_tokens, seed=args.seed)
+            config = SAETrainingConfig(
+                architecture="standard",
+                d_sae=max(1, round(expansion * width)),
+                l1_coefficient=l1,
+                lr=args.lr,
+                batch_size_tokens=args.batch_size_tokens,
+                training_tokens=args.training_tokens,
+                seed=args.seed,
+            )
             sae = train_sae(train_acts, config, hook_name=args.hook)
             with torch.no_grad():
                 codes = sae.encode(test_acts)
@@ -195,8 +229,14 @@ def plot(table: pd.DataFrame, ground_truth: int, path: Path) -> None:
     for axes, setting in zip(all_axes[0], settings):
         for l1, group in table[table["setting"] == setting].groupby("l1_coefficient"):
             group = group.sort_values("expansion")
-            axes.errorbar(group["expansion"], group["F"], yerr=[group["F"] - group["F_low"], group["F_high"] - group["F"]],
-                          marker="o", capsize=3, label=f"L1 {l1:g}")
+            axes.errorbar(
+                group["expansion"],
+                group["F"],
+                yerr=[group["F"] - group["F_low"], group["F_high"] - group["F"]],
+                marker="o",
+                capsize=3,
+                label=f"L1 {l1:g}",
+            )
         if setting.startswith("toy"):
             axes.axhline(ground_truth, color="gray", linestyle="--", label=f"ground truth ({ground_truth} features)")
         axes.set_xscale("log", base=2)
@@ -209,12 +249,29 @@ def plot(table: pd.DataFrame, ground_truth: int, path: Path) -> None:
     plt.close(figure)
 
 
-def write_readme(path: Path, args, table: pd.DataFrame, plateau_table: pd.DataFrame, ground_truth: int, command: str, seconds: float) -> None:
-    columns = ["setting", "l1_coefficient", "expansion", "d_sae", "F", "F_low", "F_high", "psi", "variance_explained", "mean_l0", "alive_features"]
-    real_note = (f"- real: `{args.hook}` of `{args.model}`, ~{args.tokens} offline-corpus tokens (BOS excluded), the last 20% of documents "
-                 f"held out for F; SAE-Lens standard SAEs (`dictionaries.train_sae`, inputs normalised) with {args.training_tokens} "
-                 f"training tokens in batches of {args.batch_size_tokens}, lr {args.lr}, expansions {args.real_expansions}, L1 {args.real_l1}."
-                 if args.model != "none" else "- real model: skipped (`--model none`).")
+def write_readme(
+    path: Path, args, table: pd.DataFrame, plateau_table: pd.DataFrame, ground_truth: int, command: str, seconds: float
+) -> None:
+    columns = [
+        "setting",
+        "l1_coefficient",
+        "expansion",
+        "d_sae",
+        "F",
+        "F_low",
+        "F_high",
+        "psi",
+        "variance_explained",
+        "mean_l0",
+        "alive_features",
+    ]
+    real_note = (
+        f"- real: `{args.hook}` of `{args.model}`, ~{args.tokens} offline-corpus tokens (BOS excluded), the last 20% of documents "
+        f"held out for F; SAE-Lens standard SAEs (`dictionaries.train_sae`, inputs normalised) with {args.training_tokens} "
+        f"training tokens in batches of {args.batch_size_tokens}, lr {args.lr}, expansions {args.real_expansions}, L1 {args.real_l1}."
+        if args.model != "none"
+        else "- real model: skipped (`--model none`)."
+    )
     text = f"""# Dictionary robustness: F against SAE width and L1 penalty
 
 Made by (from the repository root, {seconds / 60:.1f} min on {args.threads} CPU thread(s)):
@@ -264,7 +321,9 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     table.to_csv(args.out / "table.csv", index=False)
     plot(table, ground_truth, args.out / "f_vs_width.png")
     command = study_command("experiments.dictionary_robustness", argv)
-    write_readme(args.out / "README.md", args, table, plateau_table, ground_truth, command, time.perf_counter() - started)
+    write_readme(
+        args.out / "README.md", args, table, plateau_table, ground_truth, command, time.perf_counter() - started
+    )
     print(plateau_table.round(3).to_string(index=False))
     return table
 

@@ -26,6 +26,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from experiments import study_command, torch_threads
 from experiments.tasks import (
     ClassifierTraining,
     MLPClassifier,
@@ -36,7 +37,6 @@ from experiments.tasks import (
     train_classifier,
 )
 from experiments.toy import ToySAEConfig
-from experiments import study_command, torch_threads
 
 DEFAULT_OUT = Path(__file__).resolve().parent.parent / "results" / "dropout"
 TRAIN_SEED_OFFSET, TEST_SEED_OFFSET = 1_000, 2_000
@@ -44,7 +44,9 @@ QUICK = dict(dropouts=[0.0, 0.5], seeds=[0], hidden=[16, 16], steps=200, sae_ste
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     parser.add_argument("--quick", action="store_true", help=f"tiny run for tests: {QUICK}")
     parser.add_argument("--dropouts", type=float, nargs="+", default=[0.0, 0.1, 0.2, 0.3, 0.5])
@@ -58,7 +60,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--n-train", type=int, default=20_000)
     parser.add_argument("--n-test", type=int, default=10_000)
     parser.add_argument("--sae-expansion", type=int, default=4, help="tied SAE latents = expansion x layer width")
-    parser.add_argument("--l1", type=float, default=0.3, help="tied SAE L1 coefficient (activations scaled to unit RMS)")
+    parser.add_argument(
+        "--l1", type=float, default=0.3, help="tied SAE L1 coefficient (activations scaled to unit RMS)"
+    )
     parser.add_argument("--sae-steps", type=int, default=1500)
     parser.add_argument("--threads", type=int, default=1)
     if "--quick" in argv:
@@ -80,7 +84,9 @@ def measure_model(args: argparse.Namespace, task: SparseParityTask, dropout: flo
     rows = []
     for layer, (train_acts, test_acts) in enumerate(zip(train_layers, test_layers)):
         width = train_acts.shape[1]
-        sae_config = ToySAEConfig(d_sae=args.sae_expansion * width, l1_coefficient=args.l1, steps=args.sae_steps, seed=seed)
+        sae_config = ToySAEConfig(
+            d_sae=args.sae_expansion * width, l1_coefficient=args.l1, steps=args.sae_steps, seed=seed
+        )
         measured = tied_sae_measure(train_acts, test_acts, sae_config)
         rows.append(
             {
@@ -109,8 +115,13 @@ def summarise(table: pd.DataFrame) -> pd.DataFrame:
     """Per layer and dropout: mean and std of F over seeds, and the neuron-basis F and accuracy."""
     return (
         table.groupby(["layer", "dropout"])
-        .agg(F_mean=("F", "mean"), F_std=("F", "std"), neuron_F_mean=("neuron_F", "mean"),
-             variance_explained=("variance_explained", "mean"), test_accuracy=("test_accuracy", "mean"))
+        .agg(
+            F_mean=("F", "mean"),
+            F_std=("F", "std"),
+            neuron_F_mean=("neuron_F", "mean"),
+            variance_explained=("variance_explained", "mean"),
+            test_accuracy=("test_accuracy", "mean"),
+        )
         .reset_index()
     )
 
@@ -120,20 +131,34 @@ def trend(table: pd.DataFrame, column: str = "F") -> pd.DataFrame:
     rows = []
     for layer, group in table.groupby("layer"):
         means = group.groupby("dropout")[column].mean()
-        rows.append({
-            "layer": layer,
-            "spearman_with_dropout": group[column].corr(group["dropout"], method="spearman"),
-            "ratio_highest_to_no_dropout": means.iloc[-1] / means.iloc[0],
-        })
+        rows.append(
+            {
+                "layer": layer,
+                "spearman_with_dropout": group[column].corr(group["dropout"], method="spearman"),
+                "ratio_highest_to_no_dropout": means.iloc[-1] / means.iloc[0],
+            }
+        )
     return pd.DataFrame(rows)
 
 
 def plot(summary: pd.DataFrame, path: Path) -> None:
     figure, axes = plt.subplots(figsize=(6, 4.5))
     for layer, group in summary.groupby("layer"):
-        axes.errorbar(group["dropout"], group["F_mean"], yerr=group["F_std"].fillna(0), marker="o", capsize=3,
-                      label=f"hidden layer {layer}: F (tied SAE)")
-        axes.plot(group["dropout"], group["neuron_F_mean"], linestyle="--", marker="x", label=f"hidden layer {layer}: F (neuron basis)")
+        axes.errorbar(
+            group["dropout"],
+            group["F_mean"],
+            yerr=group["F_std"].fillna(0),
+            marker="o",
+            capsize=3,
+            label=f"hidden layer {layer}: F (tied SAE)",
+        )
+        axes.plot(
+            group["dropout"],
+            group["neuron_F_mean"],
+            linestyle="--",
+            marker="x",
+            label=f"hidden layer {layer}: F (neuron basis)",
+        )
     axes.set_xlabel("dropout rate")
     axes.set_ylabel("effective features F (mean ± std over seeds)")
     axes.set_title("Multi-task sparse parity MLPs: F against dropout")
@@ -201,7 +226,9 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     table.to_csv(args.out / "table.csv", index=False)
     plot(summary, args.out / "f_vs_dropout.png")
     command = study_command("experiments.dropout", argv)
-    write_readme(args.out / "README.md", args, table, summary, trends, neuron_trends, command, time.perf_counter() - started)
+    write_readme(
+        args.out / "README.md", args, table, summary, trends, neuron_trends, command, time.perf_counter() - started
+    )
     print(summary.round(3).to_string(index=False))
     print(trends.round(3).to_string(index=False))
     return table

@@ -32,6 +32,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from experiments import study_command, torch_threads
 from experiments.tasks import (
     GrokkingConfig,
     GrokkingRun,
@@ -42,7 +43,6 @@ from experiments.tasks import (
     train_grokking,
 )
 from experiments.toy import ToySAEConfig
-from experiments import study_command, torch_threads
 
 DEFAULT_OUT = Path(__file__).resolve().parent.parent / "results" / "grokking"
 MLP_HOOK, RESID_HOOK = "blocks.0.mlp.hook_post", "blocks.0.hook_resid_post"
@@ -52,7 +52,9 @@ QUICK = dict(p=11, d_model=16, n_heads=2, d_mlp=32, steps=40, checkpoint_every=1
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     defaults = GrokkingConfig()
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     parser.add_argument("--quick", action="store_true", help=f"tiny run for tests: {QUICK}")
     for name in ("p", "d_model", "n_heads", "d_mlp", "steps", "checkpoint_every", "seed"):
@@ -61,7 +63,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         parser.add_argument(f"--{name.replace('_', '-')}", type=float, default=getattr(defaults, name))
     parser.add_argument("--mlp-sae-expansion", type=int, default=2, help="tied SAE latents per MLP neuron")
     parser.add_argument("--resid-sae-expansion", type=int, default=4, help="tied SAE latents per residual dimension")
-    parser.add_argument("--l1", type=float, default=0.3, help="tied SAE L1 coefficient (activations scaled to unit RMS)")
+    parser.add_argument(
+        "--l1", type=float, default=0.3, help="tied SAE L1 coefficient (activations scaled to unit RMS)"
+    )
     parser.add_argument("--sae-steps", type=int, default=400)
     parser.add_argument("--threads", type=int, default=1)
     if "--quick" in argv:
@@ -84,14 +88,21 @@ def measure_checkpoints(run: GrokkingRun, args: argparse.Namespace) -> pd.DataFr
             # parameters only: the state dict also holds the attention mask buffers (with -inf)
             "weight_norm": float(torch.cat([w.detach().flatten() for w in model.parameters()]).norm()),
         }
-        for label, hook, expansion in (("mlp", MLP_HOOK, args.mlp_sae_expansion), ("resid", RESID_HOOK, args.resid_sae_expansion)):
+        for label, hook, expansion in (
+            ("mlp", MLP_HOOK, args.mlp_sae_expansion),
+            ("resid", RESID_HOOK, args.resid_sae_expansion),
+        ):
             activations = cache[hook][:, -1, :]  # the "=" position, where the answer is read
-            sae_config = ToySAEConfig(d_sae=expansion * activations.shape[1], l1_coefficient=args.l1,
-                                      steps=args.sae_steps, seed=args.seed)
+            sae_config = ToySAEConfig(
+                d_sae=expansion * activations.shape[1], l1_coefficient=args.l1, steps=args.sae_steps, seed=args.seed
+            )
             measured = tied_sae_measure(activations, activations, sae_config)
             row |= {
-                f"{label}_F": measured["F"], f"{label}_F_low": measured["F_low"], f"{label}_F_high": measured["F_high"],
-                f"{label}_psi": measured["psi"], f"{label}_variance_explained": measured["variance_explained"],
+                f"{label}_F": measured["F"],
+                f"{label}_F_low": measured["F_low"],
+                f"{label}_F_high": measured["F_high"],
+                f"{label}_psi": measured["psi"],
+                f"{label}_variance_explained": measured["variance_explained"],
                 f"{label}_mean_l0": measured["mean_l0"],
             }
         row["mlp_neuron_F"] = neuron_basis_measure(cache[MLP_HOOK][:, -1, :])["F"]
@@ -115,7 +126,9 @@ def alignment(table: pd.DataFrame, checkpoints) -> dict:
         peak = table[column].idxmax()
         after_peak = table.loc[peak:, column].diff()
         result[f"{column}_peak_step"] = int(table.loc[peak, "step"])
-        result[f"{column}_drop_step"] = int(table.loc[after_peak.idxmin(), "step"]) if after_peak.notna().any() else None
+        result[f"{column}_drop_step"] = (
+            int(table.loc[after_peak.idxmin(), "step"]) if after_peak.notna().any() else None
+        )
         result[f"{column}_peak_to_final"] = float(table[column].iloc[-1] / table.loc[peak, column])
         result[f"{column}_corr_test_accuracy"] = float(table[column].corr(table["test_accuracy"]))
     return result
@@ -127,7 +140,11 @@ def plot(table: pd.DataFrame, marks: dict, path: Path) -> None:
     accuracy_axes.plot(table["step"], table["test_accuracy"], marker=".", label="test accuracy")
     accuracy_axes.set_ylabel("accuracy")
     accuracy_axes.legend(fontsize=8)
-    for column, label in (("mlp_F", "MLP neurons, tied SAE"), ("mlp_neuron_F", "MLP neurons, neuron basis"), ("resid_F", "residual stream, tied SAE")):
+    for column, label in (
+        ("mlp_F", "MLP neurons, tied SAE"),
+        ("mlp_neuron_F", "MLP neurons, neuron basis"),
+        ("resid_F", "residual stream, tied SAE"),
+    ):
         f_axes.plot(table["step"], table[column], marker=".", label=label)
         if f"{column}_low" in table:
             f_axes.fill_between(table["step"], table[f"{column}_low"], table[f"{column}_high"], alpha=0.2)
@@ -143,10 +160,25 @@ def plot(table: pd.DataFrame, marks: dict, path: Path) -> None:
     plt.close(figure)
 
 
-def write_readme(path: Path, args, config: GrokkingConfig, table: pd.DataFrame, marks: dict, command: str, seconds: float) -> None:
-    columns = ["step", "train_accuracy", "test_accuracy", "weight_norm", "mlp_F", "mlp_F_low", "mlp_F_high",
-               "mlp_variance_explained", "mlp_neuron_F", "resid_F", "resid_variance_explained"]
-    mark_lines = "\n".join(f"- {name}: {value if not isinstance(value, float) else round(value, 3)}" for name, value in marks.items())
+def write_readme(
+    path: Path, args, config: GrokkingConfig, table: pd.DataFrame, marks: dict, command: str, seconds: float
+) -> None:
+    columns = [
+        "step",
+        "train_accuracy",
+        "test_accuracy",
+        "weight_norm",
+        "mlp_F",
+        "mlp_F_low",
+        "mlp_F_high",
+        "mlp_variance_explained",
+        "mlp_neuron_F",
+        "resid_F",
+        "resid_variance_explained",
+    ]
+    mark_lines = "\n".join(
+        f"- {name}: {value if not isinstance(value, float) else round(value, 3)}" for name, value in marks.items()
+    )
     text = f"""# Grokking: F per checkpoint next to train and test accuracy
 
 Made by (from the repository root, {seconds / 60:.1f} min on {args.threads} CPU thread(s)):
@@ -181,9 +213,18 @@ Files: `table.csv` (all columns), `grokking.png`.
 def main(argv: list[str] | None = None) -> pd.DataFrame:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
-    config = GrokkingConfig(p=args.p, train_fraction=args.train_fraction, d_model=args.d_model, n_heads=args.n_heads,
-                            d_mlp=args.d_mlp, steps=args.steps, checkpoint_every=args.checkpoint_every, lr=args.lr,
-                            weight_decay=args.weight_decay, seed=args.seed)
+    config = GrokkingConfig(
+        p=args.p,
+        train_fraction=args.train_fraction,
+        d_model=args.d_model,
+        n_heads=args.n_heads,
+        d_mlp=args.d_mlp,
+        steps=args.steps,
+        checkpoint_every=args.checkpoint_every,
+        lr=args.lr,
+        weight_decay=args.weight_decay,
+        seed=args.seed,
+    )
     started = time.perf_counter()
     with torch_threads(args.threads):
         run = train_grokking(config, progress=True)
@@ -194,7 +235,11 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     plot(table, marks, args.out / "grokking.png")
     command = study_command("experiments.grokking", argv)
     write_readme(args.out / "README.md", args, config, table, marks, command, time.perf_counter() - started)
-    print(table[["step", "train_accuracy", "test_accuracy", "mlp_F", "mlp_neuron_F", "resid_F"]].round(3).to_string(index=False))
+    print(
+        table[["step", "train_accuracy", "test_accuracy", "mlp_F", "mlp_neuron_F", "resid_F"]]
+        .round(3)
+        .to_string(index=False)
+    )
     print(marks)
     return table
 

@@ -25,10 +25,9 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
+from experiments.toy import ToySAEConfig, measure_sae, train_toy_sae
 from lm_superposition.metric import FeatureBudget
 from lm_superposition.validation import check_positive_int
-
-from experiments.toy import ToySAEConfig, measure_sae, train_toy_sae
 
 
 def _check_fraction(name: str, value: float, low_open: bool = True) -> None:
@@ -178,7 +177,9 @@ class CNNClassifier(nn.Module):
         """Post-ReLU feature maps [batch, channels, height, width] of every conv layer."""
         expected = (self.in_channels, self.image_size, self.image_size)
         if images.ndim != 4 or tuple(images.shape[1:]) != expected:
-            raise ValueError(f"images must have shape [batch, {', '.join(map(str, expected))}], got {tuple(images.shape)}")
+            raise ValueError(
+                f"images must have shape [batch, {', '.join(map(str, expected))}], got {tuple(images.shape)}"
+            )
         activations, x = [], images
         for layer in self.hidden:
             x = layer(x)
@@ -200,7 +201,9 @@ class ClassifierTraining:
         for name in ("steps", "batch_size"):
             check_positive_int(name, getattr(self, name))
         if not (self.lr > 0 and self.weight_decay >= 0):
-            raise ValueError(f"lr must be > 0 and weight_decay >= 0, got lr={self.lr}, weight_decay={self.weight_decay}")
+            raise ValueError(
+                f"lr must be > 0 and weight_decay >= 0, got lr={self.lr}, weight_decay={self.weight_decay}"
+            )
 
 
 def train_classifier(
@@ -208,7 +211,9 @@ def train_classifier(
 ) -> nn.Module:
     """Train `model` with cross-entropy on (inputs, labels); returns it in eval mode."""
     if inputs.shape[0] != labels.shape[0] or inputs.shape[0] == 0:
-        raise ValueError(f"inputs ({inputs.shape[0]} rows) and labels ({labels.shape[0]}) must be equally long and non-empty")
+        raise ValueError(
+            f"inputs ({inputs.shape[0]} rows) and labels ({labels.shape[0]}) must be equally long and non-empty"
+        )
     generator = torch.Generator().manual_seed(training.seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=training.lr, weight_decay=training.weight_decay)
     model.train()
@@ -262,7 +267,9 @@ class GrokkingConfig:
             raise ValueError(f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
         _check_fraction("train_fraction", self.train_fraction)
         if not (self.lr > 0 and self.weight_decay >= 0):
-            raise ValueError(f"lr must be > 0 and weight_decay >= 0, got lr={self.lr}, weight_decay={self.weight_decay}")
+            raise ValueError(
+                f"lr must be > 0 and weight_decay >= 0, got lr={self.lr}, weight_decay={self.weight_decay}"
+            )
 
     @property
     def equals_token(self) -> int:

@@ -59,9 +59,13 @@ def sample_features(
     check_positive_int("n_features", n_features)
     sparsity = torch.as_tensor(sparsity, dtype=torch.float32)
     if sparsity.ndim > 1 or (sparsity.ndim == 1 and sparsity.shape[0] != n_features):
-        raise ValueError(f"sparsity must be a number or a vector of {n_features} per-feature values, got shape {tuple(sparsity.shape)}")
+        raise ValueError(
+            f"sparsity must be a number or a vector of {n_features} per-feature values, got shape {tuple(sparsity.shape)}"
+        )
     if not ((sparsity >= 0) & (sparsity < 1)).all():
-        raise ValueError(f"sparsity must lie in [0, 1) (the probability that a feature is zero), got {sparsity.tolist()}")
+        raise ValueError(
+            f"sparsity must lie in [0, 1) (the probability that a feature is zero), got {sparsity.tolist()}"
+        )
     values = torch.rand(batch_size, n_features, generator=generator)
     active = torch.rand(batch_size, n_features, generator=generator) >= sparsity
     return values * active
@@ -124,7 +128,9 @@ class ToyModel(nn.Module):
         super().__init__()
         self.config = config
         generator = torch.Generator().manual_seed(config.seed)
-        self.W = nn.Parameter(nn.init.xavier_normal_(torch.empty(config.n_hidden, config.n_features), generator=generator))
+        self.W = nn.Parameter(
+            nn.init.xavier_normal_(torch.empty(config.n_hidden, config.n_features), generator=generator)
+        )
         self.b = nn.Parameter(torch.zeros(config.n_features))
 
     def hidden(self, features: torch.Tensor) -> torch.Tensor:
@@ -294,7 +300,9 @@ class TiedSAE(nn.Module):
 
 def _check_activations(activations: torch.Tensor) -> None:
     if activations.ndim != 2 or activations.shape[0] == 0 or activations.shape[1] == 0:
-        raise ValueError(f"activations must be a non-empty [samples, d_in] matrix, got shape {tuple(activations.shape)}")
+        raise ValueError(
+            f"activations must be a non-empty [samples, d_in] matrix, got shape {tuple(activations.shape)}"
+        )
     if not torch.isfinite(activations).all():
         raise ValueError("activations contain NaN or Inf")
 

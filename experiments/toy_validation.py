@@ -28,6 +28,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from experiments import study_command, torch_threads
 from experiments.toy import (
     SAE_KINDS,
     ToyConfig,
@@ -39,7 +40,6 @@ from experiments.toy import (
     train_toy_model,
     train_toy_sae,
 )
-from experiments import study_command, torch_threads
 
 DEFAULT_OUT = Path(__file__).resolve().parent.parent / "results" / "toy_validation"
 # Samples for the SAE's training set and for measuring F are drawn from seeds offset from
@@ -52,11 +52,19 @@ QUICK = dict(n_features=[40], sparsities=[0.0, 0.5, 0.9, 0.99], sae_kinds=["tied
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output folder")
     parser.add_argument("--quick", action="store_true", help=f"reduced sweep for tests: {QUICK}")
     parser.add_argument("--n-features", type=int, nargs="+", default=[20, 40, 80], help="n values to sweep")
-    parser.add_argument("--sparsities", type=float, nargs="+", default=[0.0, 0.5, 0.8, 0.9, 0.95, 0.99], help="feature sparsities S to sweep")
+    parser.add_argument(
+        "--sparsities",
+        type=float,
+        nargs="+",
+        default=[0.0, 0.5, 0.8, 0.9, 0.95, 0.99],
+        help="feature sparsities S to sweep",
+    )
     parser.add_argument("--n-hidden", type=int, default=10, help="hidden width m (= N for psi)")
     parser.add_argument("--importance-decay", type=float, default=0.9, help="feature i has importance decay**i")
     parser.add_argument("--sae-kinds", nargs="+", default=list(SAE_KINDS), choices=SAE_KINDS)
@@ -197,7 +205,9 @@ def plot_scatter(table: pd.DataFrame, stats: pd.DataFrame, path: Path) -> None:
     plt.close(figure)
 
 
-def write_readme(path: Path, args: argparse.Namespace, table: pd.DataFrame, stats: pd.DataFrame, command: str, seconds: float) -> None:
+def write_readme(
+    path: Path, args: argparse.Namespace, table: pd.DataFrame, stats: pd.DataFrame, command: str, seconds: float
+) -> None:
     r_lines = "\n".join(
         f"- **{row.sae_kind} SAE**: Pearson r(F, ground truth) = **{row.r_F_ground_truth:.3f}** over {row.configs} configs "
         f"(r with the recovery ground truth {row.r_F_ground_truth_recovery:.3f}; mean |F - ground truth| = {row.mean_abs_error:.1f})"
@@ -205,7 +215,9 @@ def write_readme(path: Path, args: argparse.Namespace, table: pd.DataFrame, stat
     )
     per_kind = (
         table.groupby("sae_kind", sort=False)
-        .agg(mean_variance_explained=("variance_explained", "mean"), mean_redundant_latents=("redundant_latents", "mean"))
+        .agg(
+            mean_variance_explained=("variance_explained", "mean"), mean_redundant_latents=("redundant_latents", "mean")
+        )
         .round(3)
     )
     ratio_by_sparsity = (
@@ -218,7 +230,20 @@ def write_readme(path: Path, args: argparse.Namespace, table: pd.DataFrame, stat
         if (path.parent / "sensitivity" / "README.md").exists()
         else ""
     )
-    columns = ["n_features", "sparsity", "sae_kind", "ground_truth", "ground_truth_recovery", "oracle_F", "F", "F_low", "F_high", "psi", "variance_explained", "redundant_latents"]
+    columns = [
+        "n_features",
+        "sparsity",
+        "sae_kind",
+        "ground_truth",
+        "ground_truth_recovery",
+        "oracle_F",
+        "F",
+        "F_low",
+        "F_high",
+        "psi",
+        "variance_explained",
+        "redundant_latents",
+    ]
     text = f"""# Toy validation: does F count the features a toy model stores?
 
 Made by (from the repository root, {seconds / 60:.1f} min on {args.threads} CPU thread(s)):

@@ -33,6 +33,7 @@ import sae_lens
 import torch
 
 from lm_superposition.data import load_texts, token_windows
+from lm_superposition.models import OFFLINE_DEFAULT_MODEL, hook_point, load_model
 from lm_superposition.saes import (
     QUALITY_FILENAME,
     SAETrainingConfig,
@@ -40,7 +41,6 @@ from lm_superposition.saes import (
     load_sae_from_disk,
     train_saes_for_model,
 )
-from lm_superposition.models import OFFLINE_DEFAULT_MODEL, hook_point, load_model
 
 RESULTS = Path(__file__).resolve().parent.parent / "results" / "gemma3_270m_saes"
 CONTEXT_SIZE = 128
@@ -49,8 +49,11 @@ CONTEXT_SIZE = 128
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True, help="folder for the trained SAEs")
-    parser.add_argument("--hooks", nargs="+",
-                        default=["blocks.3.hook_resid_post", "blocks.9.hook_resid_post", "blocks.15.hook_resid_post"])
+    parser.add_argument(
+        "--hooks",
+        nargs="+",
+        default=["blocks.3.hook_resid_post", "blocks.9.hook_resid_post", "blocks.15.hook_resid_post"],
+    )
     parser.add_argument("--architecture", choices=["standard", "topk"], default="topk")
     parser.add_argument("--expansion-factor", type=int, default=4)
     parser.add_argument("--l1-coefficient", type=float, default=2.0)
@@ -59,8 +62,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch-size-tokens", type=int, default=256)
     parser.add_argument("--training-tokens", type=int, default=60_000)
     parser.add_argument("--eval-windows", type=int, default=16)
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch CPU threads; 1 is much faster on a machine shared with other jobs")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch CPU threads; 1 is much faster on a machine shared with other jobs",
+    )
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -71,11 +78,17 @@ def main(argv: list[str] | None = None) -> None:
     budget = args.training_tokens + args.batch_size_tokens + args.eval_windows * (CONTEXT_SIZE - 1)
     windows = token_windows(load_texts(None), model.tokenizer, context_size=CONTEXT_SIZE, token_budget=budget)
     config = SAETrainingConfig(
-        architecture=args.architecture, expansion_factor=args.expansion_factor, l1_coefficient=args.l1_coefficient,
-        k=args.k, lr=args.lr, batch_size_tokens=args.batch_size_tokens, training_tokens=args.training_tokens,
+        architecture=args.architecture,
+        expansion_factor=args.expansion_factor,
+        l1_coefficient=args.l1_coefficient,
+        k=args.k,
+        lr=args.lr,
+        batch_size_tokens=args.batch_size_tokens,
+        training_tokens=args.training_tokens,
     )
-    folders = train_saes_for_model(model, args.hooks, windows, config, args.out, batch_size=8,
-                                   n_eval_windows=args.eval_windows)
+    folders = train_saes_for_model(
+        model, args.hooks, windows, config, args.out, batch_size=8, n_eval_windows=args.eval_windows
+    )
 
     rows = []
     for hook, folder in folders.items():

@@ -14,9 +14,9 @@ from __future__ import annotations
 import copy
 import math
 import warnings
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -45,11 +45,37 @@ IN_PLACE_CHUNK_ELEMENTS = 2**25
 DUPLICATE_COSINE = 0.95
 
 TABLE_COLUMNS = [
-    "model", "hook", "layer", "kind", "N", "d_sae", "sae", "sae_seed", "seed", "tokens",
-    "entropy", "F", "F_low", "F_high", "psi", "psi_low", "psi_high", "interval_over",
-    "F_saturated", "F_saturated_note", "last_doubling_growth",
-    "mean_l0", "alive_features", "dead_fraction", "merged_latents", "cs_margin", "additivity",
-    "variance_explained", "ce_recovered", "ce_tokens", "quality",
+    "model",
+    "hook",
+    "layer",
+    "kind",
+    "N",
+    "d_sae",
+    "sae",
+    "sae_seed",
+    "seed",
+    "tokens",
+    "entropy",
+    "F",
+    "F_low",
+    "F_high",
+    "psi",
+    "psi_low",
+    "psi_high",
+    "interval_over",
+    "F_saturated",
+    "F_saturated_note",
+    "last_doubling_growth",
+    "mean_l0",
+    "alive_features",
+    "dead_fraction",
+    "merged_latents",
+    "cs_margin",
+    "additivity",
+    "variance_explained",
+    "ce_recovered",
+    "ce_tokens",
+    "quality",
 ]
 
 
@@ -90,7 +116,7 @@ class SeedMeasurement:
         }
 
     @classmethod
-    def from_state_dict(cls, state: dict) -> "SeedMeasurement":
+    def from_state_dict(cls, state: dict) -> SeedMeasurement:
         return cls(
             seed=state["seed"],
             budgets={key: FeatureBudget.from_state_dict(s) for key, s in state["budgets"].items()},
@@ -103,7 +129,7 @@ class SeedMeasurement:
             torch.save(self.state_dict(), temporary)
 
     @classmethod
-    def load(cls, path: Path) -> "SeedMeasurement":
+    def load(cls, path: Path) -> SeedMeasurement:
         try:
             return cls.from_state_dict(torch.load(path, weights_only=False))
         except Exception as err:  # torch.load raises many unrelated types for a bad file
@@ -126,7 +152,9 @@ def sample_windows(windows: TokenWindows, seed: int, token_budget: int | None = 
     measured = shuffled.measured_mask
     available = int(measured.sum())
     if token_budget > available:
-        raise ValueError(f"token_budget={token_budget} but the windows hold only {available} measurable tokens; give more text or a smaller budget")
+        raise ValueError(
+            f"token_budget={token_budget} but the windows hold only {available} measurable tokens; give more text or a smaller budget"
+        )
     needed = int(torch.searchsorted(measured.sum(1).cumsum(0), token_budget)) + 1
     selected = replace(shuffled[:needed], doc_ids=shuffled.doc_ids[:needed].clone())
     overshoot = selected.n_tokens - token_budget
@@ -138,7 +166,9 @@ def sample_windows(windows: TokenWindows, seed: int, token_budget: int | None = 
 
 def log_spaced_checkpoints(total_tokens: int, start: int = 256) -> list[int]:
     """Token counts at which the early stop looks at the interval: powers of two from `start`, then the total."""
-    points = [2**k for k in range(int(math.log2(start)), int(math.log2(max(total_tokens, 1))) + 1) if 2**k < total_tokens]
+    points = [
+        2**k for k in range(int(math.log2(start)), int(math.log2(max(total_tokens, 1))) + 1) if 2**k < total_tokens
+    ]
     return points + [total_tokens]
 
 
@@ -161,7 +191,9 @@ class _SlotReader:
 
     def read(self, budget: FeatureBudget, variance: VarianceExplained | None, acts: torch.Tensor, doc_ids) -> None:
         buffer = self._buffer() if self.in_place else None
-        doc_chunks = doc_ids.split(self.chunk) if isinstance(doc_ids, torch.Tensor) else [doc_ids] * -(-len(acts) // self.chunk)
+        doc_chunks = (
+            doc_ids.split(self.chunk) if isinstance(doc_ids, torch.Tensor) else [doc_ids] * -(-len(acts) // self.chunk)
+        )
         for act_chunk, doc_chunk in zip(acts.split(self.chunk), doc_chunks):
             # ~99% of the codes are zeros: everything after the encode reads only the nonzeros.
             act_chunk = act_chunk.to(self.dtype)
@@ -261,7 +293,10 @@ class LayerwiseAnalyzer:
     def new_seed(self, seed: int) -> SeedMeasurement:
         return SeedMeasurement(
             seed=seed,
-            budgets={key: self._readers[key].new_budget(self.hooks[slot.hook].width, self.n_blocks) for key, slot in self.slots.items()},
+            budgets={
+                key: self._readers[key].new_budget(self.hooks[slot.hook].width, self.n_blocks)
+                for key, slot in self.slots.items()
+            },
             variance={key: VarianceExplained() for key in self.slots},
         )
 
@@ -302,11 +337,17 @@ class LayerwiseAnalyzer:
             raise ValueError(f"resume state is for seed {state.seed}, not seed {seed}")
         pending = [t for t in log_spaced_checkpoints(total) if t > state.tokens] if target_relative_interval else []
         batches = stream_activations(
-            self.model, shard[state.windows_done:], list(self.hooks), batch_size=self.batch_size, progress=progress and rank == 0
+            self.model,
+            shard[state.windows_done :],
+            list(self.hooks),
+            batch_size=self.batch_size,
+            progress=progress and rank == 0,
         )
         for n_batch, batch in enumerate(batches, start=1):
             for key, slot in self.slots.items():
-                self._readers[key].read(state.budgets[key], state.variance[key], batch.activations[slot.hook], batch.doc_ids)
+                self._readers[key].read(
+                    state.budgets[key], state.variance[key], batch.activations[slot.hook], batch.doc_ids
+                )
             state.windows_done += batch.window_slice.stop - batch.window_slice.start
             converged = False
             while pending and state.tokens >= pending[0]:
@@ -373,8 +414,12 @@ class LayerwiseAnalyzer:
                         "ce_recovered": ce,
                         "ce_tokens": ce_tokens,
                         "quality": self.gate.verdict(
-                            variance_explained=variance_explained, ce_recovered=ce, ce_tokens=ce_tokens,
-                            dead_fraction=summary["dead_fraction"], effective_features=summary["F"], d_sae=summary["d_sae"],
+                            variance_explained=variance_explained,
+                            ce_recovered=ce,
+                            ce_tokens=ce_tokens,
+                            dead_fraction=summary["dead_fraction"],
+                            effective_features=summary["F"],
+                            d_sae=summary["d_sae"],
                             last_doubling_growth=growth,
                         ),
                     }
@@ -408,16 +453,22 @@ class LayerwiseAnalyzer:
         first, length = _text_segment_span(windows)
         usable = torch.nonzero((windows.doc_ids[:, first : first + length] != PAD_DOC_ID).all(1)).flatten()
         if n_pairs < 1 or len(usable) < 2:
-            raise ValueError(f"additivity needs n_pairs >= 1 (got {n_pairs}) and 2 windows whose first {length} tokens "
-                             f"are text ({len(usable)} such windows here)")
+            raise ValueError(
+                f"additivity needs n_pairs >= 1 (got {n_pairs}) and 2 windows whose first {length} tokens "
+                f"are text ({len(usable)} such windows here)"
+            )
         if len(usable) < 2 * n_pairs:
-            warnings.warn(f"additivity: {n_pairs} pairs asked for, but only {len(usable)} windows have {length} tokens of "
-                          f"text; using {len(usable) // 2} pairs")
+            warnings.warn(
+                f"additivity: {n_pairs} pairs asked for, but only {len(usable)} windows have {length} tokens of "
+                f"text; using {len(usable) // 2} pairs"
+            )
             n_pairs = len(usable) // 2
         picked = usable[torch.randperm(len(usable), generator=torch.Generator().manual_seed(seed))[: 2 * n_pairs]]
         segments = windows.tokens[picked, first : first + length]
         a, b = segments[:n_pairs], segments[n_pairs:]
-        (f_a, n_a), (f_b, n_b), (f_ab, n_ab) = (self._summed_activations(x, windows) for x in (a, b, torch.cat([a, b], dim=1)))
+        (f_a, n_a), (f_b, n_b), (f_ab, n_ab) = (
+            self._summed_activations(x, windows) for x in (a, b, torch.cat([a, b], dim=1))
+        )
         result = {}
         for hook in self.hooks:
             mean = (f_a[hook].sum(0) + f_b[hook].sum(0)) / (n_a.sum() + n_b.sum())
@@ -425,18 +476,23 @@ class LayerwiseAnalyzer:
             result[hook] = additivity_of(*centred).mean
         return result
 
-    def _summed_activations(self, segments: torch.Tensor, like: TokenWindows) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    def _summed_activations(
+        self, segments: torch.Tensor, like: TokenWindows
+    ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """({hook: [segments, N]} each segment's activations summed over its tokens, [segments] token counts); BOS excluded."""
         if like.bos_token_id is not None:
             segments = torch.cat([torch.full((len(segments), 1), like.bos_token_id), segments], dim=1)
         doc_ids = torch.arange(len(segments)).unsqueeze(1).expand_as(segments)
         windows = TokenWindows(segments, doc_ids.contiguous(), like.bos_token_id, like.pad_token_id)
-        sums = {hook: torch.zeros(len(segments), point.width, dtype=torch.float64) for hook, point in self.hooks.items()}
-        for batch in stream_activations(self.model, windows, list(self.hooks), batch_size=self.batch_size, progress=False):
+        sums = {
+            hook: torch.zeros(len(segments), point.width, dtype=torch.float64) for hook, point in self.hooks.items()
+        }
+        for batch in stream_activations(
+            self.model, windows, list(self.hooks), batch_size=self.batch_size, progress=False
+        ):
             for hook, acts in batch.activations.items():
                 sums[hook].index_add_(0, batch.doc_ids, acts.to(device="cpu", dtype=torch.float64))
         return sums, torch.bincount(windows.doc_ids[windows.measured_mask], minlength=len(segments)).to(torch.float64)
-
 
     def measure(
         self,
@@ -479,11 +535,15 @@ class LayerwiseAnalyzer:
             path = self._checkpoint_path(checkpoint_dir, checkpoint_name, seed)
             states.append(
                 self.run_seed(
-                    seed_windows, seed, token_budget,
+                    seed_windows,
+                    seed,
+                    token_budget,
                     resume_from=SeedMeasurement.load(path) if path and path.exists() else None,
                     checkpoint=(lambda state, p=path: state.save(p)) if path else None,
-                    checkpoint_every=checkpoint_every, target_relative_interval=target_relative_interval,
-                    progress=progress, stop=stop,
+                    checkpoint_every=checkpoint_every,
+                    target_relative_interval=target_relative_interval,
+                    progress=progress,
+                    stop=stop,
                 )
             )
             samples.append(sample_windows(seed_windows, seed, token_budget))
@@ -600,9 +660,15 @@ def measure_layers(
     """
     analyzer = LayerwiseAnalyzer(model, saes, batch_size=batch_size, **analyzer_options)
     return analyzer.measure(
-        windows, seeds=seeds, token_budget=token_budget, ce_windows=ce_windows, additivity_pairs=additivity_pairs,
-        target_relative_interval=target_relative_interval, checkpoint_dir=checkpoint_dir,
-        checkpoint_every=checkpoint_every, progress=progress,
+        windows,
+        seeds=seeds,
+        token_budget=token_budget,
+        ce_windows=ce_windows,
+        additivity_pairs=additivity_pairs,
+        target_relative_interval=target_relative_interval,
+        checkpoint_dir=checkpoint_dir,
+        checkpoint_every=checkpoint_every,
+        progress=progress,
     )
 
 

@@ -14,7 +14,6 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-
 PARTIAL_MARKERS = (".partial-", ".old-")
 
 

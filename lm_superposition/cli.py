@@ -20,7 +20,7 @@ from . import config as cfg
 
 EXAMPLES = {
     "demo": "example:\n  lm-superposition demo                       # Gemma 3 270M, offline corpus, SAEs trained on the spot\n"
-            "  lm-superposition demo --token-budget 2000 --output runs/tiny --overwrite",
+    "  lm-superposition demo --token-budget 2000 --output runs/tiny --overwrite",
     "run": (
         "example:\n  lm-superposition run lm_superposition/configs/demo.toml\n"
         "  lm-superposition run experiments/pythia70m_layerwise.toml --resume\n"
@@ -41,8 +41,19 @@ EXAMPLES = {
 
 # The config fields each command offers, by table ("saes.train" is [saes.train]).
 LAYERWISE_OPTIONS = {
-    "run": ["output", "seeds", "token_budget", "batch_size", "context_size", "device", "checkpoint_every", "ce_windows",
-            "additivity_pairs", "n_blocks", "target_relative_interval"],
+    "run": [
+        "output",
+        "seeds",
+        "token_budget",
+        "batch_size",
+        "context_size",
+        "device",
+        "checkpoint_every",
+        "ce_windows",
+        "additivity_pairs",
+        "n_blocks",
+        "target_relative_interval",
+    ],
     "model": ["names", "checkpoints", "dtype", "backend"],
     "saes": ["releases", "folders", "allow_hook_mismatch"],
     "corpus": ["sources", "config", "split", "text_column"],
@@ -54,11 +65,18 @@ TRAIN_SAE_OPTIONS = {
     "run": ["context_size", "batch_size", "ce_windows"],
 }
 DEMO_OPTIONS = {"run": ["output", "token_budget"], "saes.train": ["training_tokens"]}
-TABLES = {"run": cfg.RunSettings, "model": cfg.ModelSettings, "saes": cfg.SAESettings, "corpus": cfg.CorpusSettings,
-          "saes.train": cfg.SAETrainSettings}
+TABLES = {
+    "run": cfg.RunSettings,
+    "model": cfg.ModelSettings,
+    "saes": cfg.SAESettings,
+    "corpus": cfg.CorpusSettings,
+    "saes.train": cfg.SAETrainSettings,
+}
 
 
-def add_config_options(parser: argparse.ArgumentParser, options: dict[str, list[str]], defaults: cfg.RunConfig | None = None) -> None:
+def add_config_options(
+    parser: argparse.ArgumentParser, options: dict[str, list[str]], defaults: cfg.RunConfig | None = None
+) -> None:
     """One option per config field named in `options` ({table: [field, ...]}); `defaults`
     (a RunConfig) gives the defaults shown in the help, else each field's own default."""
     for table, names in options.items():
@@ -126,10 +144,14 @@ def _command(subparsers, name: str, help: str) -> argparse.ArgumentParser:
 
 def _add_output_flags(parser: argparse.ArgumentParser) -> None:
     group = parser.add_mutually_exclusive_group()
-    group.add_argument("--resume", action="store_true",
-                       help="continue the run in the output folder (refused if its config differs)")
-    group.add_argument("--overwrite", action="store_true",
-                       help="replace the output folder (only a run folder this tool made, holding nothing else)")
+    group.add_argument(
+        "--resume", action="store_true", help="continue the run in the output folder (refused if its config differs)"
+    )
+    group.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the output folder (only a run folder this tool made, holding nothing else)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -139,7 +161,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", required=True)
 
-    demo = _command(commands, "demo", "The main job offline: Gemma 3 270M, SAEs trained on the spot, the compression curve.")
+    demo = _command(
+        commands, "demo", "The main job offline: Gemma 3 270M, SAEs trained on the spot, the compression curve."
+    )
     add_config_options(demo, DEMO_OPTIONS, defaults=cfg.demo_config())
     _add_output_flags(demo)
 
@@ -148,14 +172,18 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_options(run, {"run": ["output"]})
     _add_output_flags(run)
 
-    layerwise = _command(commands, "layerwise", "Per-layer psi of a model through pretrained SAEs (SAE-Lens registry or folders).")
+    layerwise = _command(
+        commands, "layerwise", "Per-layer psi of a model through pretrained SAEs (SAE-Lens registry or folders)."
+    )
     add_config_options(layerwise, LAYERWISE_OPTIONS)
     _add_output_flags(layerwise)
 
     hooks = _command(commands, "hooks", "List a model's measurable hook points with their kind, layer and width N.")
     add_config_options(hooks, {"model": ["names", "backend"]})
 
-    train = _command(commands, "train-sae", "Train SAEs for several hooks from one pass over the data, saved in SAE-Lens format.")
+    train = _command(
+        commands, "train-sae", "Train SAEs for several hooks from one pass over the data, saved in SAE-Lens format."
+    )
     train.add_argument("--out", type=Path, required=True, help="folder; each SAE goes to OUT/<hook name>/")
     add_config_options(train, TRAIN_SAE_OPTIONS)
     return parser
@@ -170,11 +198,16 @@ def main(argv: list[str] | None = None) -> int:
         resumable = getattr(stopped, "resumable", None)
         if resumable:
             again = [arg for arg in argv if arg != "--overwrite"] + ([] if "--resume" in argv else ["--resume"])
-            print(f"lm-superposition {args.command}: {stopped}. Continue with: {shlex.join(['lm-superposition', *again])}",
-                  file=sys.stderr)
+            print(
+                f"lm-superposition {args.command}: {stopped}. Continue with: {shlex.join(['lm-superposition', *again])}",
+                file=sys.stderr,
+            )
         elif resumable is False:
-            print(f"lm-superposition {args.command}: {stopped} before writing anything; nothing on disk changed. "
-                  f"Start again with: {shlex.join(['lm-superposition', *argv])}", file=sys.stderr)
+            print(
+                f"lm-superposition {args.command}: {stopped} before writing anything; nothing on disk changed. "
+                f"Start again with: {shlex.join(['lm-superposition', *argv])}",
+                file=sys.stderr,
+            )
         else:
             print(f"lm-superposition {args.command}: interrupted", file=sys.stderr)
         return 130
@@ -242,7 +275,11 @@ def _hooks(args) -> int:
 
     given = given_config(args).get("model", {})
     for name in given.get("names") or cfg.ModelSettings().names:
-        print(hook_table(load_model(name, backend=given.get("backend", cfg.ModelSettings().backend))).to_string(index=False))
+        print(
+            hook_table(load_model(name, backend=given.get("backend", cfg.ModelSettings().backend))).to_string(
+                index=False
+            )
+        )
     return 0
 
 

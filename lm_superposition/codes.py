@@ -178,4 +178,6 @@ class CodeReader:
         values = codes.values().double() * self.norms[codes.col_indices()]
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
-            return torch.sparse_csr_tensor(codes.crow_indices(), codes.col_indices(), values, codes.shape, check_invariants=False)
+            return torch.sparse_csr_tensor(
+                codes.crow_indices(), codes.col_indices(), values, codes.shape, check_invariants=False
+            )

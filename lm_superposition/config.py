@@ -83,20 +83,33 @@ class SAETrainingConfig:
     training_tokens: int = option(2_000_000, "tokens of SAE training, repeats over epochs included")
     shuffle_buffer_batches: int = option(8, "tokens are shuffled within a buffer of this many batches")
     epochs: int = option(1, "passes over one stream of activations (> 1 keeps one pass in memory and replays it)")
-    normalize_activations: bool = option(True, "scale inputs to mean norm sqrt(d_in) while training, folded back afterwards")
+    normalize_activations: bool = option(
+        True, "scale inputs to mean norm sqrt(d_in) while training, folded back afterwards"
+    )
     seed: int = option(0, "seed of the SAE's initialisation and shuffling")
     device: str = option("cpu", "torch device to train on")
     model_name: str | None = option(None, "model name recorded in each SAE's metadata")
 
     def __post_init__(self) -> None:
         _check_choice("architecture", self.architecture, ARCHITECTURES)
-        for name in ("expansion_factor", "k", "batch_size_tokens", "training_tokens", "shuffle_buffer_batches", "epochs"):
+        for name in (
+            "expansion_factor",
+            "k",
+            "batch_size_tokens",
+            "training_tokens",
+            "shuffle_buffer_batches",
+            "epochs",
+        ):
             check_positive_int(name, getattr(self, name))
         if self.d_sae is not None:
             check_positive_int("d_sae", self.d_sae)
         if not (isinstance(self.lr, (int, float)) and self.lr > 0 and math.isfinite(self.lr)):
             raise ValueError(f"lr must be a positive number, got {self.lr!r}")
-        if not (isinstance(self.l1_coefficient, (int, float)) and self.l1_coefficient >= 0 and math.isfinite(self.l1_coefficient)):
+        if not (
+            isinstance(self.l1_coefficient, (int, float))
+            and self.l1_coefficient >= 0
+            and math.isfinite(self.l1_coefficient)
+        ):
             raise ValueError(f"l1_coefficient must be a non-negative number, got {self.l1_coefficient!r}")
 
     def width_for(self, d_in: int) -> int:
@@ -125,12 +138,20 @@ class RunSettings:
     context_size: int = option(128, "tokens per window")
     device: str = option("cpu", "torch device: cpu, cuda, cuda:N, mps")
     checkpoint_every: int = option(20, "batches between checkpoints of the accumulators")
-    ce_windows: int = option(80, "windows for CE loss recovered, drawn from every seed (0 skips it; the gate asks for 10,000 tokens)")
+    ce_windows: int = option(
+        80, "windows for CE loss recovered, drawn from every seed (0 skips it; the gate asks for 10,000 tokens)"
+    )
     additivity_pairs: int = option(0, "text-segment pairs for the linear-additivity column (0 skips it)")
-    n_blocks: int = option(64, "document blocks the sums are kept in, for the bootstrap interval and the sample-size curve")
-    merge_duplicates: bool = option(True, "count latents whose decoder directions have cosine >= duplicate_cosine as one feature")
+    n_blocks: int = option(
+        64, "document blocks the sums are kept in, for the bootstrap interval and the sample-size curve"
+    )
+    merge_duplicates: bool = option(
+        True, "count latents whose decoder directions have cosine >= duplicate_cosine as one feature"
+    )
     duplicate_cosine: float = option(0.95, "decoder cosine at which two latents are duplicates of one feature")
-    target_relative_interval: float | None = option(None, "stop a seed early once every hook's 95%% interval of F is narrower than this fraction of F")
+    target_relative_interval: float | None = option(
+        None, "stop a seed early once every hook's 95%% interval of F is narrower than this fraction of F"
+    )
 
     def __post_init__(self) -> None:
         if not self.output.strip():
@@ -148,7 +169,9 @@ class RunSettings:
         if self.context_size < 2:
             raise ValueError(f"context_size must be at least 2 (a BOS and one token of text), got {self.context_size}")
         if self.target_relative_interval is not None and not 0 < self.target_relative_interval:
-            raise ValueError(f"target_relative_interval must be a positive fraction or absent, got {self.target_relative_interval!r}")
+            raise ValueError(
+                f"target_relative_interval must be a positive fraction or absent, got {self.target_relative_interval!r}"
+            )
         if not (isinstance(self.duplicate_cosine, (int, float)) and 0 < self.duplicate_cosine <= 1):
             raise ValueError(f"duplicate_cosine must lie in (0, 1], got {self.duplicate_cosine!r}")
         if not (self.device in ("cpu", "cuda", "mps") or self.device.startswith("cuda:")):
@@ -157,10 +180,15 @@ class RunSettings:
 
 @dataclass
 class ModelSettings:
-    names: list[str] = option([OFFLINE_DEFAULT_MODEL], "TransformerLens model names or local HF folders (several = a sweep)", flag="--model")
+    names: list[str] = option(
+        [OFFLINE_DEFAULT_MODEL], "TransformerLens model names or local HF folders (several = a sweep)", flag="--model"
+    )
     checkpoints: list[int] = option([], "Pythia training steps; empty: the final weights", flag="--checkpoint")
     dtype: str = option("float32", f"model dtype, one of {DTYPES}")
-    backend: str = option("bridge", f"TransformerLens backend, one of {BACKENDS}: TransformerBridge over the HF model, or HookedTransformer (deprecated in TL 3)")
+    backend: str = option(
+        "bridge",
+        f"TransformerLens backend, one of {BACKENDS}: TransformerBridge over the HF model, or HookedTransformer (deprecated in TL 3)",
+    )
 
     def __post_init__(self) -> None:
         _check_choice("backend", self.backend, BACKENDS)
@@ -176,7 +204,9 @@ class SAETrainSettings(SAETrainingConfig):
     """[saes.train]: the hooks to train SAEs for, and any SAETrainingConfig field."""
 
     hooks: list[str] = option([], "hook names to train an SAE for (see `lm-superposition hooks`)")
-    sae_seeds: list[int] = option([0], "train one SAE per hook for each of these seeds (several: the interval covers SAE variance)")
+    sae_seeds: list[int] = option(
+        [0], "train one SAE per hook for each of these seeds (several: the interval covers SAE variance)"
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -200,7 +230,11 @@ class SAESettings:
 
 @dataclass
 class CorpusSettings:
-    sources: list[str] = option(["offline"], "HF dataset names, local .txt/.jsonl/.parquet paths, or 'offline' (several = a sweep)", flag="--dataset")
+    sources: list[str] = option(
+        ["offline"],
+        "HF dataset names, local .txt/.jsonl/.parquet paths, or 'offline' (several = a sweep)",
+        flag="--dataset",
+    )
     config: str | None = option(None, "HF dataset config", flag="--dataset-config")
     split: str = option("train", "HF dataset split")
     text_column: str = option("text", "column holding the text")
@@ -220,10 +254,12 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         if not (self.saes.releases or self.saes.folders or self.saes.train):
-            raise ConfigError("the config names no SAEs: give [saes] releases = [...], folders = [...], or a [saes.train] table")
+            raise ConfigError(
+                "the config names no SAEs: give [saes] releases = [...], folders = [...], or a [saes.train] table"
+            )
 
     @classmethod
-    def from_toml(cls, path: str | Path) -> "RunConfig":
+    def from_toml(cls, path: str | Path) -> RunConfig:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"config file {path} does not exist")
@@ -238,7 +274,7 @@ class RunConfig:
             raise ConfigError(f"{path}: {err}") from None
 
     @classmethod
-    def from_dict(cls, raw: dict) -> "RunConfig":
+    def from_dict(cls, raw: dict) -> RunConfig:
         return _build(cls, raw, "")
 
     def to_dict(self) -> dict:
@@ -349,11 +385,15 @@ def _describe(hint) -> str:
     if origin in (typing.Union, types.UnionType):
         return " or ".join(_describe(arg) for arg in args if arg is not type(None)) + " (or left out)"
     if origin is list:
-        return "a list of " + {int: "integers", float: "numbers", str: "strings", bool: "true/false values"}.get(args[0], str(args[0]))
+        return "a list of " + {int: "integers", float: "numbers", str: "strings", bool: "true/false values"}.get(
+            args[0], str(args[0])
+        )
     return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(hint, str(hint))
 
 
-def demo_config(output: str | None = None, token_budget: int | None = None, training_tokens: int | None = None) -> RunConfig:
+def demo_config(
+    output: str | None = None, token_budget: int | None = None, training_tokens: int | None = None
+) -> RunConfig:
     """The demo's run: the packaged lm_superposition/configs/demo.toml, with only these overrides."""
     config = RunConfig.from_toml(resources.files("lm_superposition") / "configs" / "demo.toml")
     if output is not None:

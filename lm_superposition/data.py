@@ -35,9 +35,9 @@ measured tokens, so ``n_tokens == token_budget`` exactly when a budget is given.
 
 from __future__ import annotations
 
-import os
 import ast
 import functools
+import os
 import random
 import sysconfig
 from collections.abc import Iterable, Iterator, Sequence
@@ -79,8 +79,10 @@ def load_texts(
     if source is None or source == OFFLINE_SOURCE:
         return offline_corpus(seed=seed)
     if not isinstance(source, (str, Path)):
-        raise TypeError(f"source must name a text source (a str or Path), got {type(source).__name__}; "
-                        "to measure documents you have in hand, pass them to token_windows as a list of strings")
+        raise TypeError(
+            f"source must name a text source (a str or Path), got {type(source).__name__}; "
+            "to measure documents you have in hand, pass them to token_windows as a list of strings"
+        )
     path = Path(source).expanduser()
     if not path.exists() and ("\n" in str(source) or len(str(source)) > 300):
         raise ValueError(
@@ -89,16 +91,16 @@ def load_texts(
             "have in hand, pass them to token_windows as a list of strings"
         )
     if path.exists():
-        return _local_texts(path, text_column=text_column, seed=seed, streaming=streaming,
-                            shuffle_buffer=shuffle_buffer)
+        return _local_texts(
+            path, text_column=text_column, seed=seed, streaming=streaming, shuffle_buffer=shuffle_buffer
+        )
     if _looks_like_path(str(source)):
         raise FileNotFoundError(
             f"text source {str(source)!r} looks like a local path but does not exist; give an existing "
             f"file or folder ({', '.join(LOCAL_FORMATS)}), a Hugging Face dataset name, or None for "
             "the offline corpus"
         )
-    dataset = _load_hub_dataset(str(source), config=config, split=split, streaming=streaming,
-                                data_files=data_files)
+    dataset = _load_hub_dataset(str(source), config=config, split=split, streaming=streaming, data_files=data_files)
     return _dataset_texts(dataset, text_column, name=str(source), seed=seed, shuffle_buffer=shuffle_buffer)
 
 
@@ -136,10 +138,13 @@ def _top_level_pieces(path: Path) -> list[str]:
         nodes = ast.parse(source).body
     except SyntaxError:  # not Python this interpreter parses: keep the file whole
         return [source]
-    starts = sorted({
-        min([node.lineno] + [decorator.lineno for decorator in node.decorator_list]) - 1
-        for node in nodes if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))
-    })
+    starts = sorted(
+        {
+            min([node.lineno] + [decorator.lineno for decorator in node.decorator_list]) - 1
+            for node in nodes
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))
+        }
+    )
     lines = source.splitlines(keepends=True)
     bounds = [0] + [start for start in starts if start > 0] + [len(lines)]
     pieces = ("".join(lines[begin:end]) for begin, end in zip(bounds, bounds[1:]))
@@ -152,8 +157,9 @@ def offline_corpus_files() -> list[Path]:
     # os.walk rather than rglob: pruning skips walking site-packages, often inside the stdlib dir
     for folder, subfolders, names in os.walk(sysconfig.get_paths()["stdlib"]):
         subfolders[:] = [name for name in subfolders if name not in _OFFLINE_EXCLUDED_DIRS]
-        files += [Path(folder, name) for name in names
-                  if name.endswith(".py") and not name.startswith("_sysconfigdata")]
+        files += [
+            Path(folder, name) for name in names if name.endswith(".py") and not name.startswith("_sysconfigdata")
+        ]
     return sorted(files)
 
 
@@ -167,8 +173,9 @@ def _looks_like_path(source: str) -> bool:
     )
 
 
-def _local_texts(path: Path, *, text_column: str, seed: int | None, streaming: bool,
-                 shuffle_buffer: int) -> Iterator[str]:
+def _local_texts(
+    path: Path, *, text_column: str, seed: int | None, streaming: bool, shuffle_buffer: int
+) -> Iterator[str]:
     files = _supported_files(path)
     by_builder: dict[str, list[str]] = {}
     for file in files:
@@ -177,11 +184,11 @@ def _local_texts(path: Path, *, text_column: str, seed: int | None, streaming: b
     for builder, builder_files in sorted(by_builder.items()):
         # .txt: the whole file is one document, in the "text" column
         options = {"sample_by": "document"} if builder == "text" else {}
-        dataset = datasets.load_dataset(builder, data_files=builder_files, split="train",
-                                        streaming=streaming, **options)
+        dataset = datasets.load_dataset(
+            builder, data_files=builder_files, split="train", streaming=streaming, **options
+        )
         column = "text" if builder == "text" else text_column
-        sources.append(_dataset_texts(dataset, column, name=str(path), seed=seed,
-                                      shuffle_buffer=shuffle_buffer))
+        sources.append(_dataset_texts(dataset, column, name=str(path), seed=seed, shuffle_buffer=shuffle_buffer))
     return (text for texts in sources for text in texts)
 
 
@@ -192,8 +199,10 @@ def _supported_files(path: Path) -> list[Path]:
             raise ValueError(f"unsupported file type {path.suffix!r} for {path}; supported: {supported}")
         return [path]
     files = sorted(
-        file for file in path.rglob("*")
-        if file.is_file() and file.suffix.lower() in LOCAL_FORMATS
+        file
+        for file in path.rglob("*")
+        if file.is_file()
+        and file.suffix.lower() in LOCAL_FORMATS
         and not any(part.startswith(".") for part in file.relative_to(path).parts)
     )
     if not files:
@@ -201,8 +210,9 @@ def _supported_files(path: Path) -> list[Path]:
     return files
 
 
-def _load_hub_dataset(name: str, *, config: str | None, split: str, streaming: bool,
-                      data_files: str | list[str] | None):
+def _load_hub_dataset(
+    name: str, *, config: str | None, split: str, streaming: bool, data_files: str | list[str] | None
+):
     try:
         return datasets.load_dataset(name, config, split=split, streaming=streaming, data_files=data_files)
     except ConnectionError as err:
@@ -212,8 +222,7 @@ def _load_hub_dataset(name: str, *, config: str | None, split: str, streaming: b
         ) from err
 
 
-def _dataset_texts(dataset, text_column: str, *, name: str, seed: int | None,
-                   shuffle_buffer: int) -> Iterator[str]:
+def _dataset_texts(dataset, text_column: str, *, name: str, seed: int | None, shuffle_buffer: int) -> Iterator[str]:
     columns = dataset.column_names  # None for streamed json/text: checked on the first row then
     if columns is not None and text_column not in columns:
         raise ValueError(f"dataset {name!r} has no column {text_column!r}; its columns: {columns}")
@@ -246,8 +255,10 @@ class TokenWindows:
 
     def __post_init__(self):
         if self.tokens.shape != self.doc_ids.shape or self.tokens.ndim != 2:
-            raise ValueError(f"tokens {tuple(self.tokens.shape)} and doc_ids {tuple(self.doc_ids.shape)} "
-                             "must both be [n_windows, context]")
+            raise ValueError(
+                f"tokens {tuple(self.tokens.shape)} and doc_ids {tuple(self.doc_ids.shape)} "
+                "must both be [n_windows, context]"
+            )
 
     def __len__(self) -> int:
         return self.tokens.shape[0]
@@ -264,9 +275,18 @@ class TokenWindows:
             raise ValueError("nothing to concatenate: give at least one TokenWindows")
         first = parts[0]
         for part in parts[1:]:
-            if (part.context_size, part.bos_token_id, part.pad_token_id) != (first.context_size, first.bos_token_id, first.pad_token_id):
+            if (part.context_size, part.bos_token_id, part.pad_token_id) != (
+                first.context_size,
+                first.bos_token_id,
+                first.pad_token_id,
+            ):
                 raise ValueError("TokenWindows to concatenate must share context size, BOS and padding tokens")
-        return cls(torch.cat([p.tokens for p in parts]), torch.cat([p.doc_ids for p in parts]), first.bos_token_id, first.pad_token_id)
+        return cls(
+            torch.cat([p.tokens for p in parts]),
+            torch.cat([p.doc_ids for p in parts]),
+            first.bos_token_id,
+            first.pad_token_id,
+        )
 
     @property
     def context_size(self) -> int:
@@ -321,16 +341,19 @@ def token_windows(
     bos = tokenizer.bos_token_id if prepend_bos else None
     if prepend_bos and bos is None:
         raise ValueError("the tokenizer has no BOS token; pass prepend_bos=False")
-    pad = next((i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id, tokenizer.bos_token_id)
-                if i is not None), 0)
+    pad = next(
+        (i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id, tokenizer.bos_token_id) if i is not None), 0
+    )
 
     documents = _budgeted_documents(_tokenize(texts, tokenizer), token_budget, max_documents)
     n_measured = sum(len(doc) for doc in documents)
     if n_measured == 0:
         raise ValueError("the text source gave no tokens (empty corpus or only empty documents)")
     if token_budget is not None and n_measured < token_budget:
-        raise ValueError(f"the text source ran out after {n_measured} tokens, short of token_budget="
-                         f"{token_budget}; lower the budget or pass token_budget=None")
+        raise ValueError(
+            f"the text source ran out after {n_measured} tokens, short of token_budget="
+            f"{token_budget}; lower the budget or pass token_budget=None"
+        )
 
     tokens, doc_ids = _cut_windows(documents, context_size, bos, pad)
     if shuffle:
@@ -349,8 +372,9 @@ def _tokenize(texts: Iterable[str], tokenizer) -> Iterator[torch.Tensor]:
         yield torch.tensor(ids, dtype=torch.long)
 
 
-def _budgeted_documents(documents: Iterator[torch.Tensor], token_budget: int | None,
-                        max_documents: int | None) -> list[torch.Tensor]:
+def _budgeted_documents(
+    documents: Iterator[torch.Tensor], token_budget: int | None, max_documents: int | None
+) -> list[torch.Tensor]:
     """Non-empty documents until the budget is met, the last one cut to meet it exactly."""
     kept: list[torch.Tensor] = []
     n_tokens = 0
@@ -367,8 +391,9 @@ def _budgeted_documents(documents: Iterator[torch.Tensor], token_budget: int | N
     return kept
 
 
-def _cut_windows(documents: list[torch.Tensor], context_size: int, bos: int | None,
-                 pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _cut_windows(
+    documents: list[torch.Tensor], context_size: int, bos: int | None, pad: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """SAE-Lens windows of the concatenated documents, with each token's document index.
 
     `concat_and_batch_sequences` returns tokens only, so the document of each token is found by

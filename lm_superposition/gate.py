@@ -30,7 +30,9 @@ class QualityGate:
     min_ce_tokens: int = _option(10_000, "CE loss recovered measured on fewer tokens than this is not trusted")
     max_dead_fraction: float = _option(0.5, "more dead latents than this fraction caps F well below d_sae")
     max_width_usage: float = _option(0.5, "F / d_sae above this: the dictionary is too narrow to tell")
-    max_last_doubling_growth: float = _option(0.05, "F still rising by more than this over the last doubling of tokens: not converged")
+    max_last_doubling_growth: float = _option(
+        0.05, "F still rising by more than this over the last doubling of tokens: not converged"
+    )
 
     def __post_init__(self) -> None:
         for name in ("min_variance_explained", "min_ce_recovered", "max_dead_fraction", "max_width_usage"):
@@ -38,7 +40,9 @@ class QualityGate:
             if not (isinstance(value, (int, float)) and 0 <= value <= 1):
                 raise ValueError(f"{name} must be a fraction in [0, 1], got {value!r}")
         if not (isinstance(self.max_last_doubling_growth, (int, float)) and self.max_last_doubling_growth >= 0):
-            raise ValueError(f"max_last_doubling_growth must be a non-negative fraction, got {self.max_last_doubling_growth!r}")
+            raise ValueError(
+                f"max_last_doubling_growth must be a non-negative fraction, got {self.max_last_doubling_growth!r}"
+            )
         if not (isinstance(self.min_ce_tokens, int) and self.min_ce_tokens >= 0):
             raise ValueError(f"min_ce_tokens must be a non-negative integer, got {self.min_ce_tokens!r}")
 
@@ -67,7 +71,9 @@ class QualityGate:
         if dead_fraction > self.max_dead_fraction:
             problems.append(f"dead fraction {dead_fraction:.2f} > {self.max_dead_fraction}")
         if effective_features / d_sae > self.max_width_usage:
-            problems.append(f"dictionary too narrow to tell (F/d_sae {effective_features / d_sae:.2f} > {self.max_width_usage})")
+            problems.append(
+                f"dictionary too narrow to tell (F/d_sae {effective_features / d_sae:.2f} > {self.max_width_usage})"
+            )
         if math.isnan(last_doubling_growth):
             problems.append("convergence unknown (too few documents)")
         elif last_doubling_growth > self.max_last_doubling_growth:

@@ -88,7 +88,9 @@ class FeatureBudget:
         if groups is not None:
             groups = torch.as_tensor(groups, dtype=torch.int64).cpu()
             if groups.shape != (d_sae,) or groups.min() < 0 or groups.max() >= d_sae:
-                raise ValueError(f"groups must be a [d_sae={d_sae}] vector of latent indices, got shape {tuple(groups.shape)}")
+                raise ValueError(
+                    f"groups must be a [d_sae={d_sae}] vector of latent indices, got shape {tuple(groups.shape)}"
+                )
         self.groups = groups
 
     # ---- accumulating -------------------------------------------------------------
@@ -101,7 +103,9 @@ class FeatureBudget:
         blocks depend on it, never F itself.
         """
         if codes.shape[-1] != self.d_sae:
-            raise ValueError(f"codes have {codes.shape[-1]} features in their last dimension, this budget expects d_sae={self.d_sae}")
+            raise ValueError(
+                f"codes have {codes.shape[-1]} features in their last dimension, this budget expects d_sae={self.d_sae}"
+            )
         blocks = self._blocks_of(doc_ids, math.prod(codes.shape[:-1]), codes.device)
         if codes.layout != torch.strided:
             self._add_sparse(sparse_codes(codes), blocks)
@@ -109,7 +113,9 @@ class FeatureBudget:
         # Dense codes go through the sparse form a slice of tokens at a time, so that codes
         # with many nonzeros never need index tensors for a whole large batch.
         rows_per_slice = 2**22 // self.d_sae + 1
-        for code_slice, block_slice in zip(codes.detach().reshape(-1, self.d_sae).split(rows_per_slice), blocks.split(rows_per_slice)):
+        for code_slice, block_slice in zip(
+            codes.detach().reshape(-1, self.d_sae).split(rows_per_slice), blocks.split(rows_per_slice)
+        ):
             self._add_sparse(sparse_codes(code_slice), block_slice)
 
     def _blocks_of(self, doc_ids, n_tokens: int, device) -> torch.Tensor:
@@ -127,9 +133,14 @@ class FeatureBudget:
             raise ValueError(f"doc_ids has {doc_ids.shape[0]} entries but codes hold {n_tokens} tokens")
         if doc_ids.is_floating_point() or doc_ids.is_complex():
             bad = (~torch.isfinite(doc_ids) | (doc_ids != doc_ids.real.round())).nonzero().flatten()
-            found = (f"token {int(bad[0])} has {doc_ids[bad[0]].item()} ({len(bad)} such in all)" if len(bad)
-                     else "whole numbers, but as floats: convert them with .long()")
-            raise ValueError(f"doc_ids must be integer document indices (an integer tensor), got dtype {doc_ids.dtype}: {found}")
+            found = (
+                f"token {int(bad[0])} has {doc_ids[bad[0]].item()} ({len(bad)} such in all)"
+                if len(bad)
+                else "whole numbers, but as floats: convert them with .long()"
+            )
+            raise ValueError(
+                f"doc_ids must be integer document indices (an integer tensor), got dtype {doc_ids.dtype}: {found}"
+            )
         if doc_ids.dtype == torch.bool:
             raise ValueError("doc_ids must be integer document indices, got a bool tensor")
         negative = (doc_ids < 0).nonzero().flatten()
@@ -157,9 +168,11 @@ class FeatureBudget:
         self.block_tokens += torch.bincount(blocks.cpu(), minlength=self.n_blocks)
         self.active_count += int((values != 0).sum())
 
-    def merge(self, other: "FeatureBudget") -> "FeatureBudget":
+    def merge(self, other: FeatureBudget) -> FeatureBudget:
         """Add another budget over disjoint tokens into this one (in place); returns self."""
-        if (other.d_sae, other.width, other.n_blocks) != (self.d_sae, self.width, self.n_blocks) or not _same_groups(self.groups, other.groups):
+        if (other.d_sae, other.width, other.n_blocks) != (self.d_sae, self.width, self.n_blocks) or not _same_groups(
+            self.groups, other.groups
+        ):
             raise ValueError(
                 "cannot merge budgets of different shape: "
                 f"(d_sae, width, n_blocks) = {(self.d_sae, self.width, self.n_blocks)} vs {(other.d_sae, other.width, other.n_blocks)}, "
@@ -171,7 +184,7 @@ class FeatureBudget:
         self.anonymous_batches += other.anonymous_batches
         return self
 
-    def all_reduce(self) -> "FeatureBudget":
+    def all_reduce(self) -> FeatureBudget:
         """Sum this budget over every process of torch.distributed (in place); returns self.
 
         Each process measures its own shard of the windows, so afterwards every process holds
@@ -233,7 +246,9 @@ class FeatureBudget:
     def superposition_ratio(self) -> float:
         return self.effective_features() / self.width
 
-    def bootstrap_effective_features(self, n_resamples: int = 1000, confidence: float = 0.95, seed: int = 0) -> Interval:
+    def bootstrap_effective_features(
+        self, n_resamples: int = 1000, confidence: float = 0.95, seed: int = 0
+    ) -> Interval:
         """Interval for F: how much F at this token count varies from one sample of documents
         to another, from a bootstrap over the non-empty document blocks (needs >= 2).
 
@@ -289,7 +304,9 @@ class FeatureBudget:
             order = torch.randperm(n_used, generator=generator)
             cumulative, cumulative_tokens = sums[order].cumsum(0), tokens[order].cumsum(0)
             for size in sizes:
-                f_by_size[size].append(math.exp(entropy(cumulative[size - 1])) if cumulative[size - 1].sum() > 0 else math.nan)
+                f_by_size[size].append(
+                    math.exp(entropy(cumulative[size - 1])) if cumulative[size - 1].sum() > 0 else math.nan
+                )
                 tokens_by_size[size].append(float(cumulative_tokens[size - 1]))
         tail = (1 - confidence) / 2
         rows = []
@@ -299,8 +316,15 @@ class FeatureBudget:
             if len(values) == 0:
                 continue
             low, high = torch.quantile(values, torch.tensor([tail, 1 - tail], dtype=SUM_DTYPE)).tolist()
-            rows.append({"blocks": size, "tokens": sum(tokens_by_size[size]) / n_orders, "F": float(values.mean()),
-                         "F_low": low, "F_high": high})
+            rows.append(
+                {
+                    "blocks": size,
+                    "tokens": sum(tokens_by_size[size]) / n_orders,
+                    "F": float(values.mean()),
+                    "F_low": low,
+                    "F_high": high,
+                }
+            )
         return rows
 
     def bootstrap_superposition_ratio(self, **kwargs) -> Interval:
@@ -309,7 +333,9 @@ class FeatureBudget:
 
     def summary(self) -> dict:
         """The numbers a results table needs, as plain Python values."""
-        f_interval = self.bootstrap_effective_features() if (self.block_tokens > 0).sum() >= 2 else Interval(math.nan, math.nan)
+        f_interval = (
+            self.bootstrap_effective_features() if (self.block_tokens > 0).sum() >= 2 else Interval(math.nan, math.nan)
+        )
         f = self.effective_features()
         return {
             "tokens": self.tokens,
@@ -343,7 +369,7 @@ class FeatureBudget:
         }
 
     @classmethod
-    def from_state_dict(cls, state: dict) -> "FeatureBudget":
+    def from_state_dict(cls, state: dict) -> FeatureBudget:
         missing = [key for key in STATE_KEYS if not isinstance(state, dict) or key not in state]
         if missing:
             raise ValueError(f"not a FeatureBudget state: it lacks {missing}")
@@ -359,15 +385,16 @@ class FeatureBudget:
             torch.save(self.state_dict(), temporary)
 
     @classmethod
-    def load(cls, path: str | Path) -> "FeatureBudget":
+    def load(cls, path: str | Path) -> FeatureBudget:
         expected = f"{path} is not a saved FeatureBudget (expected a torch file with {', '.join(STATE_KEYS)})"
         try:
             state = torch.load(path, weights_only=True)
         except FileNotFoundError:
             raise
         except Exception as err:  # torch.load raises many unrelated types for a bad file; its messages run to pages
-            raise ValueError(f"{expected}: torch.load cannot read it ({type(err).__name__}: damaged, cut short, "
-                             "or not a torch file)") from None
+            raise ValueError(
+                f"{expected}: torch.load cannot read it ({type(err).__name__}: damaged, cut short, or not a torch file)"
+            ) from None
         try:
             return cls.from_state_dict(state)
         except Exception as err:

@@ -98,14 +98,20 @@ def plot_compression_curve(table: pd.DataFrame, path_stem: str | Path, title: st
     rows the gate did not pass are drawn hollow. Writes PATH_STEM.png and PATH_STEM.svg."""
     summary = per_hook_summary(table)
     summary["F_per_d_sae"] = summary["F"] / summary["d_sae"]
-    summary["F_per_d_sae_low"], summary["F_per_d_sae_high"] = summary["F_low"] / summary["d_sae"], summary["F_high"] / summary["d_sae"]
+    summary["F_per_d_sae_low"], summary["F_per_d_sae_high"] = (
+        summary["F_low"] / summary["d_sae"],
+        summary["F_high"] / summary["d_sae"],
+    )
     fig, (ax_psi, ax_usage) = plt.subplots(1, 2, figsize=(13, 4.8))
     for index, ((model, group), rows) in enumerate(summary.groupby(["model", "group"], sort=False)):
         rows = rows.sort_values("depth")
         color = f"C{index}"
         label = group if summary["model"].nunique() == 1 else f"{model} {group}"
         for ax, value in ((ax_psi, "psi"), (ax_usage, "F_per_d_sae")):
-            errors = [(rows[value] - rows[f"{value}_low"]).clip(lower=0).fillna(0), (rows[f"{value}_high"] - rows[value]).clip(lower=0).fillna(0)]
+            errors = [
+                (rows[value] - rows[f"{value}_low"]).clip(lower=0).fillna(0),
+                (rows[f"{value}_high"] - rows[value]).clip(lower=0).fillna(0),
+            ]
             ax.errorbar(rows["depth"], rows[value], yerr=errors, color=color, capsize=3, label=label)
             passed = rows["quality"] == "ok"
             ax.scatter(rows["depth"][passed], rows[value][passed], color=color, zorder=3)
@@ -120,7 +126,10 @@ def plot_compression_curve(table: pd.DataFrame, path_stem: str | Path, title: st
     ax_psi.scatter([], [], facecolors="white", edgecolors="grey", label="failed the quality gate")
     ax_psi.legend(fontsize=8)
     tokens = int(summary["tokens"].min())
-    fig.suptitle(title or f"Superposition per layer ({tokens:,} tokens per seed; bars: 95% over {summary['interval_over'].iloc[0]})")
+    fig.suptitle(
+        title
+        or f"Superposition per layer ({tokens:,} tokens per seed; bars: 95% over {summary['interval_over'].iloc[0]})"
+    )
     fig.tight_layout()
     return _save(fig, path_stem)
 
@@ -131,7 +140,9 @@ def plot_convergence(convergence: pd.DataFrame, path_stem: str | Path) -> list[P
     fig, ax = plt.subplots(figsize=(7.5, 4.8))
     hooks = list(dict.fromkeys(convergence["hook"]))
     for index, hook in enumerate(hooks):
-        for n, (_, rows) in enumerate(convergence[convergence["hook"] == hook].groupby(["seed", "sae_seed"], dropna=False, sort=False)):
+        for n, (_, rows) in enumerate(
+            convergence[convergence["hook"] == hook].groupby(["seed", "sae_seed"], dropna=False, sort=False)
+        ):
             ax.plot(rows["tokens"], rows["F"], color=f"C{index % 10}", lw=1, marker=".", label=hook if n == 0 else None)
             if "F_low" in rows:
                 ax.fill_between(rows["tokens"], rows["F_low"], rows["F_high"], color=f"C{index % 10}", alpha=0.08)
@@ -160,8 +171,24 @@ def _save(fig, path_stem) -> list[Path]:
 def format_table(table: pd.DataFrame) -> str:
     """A compact text view for the terminal: one line per hook, seeds pooled."""
     summary = per_hook_summary(table)
-    columns = ["hook", "N", "d_sae", "tokens", "F", "F_low", "F_high", "psi", "F_saturated", "variance_explained", "ce_recovered",
-               "additivity", "quality"]
+    columns = [
+        "hook",
+        "N",
+        "d_sae",
+        "tokens",
+        "F",
+        "F_low",
+        "F_high",
+        "psi",
+        "F_saturated",
+        "variance_explained",
+        "ce_recovered",
+        "additivity",
+        "quality",
+    ]
     view = summary[[c for c in columns if c != "additivity" or summary[c].notna().any()]].copy()
-    view["F 95%"] = [f"[{lo:,.0f}, {hi:,.0f}]" if not math.isnan(lo) else "n/a" for lo, hi in zip(view.pop("F_low"), view.pop("F_high"))]
+    view["F 95%"] = [
+        f"[{lo:,.0f}, {hi:,.0f}]" if not math.isnan(lo) else "n/a"
+        for lo, hi in zip(view.pop("F_low"), view.pop("F_high"))
+    ]
     return view.to_string(index=False, float_format=lambda x: f"{x:,.3f}")

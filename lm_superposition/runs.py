@@ -50,8 +50,16 @@ from .saes.training import QUALITY_FILENAME, text_tokens_for_training, train_sae
 MANIFEST = "manifest.json"
 # What a run writes into its folder; --overwrite deletes a folder only if it holds nothing else.
 RUN_FILES = {
-    MANIFEST, "layerwise.csv", "layerwise.json", "convergence.csv", "compression_curve.png", "compression_curve.svg",
-    "convergence.png", "convergence.svg", "checkpoints", "saes",
+    MANIFEST,
+    "layerwise.csv",
+    "layerwise.json",
+    "convergence.csv",
+    "compression_curve.png",
+    "compression_curve.svg",
+    "convergence.png",
+    "convergence.svg",
+    "checkpoints",
+    "saes",
 }
 RUN_FOLDERS = {"checkpoints", "saes"}
 # Packages whose version is part of a run's fingerprint: a new version may change the numbers.
@@ -111,7 +119,10 @@ def run(config: RunConfig, *, resume: bool = False, overwrite: bool = False, pro
                 atomic.write_text(output / MANIFEST, json.dumps(manifest, indent=1))
             barrier()
             table = _run_sweep(config, output, manifest, progress, interrupts)
-        except (Exception, KeyboardInterrupt) as error:  # not a kill: that runs no code, and resume handles what it leaves
+        except (
+            Exception,
+            KeyboardInterrupt,
+        ) as error:  # not a kill: that runs no code, and resume handles what it leaves
             undone = prepared.settle(finished=False) if prepared is not None else True  # None: the disk was not touched
             if isinstance(error, RunInterrupted):
                 error.resumable = not undone
@@ -135,7 +146,9 @@ def _check_source(source: str, config: RunConfig) -> None:
         raise renamed from error
 
 
-def _run_sweep(config: RunConfig, output: Path, manifest: dict, progress: bool, interrupts: _Interrupts) -> pd.DataFrame:
+def _run_sweep(
+    config: RunConfig, output: Path, manifest: dict, progress: bool, interrupts: _Interrupts
+) -> pd.DataFrame:
     started = time.time()
     tables, convergences = [], []
     for item in sweep_items(config):
@@ -207,7 +220,9 @@ def prepare_output(output: Path, manifest: dict, *, resume: bool, overwrite: boo
     if resume and overwrite:
         raise ValueError("give --resume or --overwrite, not both")
     if output.exists() and not output.is_dir():
-        raise FileExistsError(f"output {output} is a file, not a folder; choose another [run] output. Nothing was changed")
+        raise FileExistsError(
+            f"output {output} is a file, not a folder; choose another [run] output. Nothing was changed"
+        )
     if not output.exists():
         if resume:
             raise FileNotFoundError(f"nothing to resume: {output} does not exist; drop --resume to start a run there")
@@ -234,7 +249,9 @@ def prepare_output(output: Path, manifest: dict, *, resume: bool, overwrite: boo
         output.mkdir()
         return PreparedOutput(output, replaced=aside)
     if not resume:
-        raise FileExistsError(f"output folder {output} already holds a run; pass --resume to continue it or --overwrite to replace it")
+        raise FileExistsError(
+            f"output folder {output} already holds a run; pass --resume to continue it or --overwrite to replace it"
+        )
     _check_same_run(output, manifest)
     return PreparedOutput(output)
 
@@ -245,7 +262,9 @@ def _check_same_run(output: Path, manifest: dict) -> None:
         previous = json.loads((output / MANIFEST).read_text())
         before = previous["fingerprint"]
     except (json.JSONDecodeError, KeyError, TypeError) as err:
-        raise ValueError(f"cannot resume {output}: its {MANIFEST} is unreadable or from an older version ({err!r})") from None
+        raise ValueError(
+            f"cannot resume {output}: its {MANIFEST} is unreadable or from an older version ({err!r})"
+        ) from None
     now = manifest["fingerprint"]
     differences = _differences(before, now)
     if differences:
@@ -259,8 +278,11 @@ def _check_same_run(output: Path, manifest: dict) -> None:
 
 def _differences(before, now, prefix: str = "") -> list[tuple[str, object, object]]:
     if isinstance(before, dict) and isinstance(now, dict):
-        return [d for key in sorted(set(before) | set(now))
-                for d in _differences(before.get(key), now.get(key), f"{prefix}.{key}".strip("."))]
+        return [
+            d
+            for key in sorted(set(before) | set(now))
+            for d in _differences(before.get(key), now.get(key), f"{prefix}.{key}".strip("."))
+        ]
     return [] if before == now else [(prefix, before, now)]
 
 
@@ -277,7 +299,8 @@ def _holds_working_directory(folder: Path) -> bool:
 def _holds_results(output: Path) -> bool:
     """True if `output` holds a file a run wrote besides its manifest (an SAE, a checkpoint, a table)."""
     return any(
-        path.is_file() and path.relative_to(output) != Path(MANIFEST)
+        path.is_file()
+        and path.relative_to(output) != Path(MANIFEST)
         and not any(atomic.is_partial(part) for part in path.relative_to(output).parts)
         for path in output.rglob("*")
     )
@@ -375,27 +398,55 @@ def _interrupts():
 
 def _run_item(config: RunConfig, item: SweepItem, output: Path, progress: bool, interrupts: _Interrupts):
     settings = config.run
-    model = load_model(item.model, device=settings.device, dtype=getattr(torch, config.model.dtype), checkpoint=item.checkpoint, backend=config.model.backend)
+    model = load_model(
+        item.model,
+        device=settings.device,
+        dtype=getattr(torch, config.model.dtype),
+        checkpoint=item.checkpoint,
+        backend=config.model.backend,
+    )
     _check_hooks(config, model)
     texts_for = lambda seed: load_texts(  # noqa: E731
-        item.corpus, config=config.corpus.config, split=config.corpus.split, text_column=config.corpus.text_column, seed=seed
+        item.corpus,
+        config=config.corpus.config,
+        split=config.corpus.split,
+        text_column=config.corpus.text_column,
+        seed=seed,
     )
     saes, sae_names, known_ce = _saes_for(config, item, model, texts_for, output, progress)
     analyzer = LayerwiseAnalyzer(
-        model, saes, model_name=item.model, batch_size=settings.batch_size, n_blocks=settings.n_blocks,
-        allow_hook_mismatch=config.saes.allow_hook_mismatch, merge_duplicates=settings.merge_duplicates,
-        duplicate_cosine=settings.duplicate_cosine, gate=config.gate,
+        model,
+        saes,
+        model_name=item.model,
+        batch_size=settings.batch_size,
+        n_blocks=settings.n_blocks,
+        allow_hook_mismatch=config.saes.allow_hook_mismatch,
+        merge_duplicates=settings.merge_duplicates,
+        duplicate_cosine=settings.duplicate_cosine,
+        gate=config.gate,
     )
     # Each seed reads its own shuffle of the corpus, exactly token_budget tokens of it.
     with interrupts.deferred():
         table = analyzer.measure(
             lambda seed: token_windows(
-                texts_for(seed), model.tokenizer, context_size=settings.context_size, token_budget=settings.token_budget, seed=seed
+                texts_for(seed),
+                model.tokenizer,
+                context_size=settings.context_size,
+                token_budget=settings.token_budget,
+                seed=seed,
             ),
-            seeds=settings.seeds, token_budget=settings.token_budget, ce_windows=settings.ce_windows,
-            additivity_pairs=settings.additivity_pairs, target_relative_interval=settings.target_relative_interval,
-            checkpoint_dir=output / "checkpoints", checkpoint_name=item.slug, checkpoint_every=settings.checkpoint_every,
-            known_ce=known_ce, sae_names=sae_names, progress=progress, stop=interrupts.requested,
+            seeds=settings.seeds,
+            token_budget=settings.token_budget,
+            ce_windows=settings.ce_windows,
+            additivity_pairs=settings.additivity_pairs,
+            target_relative_interval=settings.target_relative_interval,
+            checkpoint_dir=output / "checkpoints",
+            checkpoint_name=item.slug,
+            checkpoint_every=settings.checkpoint_every,
+            known_ce=known_ce,
+            sae_names=sae_names,
+            progress=progress,
+            stop=interrupts.requested,
         )
     table.insert(1, "checkpoint", item.checkpoint)
     table.insert(2, "corpus", item.corpus)
@@ -453,7 +504,9 @@ def _train_or_reuse(config: RunConfig, model, texts_for, folder: Path, model_nam
     only with its quality.json, written last inside a folder that appears whole (atomic.py)."""
     train = config.saes.train
     several = len(train.sae_seeds) > 1
-    folders = [trained_sae_folder(folder, hook, seed if several else None) for hook in train.hooks for seed in train.sae_seeds]
+    folders = [
+        trained_sae_folder(folder, hook, seed if several else None) for hook in train.hooks for seed in train.sae_seeds
+    ]
     if all((sae_folder / QUALITY_FILENAME).is_file() for sae_folder in folders):
         return
     # Training text comes from a seed no measurement uses, so SAEs are not scored on their
@@ -461,11 +514,24 @@ def _train_or_reuse(config: RunConfig, model, texts_for, folder: Path, model_nam
     training_seed = max(config.run.seeds) + 1000
     eval_windows = max(1, config.run.ce_windows)
     budget = text_tokens_for_training(train, eval_windows, config.run.context_size)
-    windows = token_windows(texts_for(training_seed), model.tokenizer, context_size=config.run.context_size, token_budget=budget, seed=training_seed)
+    windows = token_windows(
+        texts_for(training_seed),
+        model.tokenizer,
+        context_size=config.run.context_size,
+        token_budget=budget,
+        seed=training_seed,
+    )
     sae_config = dataclasses.replace(train.training_config(), device=config.run.device, model_name=model_name)
     train_saes_for_model(
-        model, train.hooks, windows, sae_config, folder, batch_size=config.run.batch_size, n_eval_windows=eval_windows,
-        progress=progress, sae_seeds=train.sae_seeds if several else None,
+        model,
+        train.hooks,
+        windows,
+        sae_config,
+        folder,
+        batch_size=config.run.batch_size,
+        n_eval_windows=eval_windows,
+        progress=progress,
+        sae_seeds=train.sae_seeds if several else None,
     )
 
 
@@ -478,16 +544,23 @@ def train_only(config: RunConfig, out_dir: str | Path, progress: bool = True) ->
         raise ValueError("the config has no [saes.train] table: nothing to train")
     _check_source(config.corpus.sources[0], config)
     item = SweepItem(config.model.names[0], None, config.corpus.sources[0])
-    model = load_model(item.model, device=config.run.device, dtype=getattr(torch, config.model.dtype), backend=config.model.backend)
+    model = load_model(
+        item.model, device=config.run.device, dtype=getattr(torch, config.model.dtype), backend=config.model.backend
+    )
     texts_for = lambda seed: load_texts(  # noqa: E731
-        item.corpus, config=config.corpus.config, split=config.corpus.split, text_column=config.corpus.text_column, seed=seed
+        item.corpus,
+        config=config.corpus.config,
+        split=config.corpus.split,
+        text_column=config.corpus.text_column,
+        seed=seed,
     )
     _train_or_reuse(config, model, texts_for, Path(out_dir), item.model, progress)
     train = config.saes.train
     several = len(train.sae_seeds) > 1
     return {
         f"{hook}#{seed}" if several else hook: trained_sae_folder(out_dir, hook, seed if several else None)
-        for hook in train.hooks for seed in train.sae_seeds
+        for hook in train.hooks
+        for seed in train.sae_seeds
     }
 
 
@@ -512,7 +585,9 @@ def _manifest(config: RunConfig) -> dict:
         "python": platform.python_version(),
         "git_commit": _git_commit(),
         "device": config.run.device,
-        "device_name": torch.cuda.get_device_name() if config.run.device.startswith("cuda") else platform.processor() or platform.machine(),
+        "device_name": torch.cuda.get_device_name()
+        if config.run.device.startswith("cuda")
+        else platform.processor() or platform.machine(),
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "timings_s": {},
     }

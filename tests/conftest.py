@@ -17,9 +17,18 @@ from lm_superposition.models import load_model  # noqa: E402
 
 # Pythia-70M's public shape (design.md); random weights exercise every Pythia code path.
 PYTHIA_70M_SHAPE = dict(
-    n_layers=6, d_model=512, n_heads=8, d_head=64, d_mlp=2048, rotary_dim=16,
-    parallel_attn_mlp=True, normalization_type="LN", act_fn="gelu", d_vocab=50304,
-    positional_embedding_type="rotary", n_ctx=2048,
+    n_layers=6,
+    d_model=512,
+    n_heads=8,
+    d_head=64,
+    d_mlp=2048,
+    rotary_dim=16,
+    parallel_attn_mlp=True,
+    normalization_type="LN",
+    act_fn="gelu",
+    d_vocab=50304,
+    positional_embedding_type="rotary",
+    n_ctx=2048,
 )
 PYTHIA_BOS = 0  # <|endoftext|> is Pythia's BOS, EOS and padding token
 
@@ -43,8 +52,16 @@ def make_windows():
     return random_windows
 
 
-def random_windows(n_windows: int, context: int, vocab: int, *, bos: int | None = PYTHIA_BOS,
-                   pad: int | None = PYTHIA_BOS, n_pad_last: int = 0, seed: int = 0) -> TokenWindows:
+def random_windows(
+    n_windows: int,
+    context: int,
+    vocab: int,
+    *,
+    bos: int | None = PYTHIA_BOS,
+    pad: int | None = PYTHIA_BOS,
+    n_pad_last: int = 0,
+    seed: int = 0,
+) -> TokenWindows:
     """Windows of random tokens that each start with `bos`, one document per window; the last
     window ends in `n_pad_last` padding tokens (document id -1)."""
     generator = torch.Generator().manual_seed(seed)

@@ -11,7 +11,9 @@ HOOKS = ["blocks.0.hook_resid_pre", "blocks.1.hook_mlp_out"]
 
 
 def small_model() -> HookedTransformer:
-    config = HookedTransformerConfig(n_layers=2, d_model=32, n_heads=2, d_head=16, d_mlp=64, d_vocab=200, n_ctx=64, act_fn="gelu", seed=0)
+    config = HookedTransformerConfig(
+        n_layers=2, d_model=32, n_heads=2, d_head=16, d_mlp=64, d_vocab=200, n_ctx=64, act_fn="gelu", seed=0
+    )
     return HookedTransformer(config).eval()
 
 
@@ -19,7 +21,9 @@ def small_saes() -> dict:
     saes = {}
     for i, hook in enumerate(HOOKS):
         torch.manual_seed(i)
-        sae = StandardSAE(StandardSAEConfig(d_in=32, d_sae=96, metadata=SAEMetadata(hook_name=hook, model_name="small")))
+        sae = StandardSAE(
+            StandardSAEConfig(d_in=32, d_sae=96, metadata=SAEMetadata(hook_name=hook, model_name="small"))
+        )
         with torch.no_grad():
             sae.W_enc.normal_(0, 0.3)
             sae.b_enc.fill_(-0.2)

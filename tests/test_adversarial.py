@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from experiments.adversarial import attacks, sweep
 from experiments.adversarial.sparse_features import SparseFeatureImages, SparseFeatureTask
-from experiments.tasks import CNNClassifier, ClassifierTraining, MLPClassifier, accuracy
+from experiments.tasks import ClassifierTraining, CNNClassifier, MLPClassifier, accuracy
 from experiments.toy import ToySAEConfig, measure_sae, train_toy_sae
 
 torch.set_num_threads(1)  # the machine is shared
@@ -55,7 +55,9 @@ def test_pgd_is_at_least_as_strong_as_fgsm_and_projects_large_steps(trained):
     with torch.no_grad():
         loss = lambda x: F.cross_entropy(model(x), labels).item()  # noqa: E731
     fgsm_loss = loss(attacks.fgsm(model, inputs, labels, 0.1))
-    pgd_inputs = attacks.pgd(model, inputs, labels, 0.1, steps=10, step_size=1.0, generator=torch.Generator().manual_seed(0))
+    pgd_inputs = attacks.pgd(
+        model, inputs, labels, 0.1, steps=10, step_size=1.0, generator=torch.Generator().manual_seed(0)
+    )
     assert (pgd_inputs - inputs).abs().max() <= 0.1 + 1e-6  # steps 10x the radius still end inside the ball
     assert loss(pgd_inputs) >= fgsm_loss - 1e-3
 
@@ -78,7 +80,9 @@ def test_adversarial_training_makes_the_model_more_robust():
     robust = {}
     for epsilon in (0.0, 0.1):
         model = MLPClassifier(8, [16], 2, seed=0)
-        attacks.train_adversarially(model, inputs, labels, ClassifierTraining(steps=200, lr=1e-2, seed=0), "fgsm", epsilon)
+        attacks.train_adversarially(
+            model, inputs, labels, ClassifierTraining(steps=200, lr=1e-2, seed=0), "fgsm", epsilon
+        )
         attacked = attacks.pgd(model, test_inputs, test_labels, 0.1, generator=torch.Generator().manual_seed(0))
         robust[epsilon] = accuracy(model, attacked, test_labels)
     assert robust[0.1] > robust[0.0] + 0.05

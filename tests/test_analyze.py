@@ -26,7 +26,11 @@ HOOKS = ["blocks.0.hook_resid_pre", "blocks.1.hook_attn_out", "blocks.2.hook_mlp
 
 def random_sae(hook_name: str, d_in: int = 512, d_sae: int = 256, seed: int = 0) -> StandardSAE:
     torch.manual_seed(seed)
-    sae = StandardSAE(StandardSAEConfig(d_in=d_in, d_sae=d_sae, metadata=SAEMetadata(hook_name=hook_name, model_name="pythia-70m-deduped")))
+    sae = StandardSAE(
+        StandardSAEConfig(
+            d_in=d_in, d_sae=d_sae, metadata=SAEMetadata(hook_name=hook_name, model_name="pythia-70m-deduped")
+        )
+    )
     with torch.no_grad():
         sae.W_enc.normal_(0, 0.05)
         sae.b_enc.fill_(-0.05)  # sparse-ish codes: some features off on most tokens
@@ -48,7 +52,16 @@ def analyzer_for(model, saes, **kwargs):
 
 
 def test_table_matches_the_metric_on_the_same_codes(pythia_shaped_model, saes, windows):
-    table = measure_layers(pythia_shaped_model, saes, windows, seeds=[0], batch_size=4, ce_windows=2, model_name="pythia-70m-deduped", progress=False)
+    table = measure_layers(
+        pythia_shaped_model,
+        saes,
+        windows,
+        seeds=[0],
+        batch_size=4,
+        ce_windows=2,
+        model_name="pythia-70m-deduped",
+        progress=False,
+    )
     assert list(table.columns) == TABLE_COLUMNS
     assert len(table) == len(HOOKS)
 
@@ -86,7 +99,9 @@ def test_additivity_is_exact_for_the_embedding_and_below_one_after_attention(pyt
         assert -1 <= additivity[hook] < 0.999
     assert analyzer.additivity(windows, n_pairs=4) == additivity  # seeded
     assert analyzer.additivity(windows, n_pairs=4, seed=1) != additivity
-    with pytest.warns(UserWarning, match="100 pairs asked for, but only 24 windows have 15 tokens of text; using 12 pairs"):
+    with pytest.warns(
+        UserWarning, match="100 pairs asked for, but only 24 windows have 15 tokens of text; using 12 pairs"
+    ):
         assert math.isfinite(analyzer.additivity(windows, n_pairs=100)["blocks.1.hook_attn_out"])
     with pytest.raises(ValueError, match="n_pairs >= 1"):
         analyzer.additivity(windows, n_pairs=0)
@@ -203,7 +218,11 @@ def test_reports_write_tables_and_both_plots(pythia_shaped_model, saes, windows,
     written = report.write_tables(table, tmp_path)
     assert pd.read_csv(written[0]).shape == table.shape
     for stem in ("curve", "convergence"):
-        plot = report.plot_compression_curve if stem == "curve" else lambda t, p: report.plot_convergence(t.attrs["convergence"], p)
+        plot = (
+            report.plot_compression_curve
+            if stem == "curve"
+            else lambda t, p: report.plot_convergence(t.attrs["convergence"], p)
+        )
         for path in plot(table, tmp_path / stem):
             assert path.stat().st_size > 1000
     summary = report.per_hook_summary(table)
@@ -218,32 +237,80 @@ def test_reports_write_tables_and_both_plots(pythia_shaped_model, saes, windows,
 
 def test_the_quality_column_is_the_gates_verdict(pythia_shaped_model, saes, windows):
     analyzer = analyzer_for(pythia_shaped_model, saes)
-    table = analyzer.table([analyzer.run_seed(windows, progress=False)], ce_recovered={h: (0.95, 20_000) for h in HOOKS})
+    table = analyzer.table(
+        [analyzer.run_seed(windows, progress=False)], ce_recovered={h: (0.95, 20_000) for h in HOOKS}
+    )
     for _, row in table.iterrows():
         assert row["quality"] == analyzer.gate.verdict(
-            variance_explained=row["variance_explained"], ce_recovered=0.95, ce_tokens=20_000, dead_fraction=row["dead_fraction"],
-            effective_features=row["F"], d_sae=row["d_sae"], last_doubling_growth=row["last_doubling_growth"],
+            variance_explained=row["variance_explained"],
+            ce_recovered=0.95,
+            ce_tokens=20_000,
+            dead_fraction=row["dead_fraction"],
+            effective_features=row["F"],
+            d_sae=row["d_sae"],
+            last_doubling_growth=row["last_doubling_growth"],
         )
     # random SAEs reconstruct nothing and a 256-latent dictionary is mostly in use: flagged, with the reasons
     assert table["quality"].str.contains("variance explained").all()
     lenient = QualityGate(min_variance_explained=0.0, max_width_usage=1.0, max_last_doubling_growth=10.0)
-    assert lenient.verdict(variance_explained=0.5, ce_recovered=0.95, ce_tokens=20_000, dead_fraction=0.0,
-                           effective_features=10, d_sae=100, last_doubling_growth=0.01) == "ok"
-    verdict = QualityGate().verdict(variance_explained=0.5, ce_recovered=0.8, ce_tokens=500, dead_fraction=0.7,
-                                    effective_features=80, d_sae=100, last_doubling_growth=0.2)
-    for reason in ("variance explained 0.500 < 0.9", "CE recovered 0.800 < 0.9", "CE on 500 tokens < 10,000",
-                   "dead fraction 0.70 > 0.5", "dictionary too narrow to tell", "not converged (F +20%"):
+    assert (
+        lenient.verdict(
+            variance_explained=0.5,
+            ce_recovered=0.95,
+            ce_tokens=20_000,
+            dead_fraction=0.0,
+            effective_features=10,
+            d_sae=100,
+            last_doubling_growth=0.01,
+        )
+        == "ok"
+    )
+    verdict = QualityGate().verdict(
+        variance_explained=0.5,
+        ce_recovered=0.8,
+        ce_tokens=500,
+        dead_fraction=0.7,
+        effective_features=80,
+        d_sae=100,
+        last_doubling_growth=0.2,
+    )
+    for reason in (
+        "variance explained 0.500 < 0.9",
+        "CE recovered 0.800 < 0.9",
+        "CE on 500 tokens < 10,000",
+        "dead fraction 0.70 > 0.5",
+        "dictionary too narrow to tell",
+        "not converged (F +20%",
+    ):
         assert reason in verdict
 
 
 def test_a_hook_read_through_several_saes_gives_one_row_per_sae_seed(pythia_shaped_model, saes, windows):
     hook = HOOKS[2]
     several = {hook: {0: random_sae(hook, seed=10), 1: random_sae(hook, seed=11)}}
-    table = measure_layers(pythia_shaped_model, several, windows, seeds=[0, 1], token_budget=300, batch_size=4, ce_windows=0,
-                           progress=False, model_name="pythia-70m-deduped")
+    table = measure_layers(
+        pythia_shaped_model,
+        several,
+        windows,
+        seeds=[0, 1],
+        token_budget=300,
+        batch_size=4,
+        ce_windows=0,
+        progress=False,
+        model_name="pythia-70m-deduped",
+    )
     assert sorted(zip(table["seed"], table["sae_seed"])) == [(0, 0), (0, 1), (1, 0), (1, 1)]
-    alone = measure_layers(pythia_shaped_model, {hook: several[hook][1]}, windows, seeds=[1], token_budget=300, batch_size=4,
-                           ce_windows=0, progress=False, model_name="pythia-70m-deduped")
+    alone = measure_layers(
+        pythia_shaped_model,
+        {hook: several[hook][1]},
+        windows,
+        seeds=[1],
+        token_budget=300,
+        batch_size=4,
+        ce_windows=0,
+        progress=False,
+        model_name="pythia-70m-deduped",
+    )
     both = table.set_index(["seed", "sae_seed"])
     assert both.loc[(1, 1), "F"] == alone["F"].iloc[0]  # reading two SAEs from one pass changes neither
     summary = report.per_hook_summary(table)

@@ -35,8 +35,12 @@ def test_sparse_codes_keep_exactly_the_nonzeros():
 
 @pytest.mark.parametrize(
     "sae_class, config_class, extra",
-    [(StandardSAE, StandardSAEConfig, {}), (TopKSAE, TopKSAEConfig, dict(k=5)), (JumpReLUSAE, JumpReLUSAEConfig, {}),
-     (TopKSAE, TopKSAEConfig, dict(k=5, rescale_acts_by_decoder_norm=True))],
+    [
+        (StandardSAE, StandardSAEConfig, {}),
+        (TopKSAE, TopKSAEConfig, dict(k=5)),
+        (JumpReLUSAE, JumpReLUSAEConfig, {}),
+        (TopKSAE, TopKSAEConfig, dict(k=5, rescale_acts_by_decoder_norm=True)),
+    ],
 )
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_sparse_decode_equals_the_dense_decode(sae_class, config_class, extra, dtype):
@@ -126,9 +130,13 @@ def test_re_expressing_an_sae_leaves_f_unchanged(name, merge):
     cls, config_cls, extra = RESCALABLE[name]
     sae = _random_sae(cls, config_cls, **extra)
     unit_norm = _rescaled(sae, sae.W_dec.detach().norm(dim=1))  # unit-norm decoder rows, codes rescaled to match
-    arbitrary = _rescaled(sae, torch.rand(D_SAE, generator=torch.Generator().manual_seed(2), dtype=torch.float64) * 5 + 0.1)
+    arbitrary = _rescaled(
+        sae, torch.rand(D_SAE, generator=torch.Generator().manual_seed(2), dtype=torch.float64) * 5 + 0.1
+    )
     for other in (unit_norm, arbitrary):
-        assert torch.allclose(other.decode(other.encode(ACTIVATIONS)), sae.decode(sae.encode(ACTIVATIONS)))  # the same function
+        assert torch.allclose(
+            other.decode(other.encode(ACTIVATIONS)), sae.decode(sae.encode(ACTIVATIONS))
+        )  # the same function
     f = sae_budget(sae, ACTIVATIONS, merge_duplicates=merge).effective_features()
     assert 1 < f < D_SAE
     for other in (unit_norm, arbitrary):
@@ -141,8 +149,15 @@ def test_re_expressing_an_sae_leaves_f_unchanged(name, merge):
 
 def test_dictionary_learning_ae_pt_is_read_in_decoder_norm_units(tmp_path):
     sae = _random_sae(StandardSAE, StandardSAEConfig, apply_b_dec_to_input=True)
-    torch.save({"encoder.weight": sae.W_enc.T.float(), "encoder.bias": sae.b_enc.float(),
-                "decoder.weight": sae.W_dec.T.float(), "bias": sae.b_dec.float()}, tmp_path / "ae.pt")
+    torch.save(
+        {
+            "encoder.weight": sae.W_enc.T.float(),
+            "encoder.bias": sae.b_enc.float(),
+            "decoder.weight": sae.W_dec.T.float(),
+            "bias": sae.b_dec.float(),
+        },
+        tmp_path / "ae.pt",
+    )
     loaded = load_dictionary_learning_sae(tmp_path / "ae.pt", hook_name="h")
     f_loaded = sae_budget(loaded, ACTIVATIONS.float()).effective_features()
     f_original = sae_budget(sae, ACTIVATIONS).effective_features()
@@ -159,20 +174,28 @@ def test_a_toy_tied_sae_is_read_like_an_sae_lens_sae_with_its_weights():
         same.W_dec.copy_(toy.W_dec)
         same.b_enc.copy_(toy.b_enc)
         same.b_dec.zero_()
-    assert sae_budget(toy, ACTIVATIONS).effective_features() == pytest.approx(sae_budget(same, ACTIVATIONS).effective_features(), rel=1e-12)
+    assert sae_budget(toy, ACTIVATIONS).effective_features() == pytest.approx(
+        sae_budget(same, ACTIVATIONS).effective_features(), rel=1e-12
+    )
 
 
 def _with_duplicates(sae, copies: list[int]):
     """The same function with latents `copies` duplicated: same encoder column and bias, each copy's decoder row halved."""
     d_sae = sae.cfg.d_sae + len(copies)
-    bigger = StandardSAE(StandardSAEConfig(d_in=sae.cfg.d_in, d_sae=d_sae, dtype=str(sae.dtype).removeprefix("torch."),
-                                           apply_b_dec_to_input=sae.cfg.apply_b_dec_to_input))
+    bigger = StandardSAE(
+        StandardSAEConfig(
+            d_in=sae.cfg.d_in,
+            d_sae=d_sae,
+            dtype=str(sae.dtype).removeprefix("torch."),
+            apply_b_dec_to_input=sae.cfg.apply_b_dec_to_input,
+        )
+    )
     with torch.no_grad():
         bigger.W_enc.copy_(torch.cat([sae.W_enc, sae.W_enc[:, copies]], dim=1))
         bigger.b_enc.copy_(torch.cat([sae.b_enc, sae.b_enc[copies]]))
         W_dec = torch.cat([sae.W_dec, sae.W_dec[copies]])
         W_dec[copies] /= 2
-        W_dec[sae.cfg.d_sae:] /= 2
+        W_dec[sae.cfg.d_sae :] /= 2
         bigger.W_dec.copy_(W_dec)
         bigger.b_dec.copy_(sae.b_dec)
     return bigger
@@ -186,7 +209,9 @@ def test_duplicated_latents_count_once():
     merged = sae_budget(duplicated, ACTIVATIONS)
     assert merged.merged_latents == 4
     assert merged.effective_features() == pytest.approx(f, rel=1e-9)
-    assert sae_budget(duplicated, ACTIVATIONS, merge_duplicates=False).effective_features() > f * 1.01  # the raw measure splits them
+    assert (
+        sae_budget(duplicated, ACTIVATIONS, merge_duplicates=False).effective_features() > f * 1.01
+    )  # the raw measure splits them
 
 
 def test_duplicate_groups_are_connected_components():

@@ -31,8 +31,9 @@ def tokenizer():
     """Byte-level BPE trained on three sentences: any text tokenizes, and fast."""
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=["<pad>", "<bos>", "<eos>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=320, special_tokens=["<pad>", "<bos>", "<eos>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
     bpe.train_from_iterator(SENTENCES, trainer)
     return PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<bos>", pad_token="<pad>", eos_token="<eos>")
 
@@ -130,14 +131,15 @@ def test_slicing_and_indexing_keep_windows(tokenizer):
     assert torch.equal(part.tokens, windows.tokens[2:5]) and torch.equal(part.doc_ids, windows.doc_ids[2:5])
     assert part.bos_token_id == windows.bos_token_id and part.pad_token_id == windows.pad_token_id
     assert torch.equal(windows[-1].tokens, windows.tokens[-1:])
-    assert sum(windows[i:i + 4].n_tokens for i in range(0, len(windows), 4)) == windows.n_tokens
+    assert sum(windows[i : i + 4].n_tokens for i in range(0, len(windows), 4)) == windows.n_tokens
 
 
 def test_literal_bos_text_is_not_a_document_boundary(tokenizer):
     windows = token_windows(["one <bos> two"], tokenizer, context_size=32, shuffle=False)
     assert (windows.tokens == tokenizer.bos_token_id).sum() == 1
-    assert windows.n_tokens == len(tokenizer("one <bos> two", add_special_tokens=False,
-                                             split_special_tokens=True)["input_ids"])
+    assert windows.n_tokens == len(
+        tokenizer("one <bos> two", add_special_tokens=False, split_special_tokens=True)["input_ids"]
+    )
 
 
 def test_without_bos_windows_are_plain_chunks(tokenizer):
@@ -203,8 +205,15 @@ def test_jsonl_and_parquet_files_read_the_text_column(corpus_folder):
 
 def test_folder_reads_every_supported_file(corpus_folder):
     texts = list(load_texts(corpus_folder, text_column="body", seed=None))
-    assert texts == ["json doc 0", "json doc 1", "json doc 2", "parquet doc 0", "parquet doc 1",
-                     "first text file\n\nwith two paragraphs\n", "second text file\n"]
+    assert texts == [
+        "json doc 0",
+        "json doc 1",
+        "json doc 2",
+        "parquet doc 0",
+        "parquet doc 1",
+        "first text file\n\nwith two paragraphs\n",
+        "second text file\n",
+    ]
 
 
 def test_seeded_shuffle_of_local_files(tmp_path):
@@ -283,8 +292,11 @@ def test_offline_documents_are_top_level_definitions_with_their_decorators(tmp_p
     source = '"""A module."""\nimport os\n\n\n@decorate\n@twice\ndef f():\n    return 1\n\n\nclass C:\n    def method(self):\n        pass\n'
     (tmp_path / "m.py").write_text(source)
     pieces = _top_level_pieces(tmp_path / "m.py")
-    assert pieces == ['"""A module."""\nimport os\n\n\n', "@decorate\n@twice\ndef f():\n    return 1\n\n\n",
-                      "class C:\n    def method(self):\n        pass\n"]
+    assert pieces == [
+        '"""A module."""\nimport os\n\n\n',
+        "@decorate\n@twice\ndef f():\n    return 1\n\n\n",
+        "class C:\n    def method(self):\n        pass\n",
+    ]
     assert "".join(pieces) == source
     (tmp_path / "bad.py").write_text("def broken(:\n")
     assert _top_level_pieces(tmp_path / "bad.py") == ["def broken(:\n"]

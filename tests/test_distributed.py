@@ -17,7 +17,9 @@ def test_two_processes_give_the_single_process_result(tmp_path):
     worker = Path(__file__).parent / "distributed_worker.py"
     result = subprocess.run(
         [torchrun, "--standalone", "--nproc_per_node=2", str(worker), str(tmp_path)],
-        capture_output=True, text=True, timeout=300,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]
 

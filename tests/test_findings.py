@@ -48,8 +48,9 @@ def test_dictionary_robustness_quick_toy_sweep(tmp_path):
 
 def test_dictionary_robustness_real_layer_sweep_on_held_out_documents():
     study = _load("dictionary_robustness")
-    args = study.parse_args(["--real-expansions", "0.5", "2", "--real-l1", "1", "--training-tokens", "2048",
-                             "--batch-size-tokens", "128"])
+    args = study.parse_args(
+        ["--real-expansions", "0.5", "2", "--real-l1", "1", "--training-tokens", "2048", "--batch-size-tokens", "128"]
+    )
     generator = torch.Generator().manual_seed(0)
     activations = torch.randn(3000, 16, generator=generator)
     doc_ids = torch.arange(3000) // 100  # 30 documents

@@ -151,7 +151,9 @@ def test_bootstrap_needs_two_blocks():
 @pytest.mark.parametrize("layout", ["dense", "csr", "coo"])
 def test_sparse_and_dense_codes_give_the_same_budget(layout):
     generator = torch.Generator().manual_seed(1)
-    codes = torch.relu(torch.randn(50, 300, generator=generator) - 1.5) * torch.sign(torch.randn(50, 300, generator=generator))
+    codes = torch.relu(torch.randn(50, 300, generator=generator) - 1.5) * torch.sign(
+        torch.randn(50, 300, generator=generator)
+    )
     doc_ids = torch.arange(50) // 7
     dense = FeatureBudget(300, 10, n_blocks=4)
     dense.update(codes.reshape(5, 10, 300), doc_ids.reshape(5, 10))  # any leading shape
@@ -180,7 +182,14 @@ def test_non_finite_codes_are_rejected(bad):
         FeatureBudget(6, 2).update(codes)
 
 
-@pytest.mark.parametrize("field, kwargs", [("width", dict(d_sae=4, width=-3)), ("d_sae", dict(d_sae=0, width=3)), ("n_blocks", dict(d_sae=4, width=3, n_blocks=0))])
+@pytest.mark.parametrize(
+    "field, kwargs",
+    [
+        ("width", dict(d_sae=4, width=-3)),
+        ("d_sae", dict(d_sae=0, width=3)),
+        ("n_blocks", dict(d_sae=4, width=3, n_blocks=0)),
+    ],
+)
 def test_non_positive_sizes_are_rejected(field, kwargs):
     with pytest.raises(ValueError, match=f"{field} must be a positive integer"):
         FeatureBudget(**kwargs)

@@ -95,13 +95,19 @@ def fail_if_called(*args, **kwargs):
 @pytest.mark.parametrize(
     "key, value, expected",
     [
-        ("token_budget", "1000",
-         r"\[run\] token_budget = '1000' must be an integer \(tokens measured per seed\); "
-         r"did you mean token_budget = 1000\?"),
+        (
+            "token_budget",
+            "1000",
+            r"\[run\] token_budget = '1000' must be an integer \(tokens measured per seed\); "
+            r"did you mean token_budget = 1000\?",
+        ),
         ("checkpoint_every", 0, r"\[run\] checkpoint_every must be a positive integer, got 0"),
         ("seeds", [], r"\[run\] seeds = \[\] must hold at least one seed, e.g. seeds = \[0\]"),
-        ("seeds", "0",
-         r"\[run\] seeds = '0' must be a list of integers \(data seeds.*\); did you mean seeds = \[0\]\?"),
+        (
+            "seeds",
+            "0",
+            r"\[run\] seeds = '0' must be a list of integers \(data seeds.*\); did you mean seeds = \[0\]\?",
+        ),
         ("seeds", [0, -1], r"\[run\] every seed must be a non-negative integer, got -1"),
         ("output", "", r"\[run\] output must name a folder, got ''"),
         ("output", "   ", r"\[run\] output must name a folder"),
@@ -170,9 +176,12 @@ def test_an_unreachable_hub_corpus_is_named_before_the_model_loads(tmp_path, tin
     monkeypatch.setattr(runs, "load_model", fail_if_called)
     config = small_config(tiny_model, "no-such-org/no-such-dataset", tmp_path / "run")
     started = time.time()
-    with pytest.raises(ConnectionError, match=r"\[corpus\] sources: could not reach the Hugging Face hub for dataset "
-                                              r"'no-such-org/no-such-dataset'.*local .txt/.jsonl/.parquet file or "
-                                              r"folder"):
+    with pytest.raises(
+        ConnectionError,
+        match=r"\[corpus\] sources: could not reach the Hugging Face hub for dataset "
+        r"'no-such-org/no-such-dataset'.*local .txt/.jsonl/.parquet file or "
+        r"folder",
+    ):
         runs.run(config, progress=False)
     assert time.time() - started < 30  # offline: no retries
     assert listing(tmp_path) == []
@@ -181,8 +190,11 @@ def test_an_unreachable_hub_corpus_is_named_before_the_model_loads(tmp_path, tin
 def test_an_unknown_hook_lists_the_real_ones_and_leaves_no_folder(tmp_path, tiny_model, text_folder):
     config = small_config(tiny_model, text_folder, tmp_path / "runs" / "run")
     config.saes.train.hooks = ["blocks.0.hook_resid_pre", "blocks.7.hook_resid_post"]
-    with pytest.raises(ConfigError, match=r"\[saes.train\] hooks: unknown hook 'blocks.7.hook_resid_post'.*"
-                                          r"the model has 2 blocks.*its measurable hooks are: .*blocks.1.hook_mlp_out"):
+    with pytest.raises(
+        ConfigError,
+        match=r"\[saes.train\] hooks: unknown hook 'blocks.7.hook_resid_post'.*"
+        r"the model has 2 blocks.*its measurable hooks are: .*blocks.1.hook_mlp_out",
+    ):
         runs.run(config, progress=False)
     assert not (tmp_path / "runs").exists()  # neither the run folder nor the parent it created
 
@@ -310,8 +322,11 @@ def test_overwrite_refuses_a_folder_holding_a_users_file(tmp_path, tiny_model, t
     output.mkdir()
     (output / "thesis.tex").write_text("years of work")
     for overwrite in (False, True):
-        with pytest.raises(FileExistsError, match=r"results is not a run folder of this tool \(no manifest.json\); "
-                                                  r"it holds thesis.tex. Nothing was deleted"):
+        with pytest.raises(
+            FileExistsError,
+            match=r"results is not a run folder of this tool \(no manifest.json\); "
+            r"it holds thesis.tex. Nothing was deleted",
+        ):
             runs.run(small_config(tiny_model, text_folder, output), overwrite=overwrite, progress=False)
     assert (output / "thesis.tex").read_text() == "years of work"
     assert listing(output) == ["thesis.tex"]
@@ -322,8 +337,11 @@ def test_overwrite_refuses_a_run_folder_holding_a_users_file(finished_run, tmp_p
     (tmp_path / "run" / "checkpoints" / "my_notes.txt").write_text("keep me")
     (tmp_path / "run" / ".git").mkdir()
     before = listing(tmp_path)
-    with pytest.raises(FileExistsError, match=r"--overwrite refused: .*run holds files this tool did not write: "
-                                              r"\['.git', 'checkpoints/my_notes.txt'\]. Nothing was deleted"):
+    with pytest.raises(
+        FileExistsError,
+        match=r"--overwrite refused: .*run holds files this tool did not write: "
+        r"\['.git', 'checkpoints/my_notes.txt'\]. Nothing was deleted",
+    ):
         runs.run(RunConfig.from_dict(raw), overwrite=True, progress=False)
     assert listing(tmp_path) == before
 
@@ -374,8 +392,10 @@ def test_resume_refuses_a_different_config_and_lists_the_differences(change, lis
     before = listing(tmp_path)
     for table, values in change.items():
         (raw["saes"]["train"] if table == "saes.train" else raw[table]).update(values)
-    expected = (rf"--resume refused: .*run was made by a different config.*Differences: {listed}\. "
-                r"Only \[run\] output, checkpoint_every may change on resume")
+    expected = (
+        rf"--resume refused: .*run was made by a different config.*Differences: {listed}\. "
+        r"Only \[run\] output, checkpoint_every may change on resume"
+    )
     with pytest.raises(ValueError, match=expected):
         runs.run(RunConfig.from_dict(raw), resume=True, progress=False)
     assert listing(tmp_path) == before
@@ -438,8 +458,17 @@ def test_a_run_killed_at_each_write_point_resumes_to_the_same_table(finished_run
     output = Path(config.run.output)
     kinds = [_kind(path, output) for path in commits]
     assert kinds[0] == kinds[-1] == "manifest.json"
-    written = {"checkpoints/seed0", "checkpoints/seed1", "layerwise.csv", "layerwise.json", "convergence.csv",
-               "compression_curve.png", "compression_curve.svg", "convergence.png", "convergence.svg"}
+    written = {
+        "checkpoints/seed0",
+        "checkpoints/seed1",
+        "layerwise.csv",
+        "layerwise.json",
+        "convergence.csv",
+        "compression_curve.png",
+        "compression_curve.svg",
+        "convergence.png",
+        "convergence.svg",
+    }
     assert {"saes/" + hook for hook in HOOKS} | written <= set(kinds)
     assert kinds.count("checkpoints/seed0") >= 3  # mid-seed kills too
     original = atomic._commit
@@ -497,8 +526,10 @@ def test_a_signal_before_any_result_leaves_the_disk_as_it_was(
     argv = ["run", str(path)] + (["--overwrite"] if overwrite else [])
     assert cli.main(argv) == 130
     err = capsys.readouterr().err
-    assert err == (f"lm-superposition run: stopped by {signum.name} before writing anything; nothing on disk changed. "
-                   f"Start again with: lm-superposition run {path}{' --overwrite' if overwrite else ''}\n")
+    assert err == (
+        f"lm-superposition run: stopped by {signum.name} before writing anything; nothing on disk changed. "
+        f"Start again with: lm-superposition run {path}{' --overwrite' if overwrite else ''}\n"
+    )
     assert listing(tmp_path) == before
     assert signal.getsignal(signum) == handler  # the run's handler is gone again
 
@@ -514,8 +545,10 @@ def test_a_signal_while_the_corpus_is_checked_says_to_start_again(flag, finished
     assert cli.main(["run", str(path), *flag]) == 130
     command = shlex.join(["lm-superposition", "run", str(path), *flag])
     err = capsys.readouterr().err
-    assert err == "lm-superposition run: stopped by SIGINT before writing anything; nothing on disk changed. " \
-                  f"Start again with: {command}\n"
+    assert (
+        err == "lm-superposition run: stopped by SIGINT before writing anything; nothing on disk changed. "
+        f"Start again with: {command}\n"
+    )
     assert listing(tmp_path) == before
 
 
@@ -527,8 +560,14 @@ def test_sigint_saves_the_checkpoint_and_prints_the_resume_command(tiny_model, t
     tables = raw_config(tiny_model, corpus, tmp_path / "run", token_budget=1000, batch_size=1)
     path = write_toml(tmp_path / "run.toml", tables)
     environment = os.environ | {"PYTHONPATH": str(Path(__file__).parents[1]), "OMP_NUM_THREADS": "1"}
-    child = subprocess.Popen([sys.executable, "-m", "lm_superposition", "run", str(path)], cwd=tmp_path,
-                             env=environment, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    child = subprocess.Popen(
+        [sys.executable, "-m", "lm_superposition", "run", str(path)],
+        cwd=tmp_path,
+        env=environment,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.time() + 300
     while not list((tmp_path / "run" / "checkpoints").glob("*.pt")) and child.poll() is None and time.time() < deadline:
         time.sleep(0.02)
@@ -542,11 +581,19 @@ def test_sigint_saves_the_checkpoint_and_prints_the_resume_command(tiny_model, t
     command = shlex.split(lines[0].split("Continue with: ")[1])
     assert command == ["lm-superposition", "run", str(path), "--resume"]
 
-    resumed = subprocess.run([sys.executable, "-m", "lm_superposition", *command[1:]], cwd=tmp_path, env=environment,
-                             capture_output=True, text=True, timeout=300)
+    resumed = subprocess.run(
+        [sys.executable, "-m", "lm_superposition", *command[1:]],
+        cwd=tmp_path,
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert resumed.returncode == 0, resumed.stderr
     tables["run"]["output"] = str(tmp_path / "straight")
     straight = runs.run(RunConfig.from_dict(tables), progress=False)
-    pd.testing.assert_frame_equal(without_paths(pd.read_csv(tmp_path / "run" / "layerwise.csv")),
-                                  without_paths(pd.read_csv(tmp_path / "straight" / "layerwise.csv")))
+    pd.testing.assert_frame_equal(
+        without_paths(pd.read_csv(tmp_path / "run" / "layerwise.csv")),
+        without_paths(pd.read_csv(tmp_path / "straight" / "layerwise.csv")),
+    )
     assert len(straight) == 4

@@ -9,8 +9,8 @@ from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from transformers import GPTNeoXConfig, GPTNeoXForCausalLM, PreTrainedTokenizerFast
 
 from lm_superposition import cli, runs
-from lm_superposition.config import RunConfig, demo_config
 from lm_superposition.analyze import SeedMeasurement
+from lm_superposition.config import RunConfig, demo_config
 
 TEXT = [
     "def effective_features(budget): return math.exp(entropy(budget))",
@@ -25,12 +25,26 @@ def tiny_pythia_folder(tmp_path_factory):
     folder = tmp_path_factory.mktemp("models") / "tiny-pythia"
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.train_from_iterator(TEXT, trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<|endoftext|>", eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+    bpe.train_from_iterator(
+        TEXT,
+        trainers.BpeTrainer(
+            vocab_size=300, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+        ),
+    )
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=bpe, bos_token="<|endoftext|>", eos_token="<|endoftext|>", pad_token="<|endoftext|>"
+    )
     torch.manual_seed(0)
     config = GPTNeoXConfig(
-        vocab_size=len(tokenizer), hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=256,
-        rotary_pct=0.25, max_position_embeddings=256, bos_token_id=0, eos_token_id=0,
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=256,
+        rotary_pct=0.25,
+        max_position_embeddings=256,
+        bos_token_id=0,
+        eos_token_id=0,
     )
     GPTNeoXForCausalLM(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
@@ -48,11 +62,28 @@ def corpus_folder(tmp_path):
 
 def small_config(model_folder, corpus, output, **run_overrides) -> RunConfig:
     raw = {
-        "run": {"output": str(output), "seeds": [0, 1], "token_budget": 600, "batch_size": 4, "context_size": 32,
-                "checkpoint_every": 1, "ce_windows": 2, "n_blocks": 8, **run_overrides},
+        "run": {
+            "output": str(output),
+            "seeds": [0, 1],
+            "token_budget": 600,
+            "batch_size": 4,
+            "context_size": 32,
+            "checkpoint_every": 1,
+            "ce_windows": 2,
+            "n_blocks": 8,
+            **run_overrides,
+        },
         "model": {"names": [str(model_folder)]},
-        "saes": {"train": {"hooks": ["blocks.0.hook_resid_pre", "blocks.1.hook_mlp_out"], "expansion_factor": 2,
-                           "training_tokens": 1024, "batch_size_tokens": 128, "shuffle_buffer_batches": 2, "epochs": 2}},
+        "saes": {
+            "train": {
+                "hooks": ["blocks.0.hook_resid_pre", "blocks.1.hook_mlp_out"],
+                "expansion_factor": 2,
+                "training_tokens": 1024,
+                "batch_size_tokens": 128,
+                "shuffle_buffer_batches": 2,
+                "epochs": 2,
+            }
+        },
         "corpus": {"sources": [str(corpus)]},
     }
     return RunConfig.from_dict(raw)
@@ -65,8 +96,15 @@ def test_run_writes_a_complete_run_folder(tiny_pythia_folder, corpus_folder, tmp
     assert (table["tokens"] == 600).all()
     assert set(table["quality"]) <= {"ok"} | set(table["quality"])  # a flag is always present
     assert table["quality"].map(bool).all()
-    for name in ("layerwise.csv", "layerwise.json", "convergence.csv", "compression_curve.png", "compression_curve.svg",
-                 "convergence.png", "manifest.json"):
+    for name in (
+        "layerwise.csv",
+        "layerwise.json",
+        "convergence.csv",
+        "compression_curve.png",
+        "compression_curve.svg",
+        "convergence.png",
+        "manifest.json",
+    ):
         assert (output / name).is_file(), name
     manifest = json.loads((output / "manifest.json").read_text())
     assert manifest["config"]["run"]["token_budget"] == 600
@@ -126,7 +164,11 @@ def test_shipped_configs_parse():
     for path in ("experiments/pythia70m_layerwise.toml", "lm_superposition/configs/demo.toml"):
         assert RunConfig.from_toml(path).run.seeds
     paper = RunConfig.from_toml("experiments/pythia70m_layerwise.toml")
-    assert paper.saes.releases == ["pythia-70m-deduped-res-sm", "pythia-70m-deduped-att-sm", "pythia-70m-deduped-mlp-sm"]
+    assert paper.saes.releases == [
+        "pythia-70m-deduped-res-sm",
+        "pythia-70m-deduped-att-sm",
+        "pythia-70m-deduped-mlp-sm",
+    ]
 
 
 def test_the_demo_runs_the_packaged_config_with_only_its_overrides():

@@ -6,8 +6,8 @@ import warnings
 import huggingface_hub.constants
 import pytest
 import torch
+from sae_lens import SAE, StandardSAE, TopKSAE
 from safetensors.torch import save_file
-from sae_lens import SAE, StandardSAE, StandardSAEConfig, TopKSAE
 
 from lm_superposition.models import HookPoint, hook_order, hook_point
 from lm_superposition.saes import (
@@ -26,6 +26,7 @@ from lm_superposition.saes import (
     train_saes_for_model,
 )
 from lm_superposition.saes.training import QUALITY_FILENAME
+
 
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():
@@ -65,7 +66,9 @@ def toy_data():
 @pytest.fixture(scope="module")
 def standard_toy_sae(toy_data):
     train, _, _ = toy_data
-    return train_sae(train, SAETrainingConfig(architecture="standard", l1_coefficient=0.6, **TOY_CONFIG), hook_name="toy")
+    return train_sae(
+        train, SAETrainingConfig(architecture="standard", l1_coefficient=0.6, **TOY_CONFIG), hook_name="toy"
+    )
 
 
 def test_standard_sae_learns_toy_features(toy_data, standard_toy_sae):
@@ -112,12 +115,21 @@ def test_train_saes_feeds_one_stream_to_every_hook():
                 yield {"hook_a": x_a[start : start + 700], "hook_b": x_b[start : start + 700]}
 
     config = SAETrainingConfig(
-        architecture="standard", l1_coefficient=0.3, expansion_factor=4, batch_size_tokens=512,
-        training_tokens=100_000, lr=2e-3, shuffle_buffer_batches=4, model_name="toy-model",
+        architecture="standard",
+        l1_coefficient=0.3,
+        expansion_factor=4,
+        batch_size_tokens=512,
+        training_tokens=100_000,
+        lr=2e-3,
+        shuffle_buffer_batches=4,
+        model_name="toy-model",
     )
     saes = train_saes(stream(n_epochs=10), {"hook_a": 24, "hook_b": 16}, config, progress=False)
     assert len(reads) < 6 * 29  # stopped reading soon after the budget (5 epochs of 20,000 tokens)
-    assert {hook: (sae.cfg.d_in, sae.cfg.d_sae) for hook, sae in saes.items()} == {"hook_a": (24, 96), "hook_b": (16, 64)}
+    assert {hook: (sae.cfg.d_in, sae.cfg.d_sae) for hook, sae in saes.items()} == {
+        "hook_a": (24, 96),
+        "hook_b": (16, 64),
+    }
     for hook, x in (("hook_a", x_a), ("hook_b", x_b)):
         sae = saes[hook]
         assert sae.cfg.metadata.hook_name == hook and sae.cfg.metadata.model_name == "toy-model"
@@ -152,8 +164,15 @@ def test_train_saes_rejects_bad_batches():
 @pytest.mark.parametrize("architecture", ["standard", "topk"])
 def test_disk_round_trip_gives_identical_codes(tmp_path, architecture):
     x, _ = sparse_features(3_000, n_features=24, d_in=12)
-    config = SAETrainingConfig(architecture=architecture, k=4, expansion_factor=2, batch_size_tokens=256,
-                               training_tokens=5_000, l1_coefficient=0.3, model_name="toy-model")
+    config = SAETrainingConfig(
+        architecture=architecture,
+        k=4,
+        expansion_factor=2,
+        batch_size_tokens=256,
+        training_tokens=5_000,
+        l1_coefficient=0.3,
+        model_name="toy-model",
+    )
     sae = train_sae(x, config, hook_name="blocks.0.hook_resid_post")
     folder = save_sae(sae, tmp_path / "sae")
     assert sorted(p.name for p in folder.iterdir()) == ["cfg.json", "sae_weights.safetensors"]
@@ -210,11 +229,22 @@ def write_registry_sae(cache, layer, d_in=8, d_sae=16, seed=0):
     (repo / "refs" / "main").write_text(SNAPSHOT)
     save_file(weights, folder / "sae_weights.safetensors")
     cfg = {
-        "architecture": "standard", "d_in": d_in, "d_sae": d_sae, "dtype": "float32", "device": "cpu",
-        "model_name": "pythia-70m-deduped", "hook_name": f"blocks.{layer}.hook_mlp_out", "hook_layer": layer,
-        "hook_head_index": None, "activation_fn_str": "relu", "apply_b_dec_to_input": True,
-        "finetuning_scaling_factor": False, "context_size": 128, "prepend_bos": True,
-        "dataset_path": "monology/pile-uncopyrighted", "normalize_activations": "none",
+        "architecture": "standard",
+        "d_in": d_in,
+        "d_sae": d_sae,
+        "dtype": "float32",
+        "device": "cpu",
+        "model_name": "pythia-70m-deduped",
+        "hook_name": f"blocks.{layer}.hook_mlp_out",
+        "hook_layer": layer,
+        "hook_head_index": None,
+        "activation_fn_str": "relu",
+        "apply_b_dec_to_input": True,
+        "finetuning_scaling_factor": False,
+        "context_size": 128,
+        "prepend_bos": True,
+        "dataset_path": "monology/pile-uncopyrighted",
+        "normalize_activations": "none",
     }
     (folder / "cfg.json").write_text(json.dumps(cfg))
     return weights
@@ -261,11 +291,23 @@ def test_release_loads_in_hook_order(offline_hub):
 
 
 def test_hook_order_is_forward_pass_order():
-    names = ["blocks.1.hook_resid_pre", "blocks.0.hook_resid_post", "blocks.10.hook_mlp_out",
-             "blocks.0.hook_mlp_out", "blocks.0.hook_resid_pre", "hook_embed", "blocks.0.hook_attn_out"]
+    names = [
+        "blocks.1.hook_resid_pre",
+        "blocks.0.hook_resid_post",
+        "blocks.10.hook_mlp_out",
+        "blocks.0.hook_mlp_out",
+        "blocks.0.hook_resid_pre",
+        "hook_embed",
+        "blocks.0.hook_attn_out",
+    ]
     assert sorted(names, key=hook_order) == [
-        "hook_embed", "blocks.0.hook_resid_pre", "blocks.0.hook_attn_out", "blocks.0.hook_mlp_out",
-        "blocks.0.hook_resid_post", "blocks.1.hook_resid_pre", "blocks.10.hook_mlp_out",
+        "hook_embed",
+        "blocks.0.hook_resid_pre",
+        "blocks.0.hook_attn_out",
+        "blocks.0.hook_mlp_out",
+        "blocks.0.hook_resid_post",
+        "blocks.1.hook_resid_pre",
+        "blocks.10.hook_mlp_out",
     ]
 
 
@@ -282,7 +324,9 @@ def test_dictionary_learning_ae_pt_gives_the_original_codes(tmp_path):
         "bias": torch.randn(d_in, generator=generator),
     }
     torch.save(ae, tmp_path / "ae.pt")
-    sae = load_dictionary_learning_sae(tmp_path / "ae.pt", hook_name="blocks.3.hook_resid_post", model_name="pythia-70m-deduped")
+    sae = load_dictionary_learning_sae(
+        tmp_path / "ae.pt", hook_name="blocks.3.hook_resid_post", model_name="pythia-70m-deduped"
+    )
     assert isinstance(sae, StandardSAE)
     assert (sae.cfg.d_in, sae.cfg.d_sae) == (d_in, d_sae)
     assert sae.cfg.metadata.hook_name == "blocks.3.hook_resid_post"
@@ -302,8 +346,15 @@ def test_dictionary_learning_bad_files_are_named(tmp_path):
     torch.save({"encoder.weight": torch.zeros(4, 2), "encoder.bias": torch.zeros(4)}, tmp_path / "ae.pt")
     with pytest.raises(ValueError, match=r"lacks \['decoder.weight', 'bias'\]"):
         load_dictionary_learning_sae(tmp_path, hook_name="h")
-    torch.save({"encoder.weight": torch.zeros(4, 2), "encoder.bias": torch.zeros(4),
-                "decoder.weight": torch.zeros(4, 2), "bias": torch.zeros(2)}, tmp_path / "ae.pt")
+    torch.save(
+        {
+            "encoder.weight": torch.zeros(4, 2),
+            "encoder.bias": torch.zeros(4),
+            "decoder.weight": torch.zeros(4, 2),
+            "bias": torch.zeros(2),
+        },
+        tmp_path / "ae.pt",
+    )
     with pytest.raises(ValueError, match="decoder.weight"):
         load_dictionary_learning_sae(tmp_path, hook_name="h")
     (tmp_path / "ae.pt").write_text("not a torch file")
@@ -316,17 +367,25 @@ def test_dictionary_learning_bad_files_are_named(tmp_path):
 
 def test_check_sae_fits(standard_toy_sae):
     sae = standard_toy_sae  # d_in 32, hook "toy", model None
-    sae_for_pythia = load_sae_from_state(sae, hook_name="blocks.2.hook_mlp_out", model_name="EleutherAI/pythia-70m-deduped")
+    sae_for_pythia = load_sae_from_state(
+        sae, hook_name="blocks.2.hook_mlp_out", model_name="EleutherAI/pythia-70m-deduped"
+    )
     with pytest.raises(ValueError, match="width 32.*has width 512"):
         check_sae_fits(sae, HookPoint("blocks.2.hook_mlp_out", "mlp_out", 2, 512), "pythia-70m-deduped")
     hook = HookPoint("blocks.2.hook_mlp_out", "mlp_out", 2, 32)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         check_sae_fits(sae_for_pythia, hook, "pythia-70m-deduped")  # same model, org prefix or not
-    with pytest.raises(ValueError, match="trained on hook blocks.2.hook_mlp_out, not blocks.3.hook_mlp_out.*allow_hook_mismatch"):
+    with pytest.raises(
+        ValueError, match="trained on hook blocks.2.hook_mlp_out, not blocks.3.hook_mlp_out.*allow_hook_mismatch"
+    ):
         check_sae_fits(sae_for_pythia, HookPoint("blocks.3.hook_mlp_out", "mlp_out", 3, 32), "pythia-70m-deduped")
-    check_sae_fits(sae_for_pythia, HookPoint("blocks.3.hook_mlp_out", "mlp_out", 3, 32), "pythia-70m-deduped",
-                   allow_hook_mismatch=True)
+    check_sae_fits(
+        sae_for_pythia,
+        HookPoint("blocks.3.hook_mlp_out", "mlp_out", 3, 32),
+        "pythia-70m-deduped",
+        allow_hook_mismatch=True,
+    )
     with pytest.warns(UserWarning, match="EleutherAI/pythia-70m-deduped.*google/gemma-3-270m-it"):
         check_sae_fits(sae_for_pythia, hook, "google/gemma-3-270m-it")
 
@@ -404,10 +463,12 @@ def test_train_saes_for_model_saves_loadable_judged_saes(pythia_shaped_model, ma
     model = pythia_shaped_model
     windows = make_windows(40, 16, 1000, seed=3)
     hooks = ["blocks.0.hook_resid_post", "blocks.1.hook_mlp_out"]
-    config = SAETrainingConfig(expansion_factor=1, batch_size_tokens=128, training_tokens=384, lr=1e-3,
-                               shuffle_buffer_batches=1)
-    folders = train_saes_for_model(model, hooks, windows, config, tmp_path / "saes", batch_size=8,
-                                   n_eval_windows=4, progress=False)
+    config = SAETrainingConfig(
+        expansion_factor=1, batch_size_tokens=128, training_tokens=384, lr=1e-3, shuffle_buffer_batches=1
+    )
+    folders = train_saes_for_model(
+        model, hooks, windows, config, tmp_path / "saes", batch_size=8, n_eval_windows=4, progress=False
+    )
     assert list(folders) == hooks
     for hook, folder in folders.items():
         assert folder == tmp_path / "saes" / hook
@@ -427,12 +488,15 @@ def test_epochs_replay_one_pass_of_activations(pythia_shaped_model, make_windows
     passes = []
     real_stream = training.stream_activations
     monkeypatch.setattr(training, "stream_activations", lambda *a, **k: passes.append(1) or real_stream(*a, **k))
-    config = SAETrainingConfig(expansion_factor=1, batch_size_tokens=64, training_tokens=3 * 6 * 15, epochs=3,
-                               shuffle_buffer_batches=1)
+    config = SAETrainingConfig(
+        expansion_factor=1, batch_size_tokens=64, training_tokens=3 * 6 * 15, epochs=3, shuffle_buffer_batches=1
+    )
     assert config.distinct_tokens == 6 * 15
     # 6 training windows of 15 measured tokens: enough text for one pass only
     windows = make_windows(6 + 2, 16, 1000, seed=4)
-    folders = train_saes_for_model(pythia_shaped_model, ["blocks.0.hook_mlp_out"], windows, config, tmp_path, n_eval_windows=2, progress=False)
+    folders = train_saes_for_model(
+        pythia_shaped_model, ["blocks.0.hook_mlp_out"], windows, config, tmp_path, n_eval_windows=2, progress=False
+    )
     assert len(passes) == 1  # the model ran over the training windows once
     sae = load_sae_from_disk(folders["blocks.0.hook_mlp_out"])
     assert sae.cfg.metadata.training_tokens == 4 * 64  # 270 tokens seen in 3 passes, cut into whole batches
@@ -444,11 +508,13 @@ def test_several_sae_seeds_train_from_one_stream(pythia_shaped_model, make_windo
     windows = make_windows(24, 16, 1000, seed=5)
     config = SAETrainingConfig(expansion_factor=1, batch_size_tokens=64, training_tokens=192, shuffle_buffer_batches=1)
     hook = "blocks.0.hook_mlp_out"
-    folders = train_saes_for_model(pythia_shaped_model, [hook], windows, config, tmp_path, n_eval_windows=2,
-                                   progress=False, sae_seeds=[0, 7])
+    folders = train_saes_for_model(
+        pythia_shaped_model, [hook], windows, config, tmp_path, n_eval_windows=2, progress=False, sae_seeds=[0, 7]
+    )
     assert folders == {hook: {0: tmp_path / "sae_seed0" / hook, 7: tmp_path / "sae_seed7" / hook}}
     first, second = (load_sae_from_disk(folders[hook][seed]) for seed in (0, 7))
     assert not torch.equal(first.W_dec, second.W_dec)  # different initialisations
-    single = train_saes_for_model(pythia_shaped_model, [hook], windows, config, tmp_path / "single", n_eval_windows=2,
-                                  progress=False)
+    single = train_saes_for_model(
+        pythia_shaped_model, [hook], windows, config, tmp_path / "single", n_eval_windows=2, progress=False
+    )
     assert torch.equal(load_sae_from_disk(single[hook]).W_dec, first.W_dec)  # seed 0 alone is the same SAE

@@ -4,16 +4,16 @@ import pytest
 import torch
 
 from experiments.tasks import (
-    CNNClassifier,
     ClassifierTraining,
+    CNNClassifier,
     GrokkingConfig,
     MLPClassifier,
     SparseParityTask,
+    accuracy,
     grokking_tokens,
     modular_addition_pairs,
     neuron_basis_measure,
     one_hot_pairs,
-    accuracy,
     scaled_to_unit_rms,
     train_classifier,
     train_grokking,
@@ -135,7 +135,9 @@ def test_grokking_tokens_end_in_the_equals_token():
 
 
 def test_grokking_checkpoint_loop_keeps_evaluated_snapshots_that_reload():
-    config = GrokkingConfig(p=7, d_model=16, n_heads=2, d_mlp=32, steps=25, checkpoint_every=10, lr=1e-2, train_fraction=0.5)
+    config = GrokkingConfig(
+        p=7, d_model=16, n_heads=2, d_mlp=32, steps=25, checkpoint_every=10, lr=1e-2, train_fraction=0.5
+    )
     run = train_grokking(config)
     assert [c.step for c in run.checkpoints] == [10, 20, 25]  # every 10 steps and the last
     assert len(run.train_indices) + len(run.test_indices) == 49

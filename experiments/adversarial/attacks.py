@@ -81,7 +81,9 @@ def train_adversarially(
     epsilon 0 is plain training on the same minibatches (same seed), the baseline.
     """
     if inputs.shape[0] != labels.shape[0] or inputs.shape[0] == 0:
-        raise ValueError(f"inputs ({inputs.shape[0]} rows) and labels ({labels.shape[0]}) must be equally long and non-empty")
+        raise ValueError(
+            f"inputs ({inputs.shape[0]} rows) and labels ({labels.shape[0]}) must be equally long and non-empty"
+        )
     generator = torch.Generator().manual_seed(training.seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=training.lr, weight_decay=training.weight_decay)
     for _ in range(training.steps):

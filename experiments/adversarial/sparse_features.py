@@ -61,7 +61,9 @@ class SparseFeatureImages:
 
     def __post_init__(self):
         if not 0 < self.stamp_size <= self.image_size:
-            raise ValueError(f"need 0 < stamp_size <= image_size, got stamp_size={self.stamp_size}, image_size={self.image_size}")
+            raise ValueError(
+                f"need 0 < stamp_size <= image_size, got stamp_size={self.stamp_size}, image_size={self.image_size}"
+            )
         if self.task.n_features > self.locations:
             raise ValueError(
                 f"{self.task.n_features} features need as many distinct stamp locations, but a {self.image_size}x{self.image_size} "

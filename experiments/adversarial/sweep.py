@@ -43,20 +43,29 @@ import matplotlib.pyplot as plt
 import pandas as pd
 import torch
 
-from experiments.adversarial.attacks import ATTACKS, attack, train_adversarially
-from lm_superposition.metric import FeatureBudget
 from experiments import study_command, torch_threads
-from lm_superposition.sparse_coding import compressed_sensing_margin, linear_additivity
-from experiments.tasks import CNNClassifier, ClassifierTraining, MLPClassifier, accuracy, scaled_to_unit_rms
-from experiments.toy import ToySAEConfig, train_toy_sae
-from lm_superposition.saes import variance_explained
+from experiments.adversarial.attacks import ATTACKS, attack, train_adversarially
 from experiments.adversarial.sparse_features import SparseFeatureImages, SparseFeatureTask
+from experiments.tasks import ClassifierTraining, CNNClassifier, MLPClassifier, accuracy, scaled_to_unit_rms
+from experiments.toy import ToySAEConfig, train_toy_sae
+from lm_superposition.metric import FeatureBudget
+from lm_superposition.saes import variance_explained
+from lm_superposition.sparse_coding import compressed_sensing_margin, linear_additivity
 
 DEFAULT_OUT = Path(__file__).resolve().parents[2] / "results" / "adversarial"
 TRAIN_SEED_OFFSET, TEST_SEED_OFFSET, ATTACK_SEED_OFFSET = 1_000, 2_000, 3_000
 MODELS = ("mlp", "cnn")
-QUICK = dict(regimes=["2x8"], cnn_regimes=["2x4"], epsilons=[0.0, 0.1], seeds=[0], steps=30, cnn_steps=30, sae_steps=20,
-             n_train=512, n_test=256)
+QUICK = dict(
+    regimes=["2x8"],
+    cnn_regimes=["2x4"],
+    epsilons=[0.0, 0.1],
+    seeds=[0],
+    steps=30,
+    cnn_steps=30,
+    sae_steps=20,
+    n_train=512,
+    n_test=256,
+)
 
 
 @dataclass(frozen=True)
@@ -80,29 +89,45 @@ def parse_regime(text: str) -> tuple[int, int]:
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     parser.add_argument("--quick", action="store_true", help=f"tiny run for tests: {QUICK}")
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
-    parser.add_argument("--regimes", nargs="+", default=["2x64", "2x8", "16x64", "16x8"],
-                        help="mlp: CLASSESxWIDTH, task complexity and hidden width (both hidden layers)")
-    parser.add_argument("--cnn-regimes", nargs="+", default=["2x16", "2x4", "16x16", "16x4"],
-                        help="cnn: CLASSESxCHANNELS, task complexity and channels (both conv layers)")
+    parser.add_argument(
+        "--regimes",
+        nargs="+",
+        default=["2x64", "2x8", "16x64", "16x8"],
+        help="mlp: CLASSESxWIDTH, task complexity and hidden width (both hidden layers)",
+    )
+    parser.add_argument(
+        "--cnn-regimes",
+        nargs="+",
+        default=["2x16", "2x4", "16x16", "16x4"],
+        help="cnn: CLASSESxCHANNELS, task complexity and channels (both conv layers)",
+    )
     parser.add_argument("--attacks", nargs="+", default=list(ATTACKS), choices=ATTACKS)
     parser.add_argument("--epsilons", type=float, nargs="+", default=[0.0, 0.02, 0.05, 0.1])
-    parser.add_argument("--eval-epsilon", type=float, default=0.05, help="PGD radius at which every model's robustness is compared")
+    parser.add_argument(
+        "--eval-epsilon", type=float, default=0.05, help="PGD radius at which every model's robustness is compared"
+    )
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--n-features", type=int, default=32)
     parser.add_argument("--sparsity", type=float, default=0.75)
     parser.add_argument("--pgd-steps", type=int, default=5)
     parser.add_argument("--steps", type=int, default=800, help="mlp training steps")
-    parser.add_argument("--cnn-steps", type=int, default=400, help="cnn training steps (fewer than the mlp: a cnn step costs more)")
+    parser.add_argument(
+        "--cnn-steps", type=int, default=400, help="cnn training steps (fewer than the mlp: a cnn step costs more)"
+    )
     parser.add_argument("--image-size", type=int, default=8, help="cnn input images are IMAGE_SIZE x IMAGE_SIZE")
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--n-train", type=int, default=10_000)
     parser.add_argument("--n-test", type=int, default=4_000)
     parser.add_argument("--sae-expansion", type=int, default=4)
-    parser.add_argument("--l1", type=float, default=0.3, help="tied SAE L1 coefficient (activations scaled to unit RMS)")
+    parser.add_argument(
+        "--l1", type=float, default=0.3, help="tied SAE L1 coefficient (activations scaled to unit RMS)"
+    )
     parser.add_argument("--sae-steps", type=int, default=500)
     parser.add_argument("--threads", type=int, default=1)
     if "--quick" in argv:
@@ -122,7 +147,12 @@ def runs(args) -> list[Run]:
         for n_classes, width in args.regimes if model == "mlp" else args.cnn_regimes:
             for seed in args.seeds:
                 out += [Run(model, n_classes, width, "none", 0.0, seed)] if 0.0 in args.epsilons else []
-                out += [Run(model, n_classes, width, kind, eps, seed) for kind in args.attacks for eps in args.epsilons if eps > 0]
+                out += [
+                    Run(model, n_classes, width, kind, eps, seed)
+                    for kind in args.attacks
+                    for eps in args.epsilons
+                    if eps > 0
+                ]
     return out
 
 
@@ -135,7 +165,11 @@ def data_and_model(args, run: Run):
     else:
         source = SparseFeatureImages(task, image_size=args.image_size)
         model = CNNClassifier(args.image_size, [run.width, run.width], run.n_classes, seed=run.seed)
-    return (*source.sample(args.n_train, TRAIN_SEED_OFFSET + run.seed), *source.sample(args.n_test, TEST_SEED_OFFSET + run.seed), model)
+    return (
+        *source.sample(args.n_train, TRAIN_SEED_OFFSET + run.seed),
+        *source.sample(args.n_test, TEST_SEED_OFFSET + run.seed),
+        model,
+    )
 
 
 def activation_rows(activations: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -165,13 +199,20 @@ def measure_model(args, run: Run) -> list[dict]:
     steps = args.steps if run.model == "mlp" else args.cnn_steps
     training = ClassifierTraining(steps=steps, lr=args.lr, seed=run.seed)
     kind, epsilon, seed, width = run.attack, run.epsilon, run.seed, run.width
-    train_adversarially(model, train_inputs, train_labels, training, "pgd" if kind == "none" else kind, epsilon, args.pgd_steps)
+    train_adversarially(
+        model, train_inputs, train_labels, training, "pgd" if kind == "none" else kind, epsilon, args.pgd_steps
+    )
 
     generator = torch.Generator().manual_seed(ATTACK_SEED_OFFSET + seed)
     adversarial = attack(model, test_inputs, test_labels, "pgd", epsilon, args.pgd_steps, generator)
     at_eval_epsilon = attack(model, test_inputs, test_labels, "pgd", args.eval_epsilon, args.pgd_steps, generator)
     common = {
-        "model": run.model, "n_classes": run.n_classes, "width": width, "attack": kind, "epsilon": epsilon, "seed": seed,
+        "model": run.model,
+        "n_classes": run.n_classes,
+        "width": width,
+        "attack": kind,
+        "epsilon": epsilon,
+        "seed": seed,
         "clean_accuracy": accuracy(model, test_inputs, test_labels),
         "adversarial_accuracy": accuracy(model, adversarial, test_labels),
         "robust_accuracy_eval_eps": accuracy(model, at_eval_epsilon, test_labels),
@@ -183,27 +224,44 @@ def measure_model(args, run: Run) -> list[dict]:
         for layer, activations in enumerate(layers):
             (train_acts, _), (clean_acts, input_ids), (adversarial_acts, _) = map(activation_rows, activations)
             positions = clean_acts.shape[0] // args.n_test
-            if not train_acts.abs().sum() > 0:  # a collapsed (all-dead) layer: F is undefined, keep the model's accuracies
+            if (
+                not train_acts.abs().sum() > 0
+            ):  # a collapsed (all-dead) layer: F is undefined, keep the model's accuracies
                 rows.append({**common, "layer": layer, "N": width, "positions": positions, "dead_neurons": width})
                 continue
-            sae_config = ToySAEConfig(d_sae=args.sae_expansion * width, l1_coefficient=args.l1, steps=args.sae_steps, seed=seed)
+            sae_config = ToySAEConfig(
+                d_sae=args.sae_expansion * width, l1_coefficient=args.l1, steps=args.sae_steps, seed=seed
+            )
             with torch.enable_grad():
                 sae = train_toy_sae(scaled_to_unit_rms(train_acts), sae_config)
             clean = measure(sae, scaled_to_unit_rms(clean_acts, reference=train_acts), input_ids)
             adv = measure(sae, scaled_to_unit_rms(adversarial_acts, reference=train_acts), input_ids)
             hidden = lambda x, layer=layer: model.hidden_activations(x)[layer]  # noqa: E731
             additivity = linear_additivity(hidden, test_inputs[:half], test_inputs[half : 2 * half])
-            rows.append({
-                **common, "layer": layer, "N": width, "positions": positions, "d_sae": sae_config.d_sae,
-                "F_clean": clean["F"], "F_clean_low": clean["F_low"], "F_clean_high": clean["F_high"], "psi_clean": clean["psi"],
-                "F_adversarial": adv["F"], "psi_adversarial": adv["psi"],
-                "variance_explained_clean": clean["variance_explained"], "variance_explained_adversarial": adv["variance_explained"],
-                "mean_l0_clean": clean["mean_l0"],
-                "cs_margin": compressed_sensing_margin(width, clean["mean_l0"], sae_config.d_sae) if clean["mean_l0"] > 0 else float("nan"),
-                "additivity": additivity.mean,
-                "dead_neurons": int((clean_acts.abs().sum(0) == 0).sum()),
-                "test_samples": clean["tokens"],
-            })
+            rows.append(
+                {
+                    **common,
+                    "layer": layer,
+                    "N": width,
+                    "positions": positions,
+                    "d_sae": sae_config.d_sae,
+                    "F_clean": clean["F"],
+                    "F_clean_low": clean["F_low"],
+                    "F_clean_high": clean["F_high"],
+                    "psi_clean": clean["psi"],
+                    "F_adversarial": adv["F"],
+                    "psi_adversarial": adv["psi"],
+                    "variance_explained_clean": clean["variance_explained"],
+                    "variance_explained_adversarial": adv["variance_explained"],
+                    "mean_l0_clean": clean["mean_l0"],
+                    "cs_margin": compressed_sensing_margin(width, clean["mean_l0"], sae_config.d_sae)
+                    if clean["mean_l0"] > 0
+                    else float("nan"),
+                    "additivity": additivity.mean,
+                    "dead_neurons": int((clean_acts.abs().sum(0) == 0).sum()),
+                    "test_samples": clean["tokens"],
+                }
+            )
     return rows
 
 
@@ -215,11 +273,18 @@ def summarise(table: pd.DataFrame) -> pd.DataFrame:
     """Means and stds over seeds per model, regime, attack, epsilon and layer."""
     return (
         table.groupby(["model", "n_classes", "width", "layer", "attack", "epsilon"], sort=False)
-        .agg(F_clean=("F_clean", "mean"), F_clean_std=("F_clean", "std"), F_adv=("F_adversarial", "mean"),
-             psi_clean=("psi_clean", "mean"), VE=("variance_explained_clean", "mean"),
-             clean_acc=("clean_accuracy", "mean"), adv_acc=("adversarial_accuracy", "mean"),
-             robust_acc=("robust_accuracy_eval_eps", "mean"), additivity=("additivity", "mean"),
-             cs_margin=("cs_margin", "mean"))
+        .agg(
+            F_clean=("F_clean", "mean"),
+            F_clean_std=("F_clean", "std"),
+            F_adv=("F_adversarial", "mean"),
+            psi_clean=("psi_clean", "mean"),
+            VE=("variance_explained_clean", "mean"),
+            clean_acc=("clean_accuracy", "mean"),
+            adv_acc=("adversarial_accuracy", "mean"),
+            robust_acc=("robust_accuracy_eval_eps", "mean"),
+            additivity=("additivity", "mean"),
+            cs_margin=("cs_margin", "mean"),
+        )
         .reset_index()
     )
 
@@ -229,14 +294,23 @@ def trends(table: pd.DataFrame) -> pd.DataFrame:
     rows = []
     keys = ["model", "n_classes", "width", "layer"]
     baselines = dict(list(table[table["attack"] == "none"].groupby(keys)))
-    for (model, n_classes, width, layer, kind), group in table[table["attack"] != "none"].groupby([*keys, "attack"], sort=False):
+    for (model, n_classes, width, layer, kind), group in table[table["attack"] != "none"].groupby(
+        [*keys, "attack"], sort=False
+    ):
         both = pd.concat([baselines[(model, n_classes, width, layer)], group])
         means = both.groupby("epsilon")["F_clean"].mean()
         ratio = means.iloc[-1] / means.iloc[0]
-        rows.append({"model": model, "regime": regime_name(model, n_classes, width), "layer": layer, "attack": kind,
-                     "spearman_F_eps": both["F_clean"].corr(both["epsilon"], method="spearman"),
-                     "F_max_eps_over_F_0": ratio,
-                     "direction": "up" if ratio > 1 else "down"})
+        rows.append(
+            {
+                "model": model,
+                "regime": regime_name(model, n_classes, width),
+                "layer": layer,
+                "attack": kind,
+                "spearman_F_eps": both["F_clean"].corr(both["epsilon"], method="spearman"),
+                "F_max_eps_over_F_0": ratio,
+                "direction": "up" if ratio > 1 else "down",
+            }
+        )
     return pd.DataFrame(rows)
 
 
@@ -244,19 +318,36 @@ def plot(table: pd.DataFrame, path: Path) -> None:
     """One panel per (model, layer) row and regime column: clean F against training epsilon, per attack."""
     models = [model for model in MODELS if model in set(table.model)]
     panel_rows = [(model, layer) for model in models for layer in sorted(table[table.model == model].layer.unique())]
-    regimes = {model: list(dict.fromkeys(zip(*(table[table.model == model][key] for key in ("n_classes", "width"))))) for model in models}
+    regimes = {
+        model: list(dict.fromkeys(zip(*(table[table.model == model][key] for key in ("n_classes", "width")))))
+        for model in models
+    }
     n_columns = max(len(r) for r in regimes.values())
-    figure, axes = plt.subplots(len(panel_rows), n_columns, figsize=(4.5 * n_columns, 3.5 * len(panel_rows)), squeeze=False)
+    figure, axes = plt.subplots(
+        len(panel_rows), n_columns, figsize=(4.5 * n_columns, 3.5 * len(panel_rows)), squeeze=False
+    )
     for ax in axes.flat:
         ax.set_visible(False)  # models with fewer regimes leave panels empty
     for row, (model, layer) in enumerate(panel_rows):
         for column, (n_classes, width) in enumerate(regimes[model]):
             ax = axes[row][column]
             ax.set_visible(True)
-            panel = table[(table.model == model) & (table.n_classes == n_classes) & (table.width == width) & (table.layer == layer)]
+            panel = table[
+                (table.model == model)
+                & (table.n_classes == n_classes)
+                & (table.width == width)
+                & (table.layer == layer)
+            ]
             for kind in sorted(set(table.attack) - {"none"}):
                 stats = panel[panel.attack.isin(["none", kind])].groupby("epsilon")["F_clean"].agg(["mean", "std"])
-                ax.errorbar(stats.index, stats["mean"], yerr=stats["std"].fillna(0), marker="o", capsize=3, label=f"{kind} training")
+                ax.errorbar(
+                    stats.index,
+                    stats["mean"],
+                    yerr=stats["std"].fillna(0),
+                    marker="o",
+                    capsize=3,
+                    label=f"{kind} training",
+                )
             ax.axhline(width, color="grey", linestyle=":", label="N (width)" if model == "mlp" else "N (channels)")
             layer_name = "hidden layer" if model == "mlp" else "conv layer"
             ax.set_title(f"{model.upper()}, {regime_name(model, n_classes, width)}: {layer_name} {layer}", fontsize=9)
@@ -272,15 +363,19 @@ def write_readme(path: Path, args, summary, trend, command: str, seconds: float)
     setups = []
     if "mlp" in args.models:
         regimes = ", ".join(f"{c}x{w}" for c, w in args.regimes)
-        setups.append(f"MLP (regimes CLASSESxWIDTH {regimes}): two hidden ReLU layers of that width on the feature\n"
-                      f"vector; {args.steps} training steps.")
+        setups.append(
+            f"MLP (regimes CLASSESxWIDTH {regimes}): two hidden ReLU layers of that width on the feature\n"
+            f"vector; {args.steps} training steps."
+        )
     if "cnn" in args.models:
         regimes = ", ".join(f"{c}x{w}" for c, w in args.cnn_regimes)
-        setups.append(f"CNN (regimes CLASSESxCHANNELS {regimes}): conv 3x3 -> ReLU -> conv 3x3 stride 2 -> ReLU ->\n"
-                      f"linear, both convs with that many channels, on the features drawn as {args.image_size}x{args.image_size} images\n"
-                      f"(`SparseFeatureImages`: a fixed random +-1 3x3 stamp per feature at a fixed place); {args.cnn_steps}\n"
-                      "training steps. A conv layer is measured per spatial position (rows of N = channels; the\n"
-                      "`positions` column), with one budget over all positions of all test images.")
+        setups.append(
+            f"CNN (regimes CLASSESxCHANNELS {regimes}): conv 3x3 -> ReLU -> conv 3x3 stride 2 -> ReLU ->\n"
+            f"linear, both convs with that many channels, on the features drawn as {args.image_size}x{args.image_size} images\n"
+            f"(`SparseFeatureImages`: a fixed random +-1 3x3 stamp per feature at a fixed place); {args.cnn_steps}\n"
+            "training steps. A conv layer is measured per spatial position (rows of N = channels; the\n"
+            "`positions` column), with one budget over all positions of all test images."
+        )
     setup = "\n".join(setups)
     path.write_text(f"""# Adversarial training: F against epsilon in the abundance and scarcity regimes
 
@@ -327,8 +422,11 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     with torch_threads(args.threads):
         for run in runs(args):
             rows += measure_model(args, run)
-            print(f"{run.model} {run.n_classes}x{run.width} {run.attack} eps={run.epsilon} seed={run.seed}: "
-                  f"{time.perf_counter() - started:.0f}s", flush=True)
+            print(
+                f"{run.model} {run.n_classes}x{run.width} {run.attack} eps={run.epsilon} seed={run.seed}: "
+                f"{time.perf_counter() - started:.0f}s",
+                flush=True,
+            )
     table = pd.DataFrame(rows)
     summary, trend = summarise(table), trends(table)
     args.out.mkdir(parents=True, exist_ok=True)

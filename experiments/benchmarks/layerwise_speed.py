@@ -56,9 +56,18 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 MODEL_NAME = "pythia-70m-deduped"
 # Pythia-70M's public shape (shared/design.md); random weights cost exactly what trained ones do.
 PYTHIA_70M_SHAPE = dict(
-    n_layers=6, d_model=512, n_heads=8, d_head=64, d_mlp=2048, rotary_dim=16,
-    parallel_attn_mlp=True, normalization_type="LN", act_fn="gelu", d_vocab=50304,
-    positional_embedding_type="rotary", n_ctx=2048,
+    n_layers=6,
+    d_model=512,
+    n_heads=8,
+    d_head=64,
+    d_mlp=2048,
+    rotary_dim=16,
+    parallel_attn_mlp=True,
+    normalization_type="LN",
+    act_fn="gelu",
+    d_vocab=50304,
+    positional_embedding_type="rotary",
+    n_ctx=2048,
 )
 BOS = 0  # Pythia's <|endoftext|>
 
@@ -117,7 +126,10 @@ def random_saes(model: HookedTransformer, setup: Setup) -> dict[str, StandardSAE
     saes = {}
     for hook in hooks:
         config = StandardSAEConfig(
-            d_in=hook.width, d_sae=setup.d_sae, dtype=setup.dtype, device=setup.device,
+            d_in=hook.width,
+            d_sae=setup.d_sae,
+            dtype=setup.dtype,
+            device=setup.device,
             metadata=SAEMetadata(hook_name=hook.name, model_name=MODEL_NAME),
         )
         sae = StandardSAE(config)
@@ -131,7 +143,9 @@ def random_saes(model: HookedTransformer, setup: Setup) -> dict[str, StandardSAE
 
 
 @torch.no_grad()
-def paper_loop(model: HookedTransformer, saes: dict[str, StandardSAE], windows: TokenWindows) -> dict[str, torch.Tensor]:
+def paper_loop(
+    model: HookedTransformer, saes: dict[str, StandardSAE], windows: TokenWindows
+) -> dict[str, torch.Tensor]:
     """The paper's measurement loop, written against TransformerLens and SAE-Lens.
 
     Per document: run the whole model (nnsight's trace, which the paper used, runs it to the
@@ -184,8 +198,12 @@ def matmul_shapes(model: HookedTransformer, setup: Setup) -> list[dict]:
     ]
     for width in sorted({hook.width for hook in hooks}):
         n_hooks = sum(hook.width == width for hook in hooks)
-        shapes.append((f"sae encode (N={width})", (setup.measured_per_batch, width), (width, setup.d_sae), n_hooks, True))
-        shapes.append((f"sae decode (N={width})", (setup.measured_per_batch, setup.d_sae), (setup.d_sae, width), n_hooks, False))
+        shapes.append(
+            (f"sae encode (N={width})", (setup.measured_per_batch, width), (width, setup.d_sae), n_hooks, True)
+        )
+        shapes.append(
+            (f"sae decode (N={width})", (setup.measured_per_batch, setup.d_sae), (setup.d_sae, width), n_hooks, False)
+        )
     return [dict(zip(("matmul", "a", "b", "per_batch", "for_psi"), shape)) for shape in shapes]
 
 
@@ -223,7 +241,11 @@ def peak_memory_mib(device: str) -> float:
 def device_name(device: str) -> str:
     if device == "cuda":
         return torch.cuda.get_device_name()
-    cpu_models = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")]
+    cpu_models = [
+        line.split(":", 1)[1].strip()
+        for line in Path("/proc/cpuinfo").read_text().splitlines()
+        if line.startswith("model name")
+    ]
     return f"{cpu_models[0] if cpu_models else platform.processor()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
 
 
@@ -247,27 +269,42 @@ def measure_speed(setup: Setup, ours_tokens: int, baseline_tokens: int, rounds: 
     rounds_table, matmul_times = [], []
     for round_index in range(rounds + 1):
         start = round_index * per_round
-        ours_slice, baseline_slice = windows[start : start + ours_windows], windows[start + ours_windows : start + per_round]
+        ours_slice, baseline_slice = (
+            windows[start : start + ours_windows],
+            windows[start + ours_windows : start + per_round],
+        )
         state, ours_seconds = timed(lambda: analyzer.run_seed(ours_slice, seed=0, progress=False), setup.device)
         _, baseline_seconds = timed(lambda: paper_loop(model, saes, baseline_slice), setup.device)
         seconds = [matmul_seconds(shape, setup) for shape in shapes]
         if round_index == 0:
             continue
         matmul_times.append(seconds)
-        batch_seconds = {psi_only: sum(s * shape["per_batch"] for s, shape in zip(seconds, shapes) if shape["for_psi"] or not psi_only)
-                         for psi_only in (True, False)}
-        rounds_table.append({
-            "round": round_index,
-            "ours_tokens": state.tokens, "ours_seconds": ours_seconds,
-            "baseline_tokens": baseline_slice.n_tokens, "baseline_seconds": baseline_seconds,
-            "roofline_tokens_per_s": setup.measured_per_batch / batch_seconds[True],
-            "roofline_with_decode_tokens_per_s": setup.measured_per_batch / batch_seconds[False],
-            "load_1min": os.getloadavg()[0],
-        })
+        batch_seconds = {
+            psi_only: sum(
+                s * shape["per_batch"] for s, shape in zip(seconds, shapes) if shape["for_psi"] or not psi_only
+            )
+            for psi_only in (True, False)
+        }
+        rounds_table.append(
+            {
+                "round": round_index,
+                "ours_tokens": state.tokens,
+                "ours_seconds": ours_seconds,
+                "baseline_tokens": baseline_slice.n_tokens,
+                "baseline_seconds": baseline_seconds,
+                "roofline_tokens_per_s": setup.measured_per_batch / batch_seconds[True],
+                "roofline_with_decode_tokens_per_s": setup.measured_per_batch / batch_seconds[False],
+                "load_1min": os.getloadavg()[0],
+            }
+        )
     roofline = pd.DataFrame(shapes).assign(seconds=pd.DataFrame(matmul_times).median().to_numpy())
-    return {"rounds": rounds_table, "roofline": roofline.to_dict("records"), "device_name": device_name(setup.device),
-            "mean_l0": statistics.mean(budget.mean_l0 for budget in state.budgets.values()),
-            "f_difference": f_difference(analyzer, model, saes, random_windows(setup.measured_per_batch, setup))}
+    return {
+        "rounds": rounds_table,
+        "roofline": roofline.to_dict("records"),
+        "device_name": device_name(setup.device),
+        "mean_l0": statistics.mean(budget.mean_l0 for budget in state.budgets.values()),
+        "f_difference": f_difference(analyzer, model, saes, random_windows(setup.measured_per_batch, setup)),
+    }
 
 
 def measure_memory(setup: Setup, loop: str, n_tokens: int) -> dict:
@@ -278,11 +315,18 @@ def measure_memory(setup: Setup, loop: str, n_tokens: int) -> dict:
     analyzer = LayerwiseAnalyzer(model, saes, model_name=MODEL_NAME, batch_size=setup.batch_size)
     memory_before = peak_memory_mib(setup.device)
     if loop == "ours":
-        _, seconds = timed(lambda: analyzer.run_seed(windows, seed=0, token_budget=n_tokens, progress=False), setup.device)
+        _, seconds = timed(
+            lambda: analyzer.run_seed(windows, seed=0, token_budget=n_tokens, progress=False), setup.device
+        )
     else:
         _, seconds = timed(lambda: paper_loop(model, saes, windows), setup.device)
-    return {"measurement": loop, "tokens": min(n_tokens, windows.n_tokens), "seconds": seconds,
-            "peak_memory_before_mib": memory_before, "peak_memory_mib": peak_memory_mib(setup.device)}
+    return {
+        "measurement": loop,
+        "tokens": min(n_tokens, windows.n_tokens),
+        "seconds": seconds,
+        "peak_memory_before_mib": memory_before,
+        "peak_memory_mib": peak_memory_mib(setup.device),
+    }
 
 
 def in_fresh_process(function, *args):
@@ -302,21 +346,37 @@ def in_fresh_process(function, *args):
 def speed_table(rounds: pd.DataFrame, memory: pd.DataFrame) -> pd.DataFrame:
     """Totals over the rounds. The roofline's tokens/s is the one that would have measured the
     same tokens in the time its matmuls took round by round."""
+
     def roofline_speed(column: str) -> float:
         return rounds.ours_tokens.sum() / (rounds.ours_tokens / rounds[column]).sum()
 
     def peak(loop: str) -> float:
         return memory.peak_memory_mib[memory.measurement == loop].max() if len(memory) else math.nan
 
-    table = pd.DataFrame([
-        {"measurement": "ours: LayerwiseAnalyzer.run_seed", "tokens": rounds.ours_tokens.sum(),
-         "seconds": rounds.ours_seconds.sum(), "peak_memory_mib": peak("ours")},
-        {"measurement": "baseline: the paper's loop, one document at a time", "tokens": rounds.baseline_tokens.sum(),
-         "seconds": rounds.baseline_seconds.sum(), "peak_memory_mib": peak("baseline")},
-        {"measurement": "roofline: matmuls of forward + encode", "tokens_per_s": roofline_speed("roofline_tokens_per_s")},
-        {"measurement": "roofline incl. the decode for quality stats",
-         "tokens_per_s": roofline_speed("roofline_with_decode_tokens_per_s")},
-    ])
+    table = pd.DataFrame(
+        [
+            {
+                "measurement": "ours: LayerwiseAnalyzer.run_seed",
+                "tokens": rounds.ours_tokens.sum(),
+                "seconds": rounds.ours_seconds.sum(),
+                "peak_memory_mib": peak("ours"),
+            },
+            {
+                "measurement": "baseline: the paper's loop, one document at a time",
+                "tokens": rounds.baseline_tokens.sum(),
+                "seconds": rounds.baseline_seconds.sum(),
+                "peak_memory_mib": peak("baseline"),
+            },
+            {
+                "measurement": "roofline: matmuls of forward + encode",
+                "tokens_per_s": roofline_speed("roofline_tokens_per_s"),
+            },
+            {
+                "measurement": "roofline incl. the decode for quality stats",
+                "tokens_per_s": roofline_speed("roofline_with_decode_tokens_per_s"),
+            },
+        ]
+    )
     table.loc[:1, "tokens_per_s"] = table.tokens / table.seconds
     table["of_roofline"] = table.tokens_per_s / table.tokens_per_s[2]
     table["vs_baseline"] = table.tokens_per_s / table.tokens_per_s[1]
@@ -325,47 +385,61 @@ def speed_table(rounds: pd.DataFrame, memory: pd.DataFrame) -> pd.DataFrame:
 
 def memory_table(runs: list[dict]) -> pd.DataFrame:
     """Peak memory of each run; for ours, relative to ours on the fewest tokens."""
-    table = pd.DataFrame(runs, columns=["measurement", "tokens", "seconds", "peak_memory_before_mib", "peak_memory_mib"])
+    table = pd.DataFrame(
+        runs, columns=["measurement", "tokens", "seconds", "peak_memory_before_mib", "peak_memory_mib"]
+    )
     table = table.sort_values(["measurement", "tokens"], ascending=[False, True], ignore_index=True)
     ours = table.measurement == "ours"
     if ours.any():
-        table.loc[ours, "peak_change_vs_fewest_tokens"] = table.peak_memory_mib[ours] / table.peak_memory_mib[ours].iloc[0] - 1
+        table.loc[ours, "peak_change_vs_fewest_tokens"] = (
+            table.peak_memory_mib[ours] / table.peak_memory_mib[ours].iloc[0] - 1
+        )
     return table
 
 
 def markdown(table: pd.DataFrame) -> str:
     """A GitHub table (pandas' to_markdown needs tabulate, which is not a dependency)."""
+
     def cell(value) -> str:
         if isinstance(value, float):
             return "" if math.isnan(value) else f"{value:,.3g}" if abs(value) < 100 else f"{value:,.0f}"
         return str(value)
+
     lines = ["| " + " | ".join(table.columns) + " |", "|" + "---|" * len(table.columns)]
     lines += ["| " + " | ".join(cell(value) for value in row) + " |" for row in table.itertuples(index=False)]
     return "\n".join(lines)
 
 
 def report(args, command: str, speed_run: dict, tables: dict[str, pd.DataFrame], load: tuple) -> str:
-    memory_kind = "torch.cuda.max_memory_allocated" if args.device == "cuda" else "peak RSS of the run's process (ru_maxrss)"
-    load_line = "; ".join(f"{when} {', '.join(f'{x:.2f}' for x in values)}" for when, values in zip(("before", "after"), load))
+    memory_kind = (
+        "torch.cuda.max_memory_allocated" if args.device == "cuda" else "peak RSS of the run's process (ru_maxrss)"
+    )
+    load_line = "; ".join(
+        f"{when} {', '.join(f'{x:.2f}' for x in values)}" for when, values in zip(("before", "after"), load)
+    )
     roofline = tables["roofline"]
-    return "\n\n".join([
-        "# Layer-wise measurement speed",
-        f"Command: `{command}`  \n"
-        f"Machine: {speed_run['device_name']}; torch {torch.__version__}; device {args.device}, {args.dtype}  \n"
-        f"Setup: Pythia-70M-shaped random model, 19 paper hooks, StandardSAE d_sae={args.d_sae} "
-        f"(mean L0 {speed_run['mean_l0']:.0f}), windows of {args.context} tokens, ours {args.batch_size} windows per batch  \n"
-        f"F check: ours against SAE-Lens's dense encode on the same {args.batch_size} windows, largest relative difference "
-        f"of F over the hooks {speed_run['f_difference']:.1e}  \n"
-        f"Load average (1, 5, 15 min): {load_line}  \n"
-        f"Memory: {memory_kind}, MiB",
-        markdown(tables["speed"]),
-        f"Each of the {args.rounds} rounds (after a warm-up round) ran ours, then the baseline, then each roofline matmul once:",
-        markdown(tables["rounds"]),
-        "Peak memory, each run in a fresh process (`peak_memory_before_mib`: once the model, SAEs and windows are built):",
-        markdown(tables["memory"]) if len(tables["memory"]) else "(not measured: --memory-tokens was given no token counts)",
-        "Roofline matmuls (median time over the rounds):",
-        markdown(roofline.assign(a=roofline.a.map(str), b=roofline.b.map(str))),
-    ])
+    return "\n\n".join(
+        [
+            "# Layer-wise measurement speed",
+            f"Command: `{command}`  \n"
+            f"Machine: {speed_run['device_name']}; torch {torch.__version__}; device {args.device}, {args.dtype}  \n"
+            f"Setup: Pythia-70M-shaped random model, 19 paper hooks, StandardSAE d_sae={args.d_sae} "
+            f"(mean L0 {speed_run['mean_l0']:.0f}), windows of {args.context} tokens, ours {args.batch_size} windows per batch  \n"
+            f"F check: ours against SAE-Lens's dense encode on the same {args.batch_size} windows, largest relative difference "
+            f"of F over the hooks {speed_run['f_difference']:.1e}  \n"
+            f"Load average (1, 5, 15 min): {load_line}  \n"
+            f"Memory: {memory_kind}, MiB",
+            markdown(tables["speed"]),
+            f"Each of the {args.rounds} rounds (after a warm-up round) ran ours, then the baseline, then each roofline matmul once:",
+            markdown(tables["rounds"]),
+            "Peak memory, each run in a fresh process (`peak_memory_before_mib`: once the model, SAEs and windows are built):",
+            markdown(tables["memory"])
+            if len(tables["memory"])
+            else "(not measured: --memory-tokens was given no token counts)",
+            "Roofline matmuls (median time over the rounds):",
+            markdown(roofline.assign(a=roofline.a.map(str), b=roofline.b.map(str))),
+        ]
+    )
 
 
 # ---- main ---------------------------------------------------------------------------------------
@@ -373,34 +447,72 @@ def report(args, command: str, speed_run: dict, tables: dict[str, pd.DataFrame],
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--tokens", type=int, default=10_000, help="tokens ours measures for its speed, over all rounds (default 10^4)")
-    parser.add_argument("--baseline-tokens", type=int, default=2_540, help="tokens the baseline measures over all rounds (default 20 documents)")
-    parser.add_argument("--rounds", type=int, default=5, help="how many times ours, the baseline and the roofline take turns")
-    parser.add_argument("--memory-tokens", type=int, nargs="*", default=[10_000, 1_000_000],
-                        help="token counts at which ours runs alone to compare peak memory (default 10^4 10^6; none: skip)")
+    parser.add_argument(
+        "--tokens", type=int, default=10_000, help="tokens ours measures for its speed, over all rounds (default 10^4)"
+    )
+    parser.add_argument(
+        "--baseline-tokens",
+        type=int,
+        default=2_540,
+        help="tokens the baseline measures over all rounds (default 20 documents)",
+    )
+    parser.add_argument(
+        "--rounds", type=int, default=5, help="how many times ours, the baseline and the roofline take turns"
+    )
+    parser.add_argument(
+        "--memory-tokens",
+        type=int,
+        nargs="*",
+        default=[10_000, 1_000_000],
+        help="token counts at which ours runs alone to compare peak memory (default 10^4 10^6; none: skip)",
+    )
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="model and SAE weights (sums stay float64)")
+    parser.add_argument(
+        "--dtype", choices=["float32", "bfloat16"], default="float32", help="model and SAE weights (sums stay float64)"
+    )
     parser.add_argument("--d-sae", type=int, default=32_768, help="features per SAE (the paper's dictionaries: 32,768)")
     parser.add_argument("--batch-size", type=int, default=8, help="windows per forward pass (ours)")
-    parser.add_argument("--context", type=int, default=128, help="tokens per window, BOS included; a baseline document is a window")
+    parser.add_argument(
+        "--context", type=int, default=128, help="tokens per window, BOS included; a baseline document is a window"
+    )
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's, one per core)")
-    parser.add_argument("--quick", action="store_true",
-                        help="a smoke run in < 30 s: 512-feature SAEs, 4 windows of 32 tokens per batch, 1 thread")
-    parser.add_argument("--out", type=Path, default=REPO_ROOT / "results" / "benchmarks",
-                        help="folder for layerwise_speed.{md,csv} (layerwise_speed_quick.* with --quick)")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="a smoke run in < 30 s: 512-feature SAEs, 4 windows of 32 tokens per batch, 1 thread",
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=REPO_ROOT / "results" / "benchmarks",
+        help="folder for layerwise_speed.{md,csv} (layerwise_speed_quick.* with --quick)",
+    )
     args = parser.parse_args(argv)
     if args.quick:
         # One thread: on a busy machine, tiny ops on two OpenMP threads wait milliseconds each
         # for a descheduled thread, which made this smoke run 50x slower.
         args.d_sae, args.context, args.batch_size, args.rounds, args.threads = 512, 32, 4, 2, 1
-        args.tokens, args.baseline_tokens, args.memory_tokens = 248, 62, [124, 248]  # a batch per round, a document per round
-    for name in ("tokens", "baseline_tokens", "rounds", "d_sae", "batch_size", *(("threads",) if args.threads is not None else ())):
+        args.tokens, args.baseline_tokens, args.memory_tokens = (
+            248,
+            62,
+            [124, 248],
+        )  # a batch per round, a document per round
+    for name in (
+        "tokens",
+        "baseline_tokens",
+        "rounds",
+        "d_sae",
+        "batch_size",
+        *(("threads",) if args.threads is not None else ()),
+    ):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}")
     if any(n < 1 for n in args.memory_tokens):
         parser.error(f"--memory-tokens must be positive token counts, got {args.memory_tokens}")
     if not 2 <= args.context <= PYTHIA_70M_SHAPE["n_ctx"]:
-        parser.error(f"--context must be between 2 (BOS and one measured token) and {PYTHIA_70M_SHAPE['n_ctx']}, got {args.context}")
+        parser.error(
+            f"--context must be between 2 (BOS and one measured token) and {PYTHIA_70M_SHAPE['n_ctx']}, got {args.context}"
+        )
     if args.device == "cuda":
         # Ask NVML, not the CUDA runtime: a CUDA context here would break the forked phases.
         os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
@@ -416,22 +528,30 @@ def main(argv=None) -> None:
     speed_run = in_fresh_process(measure_speed, setup, args.tokens, args.baseline_tokens, args.rounds)
     memory_runs = [in_fresh_process(measure_memory, setup, "ours", n) for n in args.memory_tokens]
     if args.memory_tokens:  # the baseline holds one document at a time: one round's documents show its peak
-        memory_runs.append(in_fresh_process(measure_memory, setup, "baseline", math.ceil(args.baseline_tokens / args.rounds)))
+        memory_runs.append(
+            in_fresh_process(measure_memory, setup, "baseline", math.ceil(args.baseline_tokens / args.rounds))
+        )
     load = (load_before, os.getloadavg())
 
     rounds = pd.DataFrame(speed_run["rounds"])
     memory = memory_table(memory_runs)
     roofline = pd.DataFrame(speed_run["roofline"])
-    roofline["gflop_per_s"] = [2 * math.prod(a) * b[-1] / s / 1e9 for a, b, s in zip(roofline.a, roofline.b, roofline.seconds)]
+    roofline["gflop_per_s"] = [
+        2 * math.prod(a) * b[-1] / s / 1e9 for a, b, s in zip(roofline.a, roofline.b, roofline.seconds)
+    ]
     tables = {"speed": speed_table(rounds, memory), "rounds": rounds, "memory": memory, "roofline": roofline}
-    command = "python " + " ".join(shlex.quote(arg) for arg in [os.path.relpath(__file__, REPO_ROOT), *(sys.argv[1:] if argv is None else argv)])
+    command = "python " + " ".join(
+        shlex.quote(arg) for arg in [os.path.relpath(__file__, REPO_ROOT), *(sys.argv[1:] if argv is None else argv)]
+    )
     text = report(args, command, speed_run, tables, load)
     print(text)
 
     args.out.mkdir(parents=True, exist_ok=True)
     stem = args.out / ("layerwise_speed_quick" if args.quick else "layerwise_speed")
     stem.with_suffix(".md").write_text(text + "\n")
-    pd.concat([table.assign(table=name) for name, table in tables.items() if name != "roofline"]).to_csv(stem.with_suffix(".csv"), index=False)
+    pd.concat([table.assign(table=name) for name, table in tables.items() if name != "roofline"]).to_csv(
+        stem.with_suffix(".csv"), index=False
+    )
     print(f"\nwrote {stem}.md and {stem}.csv")
 
 

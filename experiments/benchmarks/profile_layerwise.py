@@ -15,7 +15,6 @@ import pstats
 import time
 
 from experiments.benchmarks.layerwise_speed import MODEL_NAME, Setup, pythia_shaped_model, random_saes, random_windows
-
 from lm_superposition.analyze import LayerwiseAnalyzer
 
 

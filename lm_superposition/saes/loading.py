@@ -15,14 +15,13 @@ from pathlib import Path
 import torch
 from huggingface_hub import constants as hf_constants
 from huggingface_hub.errors import LocalEntryNotFoundError
-from safetensors import SafetensorError
 from sae_lens import SAE
 from sae_lens.constants import SAE_CFG_FILENAME, SAE_WEIGHTS_FILENAME
 from sae_lens.loading.pretrained_saes_directory import get_pretrained_saes_directory
+from safetensors import SafetensorError
 
 from ..atomic import atomic_folder
 from ..models import hook_order
-
 
 # --- saving and loading -------------------------------------------------------------------
 
@@ -42,22 +41,32 @@ def load_sae_from_disk(folder: str | Path, device: str = "cpu") -> SAE:
     """Open an SAE-Lens folder (cfg.json + sae_weights.safetensors), with errors that say what is wrong."""
     folder = Path(folder)
     if not folder.is_dir():
-        raise FileNotFoundError(f"no SAE folder at {folder}; an SAE-Lens folder holds {SAE_CFG_FILENAME} and {SAE_WEIGHTS_FILENAME}")
+        raise FileNotFoundError(
+            f"no SAE folder at {folder}; an SAE-Lens folder holds {SAE_CFG_FILENAME} and {SAE_WEIGHTS_FILENAME}"
+        )
     missing = [name for name in (SAE_CFG_FILENAME, SAE_WEIGHTS_FILENAME) if not (folder / name).is_file()]
     if missing:
-        raise FileNotFoundError(f"SAE folder {folder} lacks {missing}; an SAE-Lens folder holds {SAE_CFG_FILENAME} and {SAE_WEIGHTS_FILENAME}")
+        raise FileNotFoundError(
+            f"SAE folder {folder} lacks {missing}; an SAE-Lens folder holds {SAE_CFG_FILENAME} and {SAE_WEIGHTS_FILENAME}"
+        )
     cfg_path = folder / SAE_CFG_FILENAME
     try:
         cfg = json.loads(cfg_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{cfg_path} is not valid JSON ({err}); it should be the config SAE-Lens's save_model writes") from err
+        raise ValueError(
+            f"{cfg_path} is not valid JSON ({err}); it should be the config SAE-Lens's save_model writes"
+        ) from err
     absent = [key for key in ("d_in", "d_sae") if not isinstance(cfg, dict) or key not in cfg]
     if absent:
-        raise ValueError(f"{cfg_path} lacks the field(s) {absent}; an SAE-Lens cfg.json needs at least d_in, d_sae and architecture")
+        raise ValueError(
+            f"{cfg_path} lacks the field(s) {absent}; an SAE-Lens cfg.json needs at least d_in, d_sae and architecture"
+        )
     try:
         return SAE.load_from_disk(folder, device=device)
     except (KeyError, RuntimeError, SafetensorError) as err:
-        raise ValueError(f"cannot load the SAE in {folder}: its {SAE_CFG_FILENAME} and {SAE_WEIGHTS_FILENAME} do not match ({err})") from err
+        raise ValueError(
+            f"cannot load the SAE in {folder}: its {SAE_CFG_FILENAME} and {SAE_WEIGHTS_FILENAME} do not match ({err})"
+        ) from err
 
 
 def load_sae(release: str, sae_id: str, device: str = "cpu") -> SAE:
@@ -126,7 +135,9 @@ def load_dictionary_learning_sae(
     path = Path(path)
     file = path / "ae.pt" if path.is_dir() else path
     if not file.is_file():
-        raise FileNotFoundError(f"no dictionary_learning file at {file}; expected an ae.pt with keys {list(_DICTIONARY_LEARNING_KEYS)}")
+        raise FileNotFoundError(
+            f"no dictionary_learning file at {file}; expected an ae.pt with keys {list(_DICTIONARY_LEARNING_KEYS)}"
+        )
     converter = functools.partial(_dictionary_learning_converter, file=file, hook_name=hook_name, model_name=model_name)
     return SAE.load_from_disk(file.parent, device=device, converter=converter)
 
@@ -142,7 +153,9 @@ def _dictionary_learning_converter(
     missing = [key for key in _DICTIONARY_LEARNING_KEYS if not isinstance(weights, dict) or key not in weights]
     if missing:
         found = sorted(weights) if isinstance(weights, dict) else type(weights).__name__
-        raise ValueError(f"{file} lacks {missing}; a dictionary_learning AutoEncoder has {list(_DICTIONARY_LEARNING_KEYS)}, found {found}")
+        raise ValueError(
+            f"{file} lacks {missing}; a dictionary_learning AutoEncoder has {list(_DICTIONARY_LEARNING_KEYS)}, found {found}"
+        )
     d_sae, d_in = weights["encoder.weight"].shape
     expected = {"encoder.bias": (d_sae,), "decoder.weight": (d_in, d_sae), "bias": (d_in,)}
     wrong = {key: tuple(weights[key].shape) for key, shape in expected.items() if tuple(weights[key].shape) != shape}

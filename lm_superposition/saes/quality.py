@@ -22,8 +22,8 @@ from ..distributed import all_reduce_
 from ..metric import FeatureBudget
 from ..models import Model
 
-
 # --- quality -----------------------------------------------------------------------------------
+
 
 @dataclass
 class SAEQuality:
@@ -41,7 +41,10 @@ class SAEQuality:
     def to_dict(self) -> dict:
         """The fields, NaN as None (strict JSON has no NaN). The verdict on them is the gate's
         (gate.QualityGate), given with each measured row, not here."""
-        return {key: None if isinstance(value, float) and math.isnan(value) else value for key, value in asdict(self).items()}
+        return {
+            key: None if isinstance(value, float) and math.isnan(value) else value
+            for key, value in asdict(self).items()
+        }
 
 
 class VarianceExplained:
@@ -66,12 +69,18 @@ class VarianceExplained:
             raise ValueError("no tokens were added; call update() with at least one batch first")
         return float(self.calculator.compute())
 
-    def all_reduce(self) -> "VarianceExplained":
+    def all_reduce(self) -> VarianceExplained:
         """Sum over every process of torch.distributed (in place), reaching into the calculator's sums."""
         calc = self.calculator
-        scalars = torch.tensor([calc.sum_squared_norm, calc.sum_squared_residual, calc.num_samples], dtype=torch.float64)
+        scalars = torch.tensor(
+            [calc.sum_squared_norm, calc.sum_squared_residual, calc.num_samples], dtype=torch.float64
+        )
         all_reduce_(scalars, calc.sum_x)
-        calc.sum_squared_norm, calc.sum_squared_residual, calc.num_samples = scalars[0].item(), scalars[1].item(), int(scalars[2])
+        calc.sum_squared_norm, calc.sum_squared_residual, calc.num_samples = (
+            scalars[0].item(),
+            scalars[1].item(),
+            int(scalars[2]),
+        )
         return self
 
 
@@ -107,25 +116,41 @@ def evaluate_sae(
     loss_sums = {"clean": 0.0, "reconstructed": 0.0, "zero_ablated": 0.0}
     n_predictions = 0
     stop_at_layer = extract_stop_at_layer_from_tlens_hook_name(hook_name)
-    for start in tqdm(range(0, len(token_ids), batch_size), desc=f"evaluating SAE at {hook_name}", disable=not progress):
+    for start in tqdm(
+        range(0, len(token_ids), batch_size), desc=f"evaluating SAE at {hook_name}", disable=not progress
+    ):
         batch = token_ids[start : start + batch_size].to(model.cfg.device)
         batch_keep = keep[start : start + batch_size].to(model.cfg.device)
-        activations = forward_activations(model, batch, [hook_name], stop_at_layer)[hook_name][batch_keep].to(sae.device)
+        activations = forward_activations(model, batch, [hook_name], stop_at_layer)[hook_name][batch_keep].to(
+            sae.device
+        )
         codes = sparse_codes(sae.encode(activations))
         variance.update(activations, decode(sae, codes))
         budget.update(codes)
 
         losses = get_recons_loss(
-            sae, model, ActivationScaler(), batch, compute_kl=False, compute_ce_loss=True,
-            ignore_tokens=special_ids, hook_name=hook_name,
+            sae,
+            model,
+            ActivationScaler(),
+            batch,
+            compute_kl=False,
+            compute_ce_loss=True,
+            ignore_tokens=special_ids,
+            hook_name=hook_name,
         )
         predicts_text = batch_keep[:, 1:].to(losses["ce_loss_without_sae"].device)
-        for name, key in (("clean", "ce_loss_without_sae"), ("reconstructed", "ce_loss_with_sae"), ("zero_ablated", "ce_loss_with_ablation")):
+        for name, key in (
+            ("clean", "ce_loss_without_sae"),
+            ("reconstructed", "ce_loss_with_sae"),
+            ("zero_ablated", "ce_loss_with_ablation"),
+        ):
             loss_sums[name] += losses[key][predicts_text].sum().item()
         n_predictions += int(predicts_text.sum())
     quality = SAEQuality(variance.compute(), budget.mean_l0, budget.dead_fraction, budget.tokens)
     if n_predictions:
-        clean, reconstructed, zero = (loss_sums[name] / n_predictions for name in ("clean", "reconstructed", "zero_ablated"))
+        clean, reconstructed, zero = (
+            loss_sums[name] / n_predictions for name in ("clean", "reconstructed", "zero_ablated")
+        )
         quality.ce_loss_clean, quality.ce_loss_reconstructed, quality.ce_loss_zero_ablated = clean, reconstructed, zero
         quality.ce_loss_recovered = (zero - reconstructed) / (zero - clean) if zero != clean else math.nan
     return quality
@@ -138,7 +163,13 @@ def _tokens_and_mask(model: Model, tokens) -> tuple[torch.Tensor, torch.Tensor, 
         return tokens.tokens, tokens.measured_mask, special
     tokens = torch.as_tensor(tokens)
     if tokens.ndim != 2 or tokens.dtype not in (torch.long, torch.int):
-        raise ValueError(f"tokens must be TokenWindows or an integer tensor [n_windows, context], got {tokens.dtype} {tuple(tokens.shape)}")
+        raise ValueError(
+            f"tokens must be TokenWindows or an integer tensor [n_windows, context], got {tokens.dtype} {tuple(tokens.shape)}"
+        )
     special = get_special_token_ids(model.tokenizer) if model.tokenizer is not None else []
-    keep = ~torch.isin(tokens, torch.tensor(special, dtype=tokens.dtype)) if special else torch.ones_like(tokens, dtype=torch.bool)
+    keep = (
+        ~torch.isin(tokens, torch.tensor(special, dtype=tokens.dtype))
+        if special
+        else torch.ones_like(tokens, dtype=torch.bool)
+    )
     return tokens, keep, special

@@ -29,11 +29,10 @@ from sae_lens.training.sae_trainer import SAETrainer
 from tqdm.auto import tqdm
 
 from ..activations import stream_activations
-from ..models import Model, hook_point
 from ..config import SAETrainingConfig
+from ..models import Model, hook_point
 from .loading import save_sae
 from .quality import evaluate_sae
-
 
 # --- training ---------------------------------------------------------------------------
 #
@@ -139,9 +138,7 @@ def _new_trainer(hook_name: str, d_in: int, config: SAETrainingConfig) -> SAETra
     sae: TrainingSAE
     if config.architecture == "standard":
         sae = StandardTrainingSAE(
-            StandardTrainingSAEConfig(
-                l1_coefficient=config.l1_coefficient, l1_warm_up_steps=steps // 20, **common
-            )
+            StandardTrainingSAEConfig(l1_coefficient=config.l1_coefficient, l1_warm_up_steps=steps // 20, **common)
         )
     else:
         sae = TopKTrainingSAE(TopKTrainingSAEConfig(k=config.k, **common))
@@ -280,7 +277,9 @@ def train_saes_for_model(
     if not points:
         raise ValueError("no hooks given; see models.hook_catalogue(model) for the hooks of this model")
     if not 0 < n_eval_windows < len(windows):
-        raise ValueError(f"n_eval_windows must be between 1 and len(windows) - 1 = {len(windows) - 1}, got {n_eval_windows}")
+        raise ValueError(
+            f"n_eval_windows must be between 1 and len(windows) - 1 = {len(windows) - 1}, got {n_eval_windows}"
+        )
     if config.model_name is None:
         config = dataclasses.replace(config, model_name=model.cfg.model_name)
     train_windows, eval_windows = windows[: len(windows) - n_eval_windows], windows[len(windows) - n_eval_windows :]
@@ -297,11 +296,17 @@ def train_saes_for_model(
     for name, by_seed in saes.items():
         for seed, sae in by_seed.items():
             quality = evaluate_sae(model, sae, name, eval_windows, batch_size=batch_size, progress=progress)
-            summary = {"hook_name": name, "sae_seed": seed, "training_tokens": sae.cfg.metadata.training_tokens,
-                       **quality.to_dict()}
+            summary = {
+                "hook_name": name,
+                "sae_seed": seed,
+                "training_tokens": sae.cfg.metadata.training_tokens,
+                **quality.to_dict(),
+            }
             # quality.json inside the folder marks the SAE as complete (a resumed run reuses it).
             folder = trained_sae_folder(out_dir, name, seed if sae_seeds is not None else None)
-            folders.setdefault(name, {})[seed] = save_sae(sae, folder, {QUALITY_FILENAME: json.dumps(summary, indent=2) + "\n"})
+            folders.setdefault(name, {})[seed] = save_sae(
+                sae, folder, {QUALITY_FILENAME: json.dumps(summary, indent=2) + "\n"}
+            )
     return folders if sae_seeds is not None else {name: by_seed[config.seed] for name, by_seed in folders.items()}
 
 
