@@ -205,6 +205,7 @@ def plot(summary: pd.DataFrame, path: Path) -> None:
 def write_readme(path: Path, args, table, summary, descriptions: dict, command: str, seconds: float) -> None:
     task_lines = "\n".join(f"- `{task}`: {text}" for task, text in descriptions.items())
     share_below = (table["psi"] <= 1).mean()
+    largest = table.loc[table["psi"].idxmax()]
     text = f"""# Algorithmic tasks: psi per layer
 
 Made by (from the repository root, {seconds / 60:.1f} min on {args.threads} CPU thread(s)):
@@ -214,7 +215,7 @@ Made by (from the repository root, {seconds / 60:.1f} min on {args.threads} CPU 
 Paper's direction: networks on algorithmic tasks stay at psi <= 1 (no input sparsity to exploit).
 
 Ours: psi <= 1 in {share_below:.0%} of the {len(table)} (task, seed, layer) measurements;
-largest psi {table["psi"].max():.3f} ({table.loc[table["psi"].idxmax(), "task"]}, layer {table.loc[table["psi"].idxmax(), "layer"]}).
+largest psi {table["psi"].max():.3f} ({largest["task"]}, layer {largest["layer"]}).
 
 ```
 {summary.round(3).to_string(index=False)}

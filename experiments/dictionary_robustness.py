@@ -173,7 +173,8 @@ def _row(setting: str, expansion: float, l1: float, width: int, measured: dict) 
 
 
 def collect_activations(model, hook: str, n_tokens: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Activations [tokens, d_in] of `hook` over ~n_tokens offline-corpus tokens (BOS/padding dropped) and their doc ids."""
+    """Activations [tokens, d_in] of `hook` over ~n_tokens offline-corpus tokens (BOS/padding dropped) and their
+    doc ids."""
     windows = token_windows(
         load_texts(None), model.tokenizer, context_size=CONTEXT_SIZE, token_budget=n_tokens, seed=seed
     )
@@ -266,11 +267,18 @@ def write_readme(
         "alive_features",
     ]
     real_note = (
-        f"- real: `{args.hook}` of `{args.model}`, ~{args.tokens} offline-corpus tokens (BOS excluded), the last 20% of documents "
-        f"held out for F; SAE-Lens standard SAEs (`dictionaries.train_sae`, inputs normalised) with {args.training_tokens} "
-        f"training tokens in batches of {args.batch_size_tokens}, lr {args.lr}, expansions {args.real_expansions}, L1 {args.real_l1}."
+        f"- real: `{args.hook}` of `{args.model}`, ~{args.tokens} offline-corpus tokens (BOS excluded), "
+        "the last 20% of documents held out for F; SAE-Lens standard SAEs (`dictionaries.train_sae`, "
+        f"inputs normalised) with {args.training_tokens} training tokens in batches of {args.batch_size_tokens}, "
+        f"lr {args.lr}, expansions {args.real_expansions}, L1 {args.real_l1}."
         if args.model != "none"
         else "- real model: skipped (`--model none`)."
+    )
+    toy_note = (
+        f"- toy: a toy model of superposition with n = {args.n_features} features, m = {args.n_hidden} hidden dims, "
+        f"sparsity\n  {args.sparsity} (ground truth: {ground_truth} features stored, ||W_i|| > 0.5); "
+        f"the paper's tied SAE, {args.sae_steps} steps,\n"
+        f"  expansions {args.toy_expansions} x m, L1 {args.toy_l1}; F on {args.n_test} fresh samples."
     )
     text = f"""# Dictionary robustness: F against SAE width and L1 penalty
 
@@ -288,9 +296,7 @@ larger factor in the sweep (empty: no plateau inside the sweep):
 ```
 
 Setups:
-- toy: a toy model of superposition with n = {args.n_features} features, m = {args.n_hidden} hidden dims, sparsity
-  {args.sparsity} (ground truth: {ground_truth} features stored, ||W_i|| > 0.5); the paper's tied SAE, {args.sae_steps} steps,
-  expansions {args.toy_expansions} x m, L1 {args.toy_l1}; F on {args.n_test} fresh samples.
+{toy_note}
 {real_note}
 
 ```

@@ -169,6 +169,7 @@ def plot(summary: pd.DataFrame, path: Path) -> None:
 
 
 def write_readme(path: Path, args, table, summary, trends, neuron_trends, command: str, seconds: float) -> None:
+    n_seeds, n_rates = len(args.seeds), len(args.dropouts)
     text = f"""# Dropout: F of sparse-parity MLPs against the dropout rate
 
 Made by (from the repository root, {seconds / 60:.1f} min on {args.threads} CPU thread(s)):
@@ -177,7 +178,7 @@ Made by (from the repository root, {seconds / 60:.1f} min on {args.threads} CPU 
 
 Paper's direction: dropout lowers the number of effective features F.
 
-Trend of the tied-SAE F with dropout, per hidden layer (Spearman over all {len(args.seeds)} seeds x {len(args.dropouts)} rates;
+Trend of the tied-SAE F with dropout, per hidden layer (Spearman over all {n_seeds} seeds x {n_rates} rates;
 ratio = mean F at dropout {max(args.dropouts)} / mean F at dropout {min(args.dropouts)}):
 
 ```

@@ -153,7 +153,8 @@ def sample_windows(windows: TokenWindows, seed: int, token_budget: int | None = 
     available = int(measured.sum())
     if token_budget > available:
         raise ValueError(
-            f"token_budget={token_budget} but the windows hold only {available} measurable tokens; give more text or a smaller budget"
+            f"token_budget={token_budget} but the windows hold only {available} measurable tokens; "
+            "give more text or a smaller budget"
         )
     needed = int(torch.searchsorted(measured.sum(1).cumsum(0), token_budget)) + 1
     selected = replace(shuffled[:needed], doc_ids=shuffled.doc_ids[:needed].clone())
@@ -460,7 +461,8 @@ class LayerwiseAnalyzer:
         if len(usable) < 2 * n_pairs:
             warnings.warn(
                 f"additivity: {n_pairs} pairs asked for, but only {len(usable)} windows have {length} tokens of "
-                f"text; using {len(usable) // 2} pairs"
+                f"text; using {len(usable) // 2} pairs",
+                stacklevel=2,
             )
             n_pairs = len(usable) // 2
         picked = usable[torch.randperm(len(usable), generator=torch.Generator().manual_seed(seed))[: 2 * n_pairs]]
@@ -479,7 +481,8 @@ class LayerwiseAnalyzer:
     def _summed_activations(
         self, segments: torch.Tensor, like: TokenWindows
     ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-        """({hook: [segments, N]} each segment's activations summed over its tokens, [segments] token counts); BOS excluded."""
+        """({hook: [segments, N]} each segment's activations summed over its tokens, [segments] token counts);
+        BOS excluded."""
         if like.bos_token_id is not None:
             segments = torch.cat([torch.full((len(segments), 1), like.bos_token_id), segments], dim=1)
         doc_ids = torch.arange(len(segments)).unsqueeze(1).expand_as(segments)

@@ -19,12 +19,16 @@ from pathlib import Path
 from . import config as cfg
 
 EXAMPLES = {
-    "demo": "example:\n  lm-superposition demo                       # Gemma 3 270M, offline corpus, SAEs trained on the spot\n"
-    "  lm-superposition demo --token-budget 2000 --output runs/tiny --overwrite",
+    "demo": (
+        "example:\n"
+        "  lm-superposition demo                       # Gemma 3 270M, offline corpus, SAEs trained on the spot\n"
+        "  lm-superposition demo --token-budget 2000 --output runs/tiny --overwrite"
+    ),
     "run": (
         "example:\n  lm-superposition run lm_superposition/configs/demo.toml\n"
         "  lm-superposition run experiments/pythia70m_layerwise.toml --resume\n"
-        "  torchrun --nproc_per_node=4 -m lm_superposition run experiments/pythia70m_layerwise.toml   # windows shared out"
+        "  torchrun --nproc_per_node=4 -m lm_superposition run experiments/pythia70m_layerwise.toml"
+        "   # windows shared out"
     ),
     "layerwise": (
         "example (the paper's run; needs the model hub):\n"
@@ -32,7 +36,10 @@ EXAMPLES = {
         "      --release pythia-70m-deduped-res-sm pythia-70m-deduped-mlp-sm pythia-70m-deduped-att-sm \\\n"
         "      --dataset monology/pile-uncopyrighted --token-budget 1000000 --seeds 0 1 2 --output runs/pythia70m"
     ),
-    "hooks": "example:\n  lm-superposition hooks --model pythia-70m-deduped\n  lm-superposition hooks            # the offline default, Gemma 3 270M",
+    "hooks": (
+        "example:\n  lm-superposition hooks --model pythia-70m-deduped\n"
+        "  lm-superposition hooks            # the offline default, Gemma 3 270M"
+    ),
     "train-sae": (
         "example:\n  lm-superposition train-sae --hooks blocks.3.hook_resid_post blocks.6.hook_resid_post "
         "--training-tokens 50000 --out saes/gemma"
@@ -199,7 +206,8 @@ def main(argv: list[str] | None = None) -> int:
         if resumable:
             again = [arg for arg in argv if arg != "--overwrite"] + ([] if "--resume" in argv else ["--resume"])
             print(
-                f"lm-superposition {args.command}: {stopped}. Continue with: {shlex.join(['lm-superposition', *again])}",
+                f"lm-superposition {args.command}: {stopped}. "
+                f"Continue with: {shlex.join(['lm-superposition', *again])}",
                 file=sys.stderr,
             )
         elif resumable is False:

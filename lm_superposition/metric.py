@@ -146,8 +146,9 @@ class FeatureBudget:
         negative = (doc_ids < 0).nonzero().flatten()
         if len(negative):
             raise ValueError(
-                f"doc_ids must be non-negative document indices; token {int(negative[0])} has {int(doc_ids[negative[0]])} "
-                f"({len(negative)} negative in all; padding must be dropped before the budget, as stream_activations does)"
+                f"doc_ids must be non-negative document indices; token {int(negative[0])} has "
+                f"{int(doc_ids[negative[0]])} ({len(negative)} negative in all; "
+                "padding must be dropped before the budget, as stream_activations does)"
             )
         return doc_ids.to(torch.int64) % self.n_blocks
 
@@ -161,7 +162,8 @@ class FeatureBudget:
             first = int((~finite).nonzero()[0])
             raise ValueError(
                 f"codes contain {values[first].item()} (NaN or Inf) in {bad_rows.numel()} of {codes.shape[0]} tokens, "
-                f"first at token {int(rows[first])} of this batch, feature {int(features[first])}; the SAE or its input is broken"
+                f"first at token {int(rows[first])} of this batch, feature {int(features[first])}; "
+                "the SAE or its input is broken"
             )
         flat_index = (blocks[rows] * self.d_sae + features).cpu()
         self.block_sums.view(-1).index_add_(0, flat_index, values.abs().to(device="cpu", dtype=SUM_DTYPE))
@@ -175,7 +177,8 @@ class FeatureBudget:
         ):
             raise ValueError(
                 "cannot merge budgets of different shape: "
-                f"(d_sae, width, n_blocks) = {(self.d_sae, self.width, self.n_blocks)} vs {(other.d_sae, other.width, other.n_blocks)}, "
+                f"(d_sae, width, n_blocks) = {(self.d_sae, self.width, self.n_blocks)} "
+                f"vs {(other.d_sae, other.width, other.n_blocks)}, "
                 "or different duplicate groups"
             )
         self.block_sums += other.block_sums

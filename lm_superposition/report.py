@@ -72,8 +72,8 @@ def per_hook_summary(table: pd.DataFrame) -> pd.DataFrame:
         "documents" + (f", {n} data seeds" if n > 1 else "") + (f", {k} SAE seeds" if k > 1 else "")
         for n, k in zip(summary["seeds"], summary["sae_seeds"])
     ]
-    summary["group"] = [curve_group(k, l) for k, l in zip(summary["kind"], summary["layer"])]
-    summary["depth"] = [depth(k, l) for k, l in zip(summary["kind"], summary["layer"])]
+    summary["group"] = [curve_group(kind, layer) for kind, layer in zip(summary["kind"], summary["layer"])]
+    summary["depth"] = [depth(kind, layer) for kind, layer in zip(summary["kind"], summary["layer"])]
     return summary
 
 

@@ -44,7 +44,8 @@ def linear_additivity(
     """
     if inputs_a.shape[0] != inputs_b.shape[0] or inputs_a.shape[0] == 0:
         raise ValueError(
-            f"inputs_a and inputs_b must hold the same, non-zero number of rows (pairs), got {inputs_a.shape[0]} and {inputs_b.shape[0]}"
+            "inputs_a and inputs_b must hold the same, non-zero number of rows (pairs), "
+            f"got {inputs_a.shape[0]} and {inputs_b.shape[0]}"
         )
     return additivity_of(f(inputs_a), f(inputs_b), f(combine(inputs_a, inputs_b)))
 

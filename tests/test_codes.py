@@ -89,7 +89,7 @@ def _random_sae(cls, config_cls, **extra):
     torch.manual_seed(0)
     sae = cls(config_cls(d_in=D_IN, d_sae=D_SAE, dtype="float64", **extra))
     with torch.no_grad():
-        for name, parameter in sae.named_parameters():
+        for parameter in sae.parameters():
             parameter.normal_(0, 0.5)
         sae.W_dec.mul_(torch.rand(D_SAE, 1, dtype=torch.float64) * 3 + 0.2)  # decoder rows of very different norms
         if hasattr(sae, "threshold"):
@@ -180,7 +180,8 @@ def test_a_toy_tied_sae_is_read_like_an_sae_lens_sae_with_its_weights():
 
 
 def _with_duplicates(sae, copies: list[int]):
-    """The same function with latents `copies` duplicated: same encoder column and bias, each copy's decoder row halved."""
+    """The same function with latents `copies` duplicated: same encoder column and bias, each copy's decoder row
+    halved."""
     d_sae = sae.cfg.d_sae + len(copies)
     bigger = StandardSAE(
         StandardSAEConfig(

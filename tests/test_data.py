@@ -105,12 +105,13 @@ def test_budget_stops_reading_the_text_iterator(tokenizer):
 
     windows = token_windows(endless(), tokenizer, context_size=16, token_budget=50)
     assert windows.n_tokens == 50
-    enough = 0
-    for i, text in enumerate(SENTENCES * 100):
+    enough = needed = 0
+    for text in SENTENCES * 100:
         enough += n_text_tokens(tokenizer, text)
+        needed += 1
         if enough >= 50:
             break
-    assert len(read) == i + 1
+    assert len(read) == needed
 
 
 def test_same_seed_same_windows_other_seed_other_order(tokenizer):
@@ -289,7 +290,10 @@ def test_offline_corpus_is_the_stdlib_in_seeded_order(tokenizer):
 def test_offline_documents_are_top_level_definitions_with_their_decorators(tmp_path):
     from lm_superposition.data import _top_level_pieces
 
-    source = '"""A module."""\nimport os\n\n\n@decorate\n@twice\ndef f():\n    return 1\n\n\nclass C:\n    def method(self):\n        pass\n'
+    source = (
+        '"""A module."""\nimport os\n\n\n@decorate\n@twice\ndef f():\n    return 1\n\n\n'
+        "class C:\n    def method(self):\n        pass\n"
+    )
     (tmp_path / "m.py").write_text(source)
     pieces = _top_level_pieces(tmp_path / "m.py")
     assert pieces == [

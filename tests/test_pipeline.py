@@ -107,6 +107,9 @@ def test_demo_defaults_shown_are_the_packaged_configs():
 
 
 def test_importing_the_package_loads_neither_sae_lens_nor_matplotlib():
-    code = "import sys, lm_superposition; print('sae_lens' in sys.modules, 'matplotlib' in sys.modules, 'torch' in sys.modules)"
+    code = (
+        "import sys, lm_superposition; "
+        "print('sae_lens' in sys.modules, 'matplotlib' in sys.modules, 'torch' in sys.modules)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert out == ["False", "False", "False"]

@@ -193,7 +193,8 @@ def test_cli_run_and_its_errors(tiny_pythia_folder, corpus_folder, tmp_path, cap
     config_path.write_text(
         f'[run]\noutput = "{tmp_path / "cli_run"}"\nseeds = [0]\ntoken_budget = 300\ncontext_size = 32\n'
         f'[model]\nnames = ["{tiny_pythia_folder}"]\n'
-        '[saes.train]\nhooks = ["blocks.1.hook_resid_post"]\nexpansion_factor = 2\ntraining_tokens = 512\nbatch_size_tokens = 128\nshuffle_buffer_batches = 2\n'
+        '[saes.train]\nhooks = ["blocks.1.hook_resid_post"]\nexpansion_factor = 2\ntraining_tokens = 512\n'
+        "batch_size_tokens = 128\nshuffle_buffer_batches = 2\n"
         f'[corpus]\nsources = ["{corpus_folder}"]\n'
     )
     assert cli.main(["run", str(config_path)]) == 0

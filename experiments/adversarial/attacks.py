@@ -43,7 +43,8 @@ def pgd(
     step_size: float | None = None,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """Madry et al. 2018: a random start in the L-inf ball, then `steps` signed-gradient steps, each projected back onto it."""
+    """Madry et al. 2018: a random start in the L-inf ball, then `steps` signed-gradient steps, each projected back
+    onto it."""
     _check_epsilon(epsilon)
     if not isinstance(steps, int) or steps <= 0:
         raise ValueError(f"steps must be a positive integer, got {steps!r}")
@@ -76,7 +77,8 @@ def train_adversarially(
     epsilon: float,
     pgd_steps: int = 5,
 ) -> nn.Module:
-    """Madry-style adversarial training: every minibatch is replaced by its attacked version; returns the model in eval mode.
+    """Madry-style adversarial training: every minibatch is replaced by its attacked version; returns the model in
+    eval mode.
 
     epsilon 0 is plain training on the same minibatches (same seed), the baseline.
     """

@@ -66,8 +66,9 @@ class SparseFeatureImages:
             )
         if self.task.n_features > self.locations:
             raise ValueError(
-                f"{self.task.n_features} features need as many distinct stamp locations, but a {self.image_size}x{self.image_size} "
-                f"image has only {self.locations} for {self.stamp_size}x{self.stamp_size} stamps: use a larger image_size"
+                f"{self.task.n_features} features need as many distinct stamp locations, "
+                f"but a {self.image_size}x{self.image_size} image has only {self.locations} "
+                f"for {self.stamp_size}x{self.stamp_size} stamps: use a larger image_size"
             )
 
     @property
@@ -88,7 +89,8 @@ class SparseFeatureImages:
         return stamps
 
     def render(self, features: torch.Tensor) -> torch.Tensor:
-        """[n, n_features] features -> [n, 1, image_size, image_size] images (sum of stamps weighted by the features)."""
+        """[n, n_features] features -> [n, 1, image_size, image_size] images (sum of stamps weighted by the
+        features)."""
         return torch.einsum("nf,fhw->nhw", features, self.stamps).unsqueeze(1)
 
     def sample(self, n_samples: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:

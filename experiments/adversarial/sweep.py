@@ -290,7 +290,8 @@ def summarise(table: pd.DataFrame) -> pd.DataFrame:
 
 
 def trends(table: pd.DataFrame) -> pd.DataFrame:
-    """Per model, regime, layer and attack: Spearman of clean F with epsilon (eps 0 rows shared) and F(max eps) / F(0)."""
+    """Per model, regime, layer and attack: Spearman of clean F with epsilon (eps 0 rows shared) and
+    F(max eps) / F(0)."""
     rows = []
     keys = ["model", "n_classes", "width", "layer"]
     baselines = dict(list(table[table["attack"] == "none"].groupby(keys)))
@@ -371,12 +372,14 @@ def write_readme(path: Path, args, summary, trend, command: str, seconds: float)
         regimes = ", ".join(f"{c}x{w}" for c, w in args.cnn_regimes)
         setups.append(
             f"CNN (regimes CLASSESxCHANNELS {regimes}): conv 3x3 -> ReLU -> conv 3x3 stride 2 -> ReLU ->\n"
-            f"linear, both convs with that many channels, on the features drawn as {args.image_size}x{args.image_size} images\n"
+            "linear, both convs with that many channels, on the features drawn as "
+            f"{args.image_size}x{args.image_size} images\n"
             f"(`SparseFeatureImages`: a fixed random +-1 3x3 stamp per feature at a fixed place); {args.cnn_steps}\n"
             "training steps. A conv layer is measured per spatial position (rows of N = channels; the\n"
             "`positions` column), with one budget over all positions of all test images."
         )
     setup = "\n".join(setups)
+    expansion = args.sae_expansion
     path.write_text(f"""# Adversarial training: F against epsilon in the abundance and scarcity regimes
 
 Made by (from the repository root, {seconds / 60:.1f} min on {args.threads} CPU thread(s)):
@@ -399,7 +402,7 @@ of n_classes fixed random linear scores; `SparseFeatureTask` in sparse_features.
 {setup}
 AdamW lr {args.lr}, steps of 256 from {args.n_train} samples, every minibatch replaced by its FGSM or PGD
 ({args.pgd_steps} steps, random start, step 2.5 eps / steps) version; seeds {args.seeds}. Adversarial accuracy: PGD
-at the training epsilon; robust_acc: PGD at epsilon {args.eval_epsilon} for every model. Tied SAE ({args.sae_expansion} x N
+at the training epsilon; robust_acc: PGD at epsilon {args.eval_epsilon} for every model. Tied SAE ({expansion} x N
 latents, L1 {args.l1}, {args.sae_steps} steps) trained on clean training activations (unit RMS), measured on
 {args.n_test} clean test inputs (F_clean) and their PGD versions (F_adv). additivity: mean cosine of
 h(a) + h(b) with h(a + b) over {args.n_test // 2} test pairs; cs_margin: N / (L0 ln(d_sae / L0)).

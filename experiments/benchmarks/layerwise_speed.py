@@ -38,6 +38,7 @@ import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import pandas as pd
@@ -246,7 +247,8 @@ def device_name(device: str) -> str:
         for line in Path("/proc/cpuinfo").read_text().splitlines()
         if line.startswith("model name")
     ]
-    return f"{cpu_models[0] if cpu_models else platform.processor()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
+    cpu = cpu_models[0] if cpu_models else platform.processor()
+    return f"{cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
 
 
 # ---- the phases, each run in a fresh process --------------------------------------------------
@@ -273,8 +275,8 @@ def measure_speed(setup: Setup, ours_tokens: int, baseline_tokens: int, rounds: 
             windows[start : start + ours_windows],
             windows[start + ours_windows : start + per_round],
         )
-        state, ours_seconds = timed(lambda: analyzer.run_seed(ours_slice, seed=0, progress=False), setup.device)
-        _, baseline_seconds = timed(lambda: paper_loop(model, saes, baseline_slice), setup.device)
+        state, ours_seconds = timed(partial(analyzer.run_seed, ours_slice, seed=0, progress=False), setup.device)
+        _, baseline_seconds = timed(partial(paper_loop, model, saes, baseline_slice), setup.device)
         seconds = [matmul_seconds(shape, setup) for shape in shapes]
         if round_index == 0:
             continue
@@ -424,15 +426,19 @@ def report(args, command: str, speed_run: dict, tables: dict[str, pd.DataFrame],
             f"Command: `{command}`  \n"
             f"Machine: {speed_run['device_name']}; torch {torch.__version__}; device {args.device}, {args.dtype}  \n"
             f"Setup: Pythia-70M-shaped random model, 19 paper hooks, StandardSAE d_sae={args.d_sae} "
-            f"(mean L0 {speed_run['mean_l0']:.0f}), windows of {args.context} tokens, ours {args.batch_size} windows per batch  \n"
-            f"F check: ours against SAE-Lens's dense encode on the same {args.batch_size} windows, largest relative difference "
+            f"(mean L0 {speed_run['mean_l0']:.0f}), windows of {args.context} tokens, "
+            f"ours {args.batch_size} windows per batch  \n"
+            f"F check: ours against SAE-Lens's dense encode on the same {args.batch_size} windows, "
+            "largest relative difference "
             f"of F over the hooks {speed_run['f_difference']:.1e}  \n"
             f"Load average (1, 5, 15 min): {load_line}  \n"
             f"Memory: {memory_kind}, MiB",
             markdown(tables["speed"]),
-            f"Each of the {args.rounds} rounds (after a warm-up round) ran ours, then the baseline, then each roofline matmul once:",
+            f"Each of the {args.rounds} rounds (after a warm-up round) ran ours, then the baseline, "
+            "then each roofline matmul once:",
             markdown(tables["rounds"]),
-            "Peak memory, each run in a fresh process (`peak_memory_before_mib`: once the model, SAEs and windows are built):",
+            "Peak memory, each run in a fresh process "
+            "(`peak_memory_before_mib`: once the model, SAEs and windows are built):",
             markdown(tables["memory"])
             if len(tables["memory"])
             else "(not measured: --memory-tokens was given no token counts)",
@@ -511,7 +517,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error(f"--memory-tokens must be positive token counts, got {args.memory_tokens}")
     if not 2 <= args.context <= PYTHIA_70M_SHAPE["n_ctx"]:
         parser.error(
-            f"--context must be between 2 (BOS and one measured token) and {PYTHIA_70M_SHAPE['n_ctx']}, got {args.context}"
+            "--context must be between 2 (BOS and one measured token) and "
+            f"{PYTHIA_70M_SHAPE['n_ctx']}, got {args.context}"
         )
     if args.device == "cuda":
         # Ask NVML, not the CUDA runtime: a CUDA context here would break the forked phases.

@@ -47,7 +47,8 @@ def load_sae_from_disk(folder: str | Path, device: str = "cpu") -> SAE:
     missing = [name for name in (SAE_CFG_FILENAME, SAE_WEIGHTS_FILENAME) if not (folder / name).is_file()]
     if missing:
         raise FileNotFoundError(
-            f"SAE folder {folder} lacks {missing}; an SAE-Lens folder holds {SAE_CFG_FILENAME} and {SAE_WEIGHTS_FILENAME}"
+            f"SAE folder {folder} lacks {missing}; "
+            f"an SAE-Lens folder holds {SAE_CFG_FILENAME} and {SAE_WEIGHTS_FILENAME}"
         )
     cfg_path = folder / SAE_CFG_FILENAME
     try:
@@ -154,7 +155,8 @@ def _dictionary_learning_converter(
     if missing:
         found = sorted(weights) if isinstance(weights, dict) else type(weights).__name__
         raise ValueError(
-            f"{file} lacks {missing}; a dictionary_learning AutoEncoder has {list(_DICTIONARY_LEARNING_KEYS)}, found {found}"
+            f"{file} lacks {missing}; "
+            f"a dictionary_learning AutoEncoder has {list(_DICTIONARY_LEARNING_KEYS)}, found {found}"
         )
     d_sae, d_in = weights["encoder.weight"].shape
     expected = {"encoder.bias": (d_sae,), "decoder.weight": (d_in, d_sae), "bias": (d_in,)}

@@ -164,7 +164,8 @@ def _tokens_and_mask(model: Model, tokens) -> tuple[torch.Tensor, torch.Tensor, 
     tokens = torch.as_tensor(tokens)
     if tokens.ndim != 2 or tokens.dtype not in (torch.long, torch.int):
         raise ValueError(
-            f"tokens must be TokenWindows or an integer tensor [n_windows, context], got {tokens.dtype} {tuple(tokens.shape)}"
+            "tokens must be TokenWindows or an integer tensor [n_windows, context], "
+            f"got {tokens.dtype} {tuple(tokens.shape)}"
         )
     special = get_special_token_ids(model.tokenizer) if model.tokenizer is not None else []
     keep = (
