@@ -75,14 +75,15 @@ _BLOCK_HOOKS = {
     "resid_post": "hook_resid_post",
 }
 _PAPER_KINDS = ("attn_out", "mlp_out", "resid_post")
-# TransformerBridge's own names for the catalogue's hooks (it answers to both); tables, SAEs and
-# file names use the TransformerLens names, so the bridge's are only mentioned in errors.
+# TransformerBridge's own names for catalogue hooks (it answers to both); tables, SAEs and file
+# names use the TransformerLens names, so the bridge's are only mentioned in errors. On a bridge
+# the aliases are read off the model; these are the ones every architecture shares, for hints on
+# the hooked backend (attn_out and mlp_out have none: with post-norms, as in Gemma, they are
+# the norm's output, not attn.hook_out or mlp.hook_out).
 _BRIDGE_BLOCK_NAMES = {
     "hook_in": "hook_resid_pre",
-    "attn.hook_out": "hook_attn_out",
     "ln2.hook_in": "hook_resid_mid",
     "mlp.out.hook_in": "mlp.hook_post",
-    "mlp.hook_out": "hook_mlp_out",
     "hook_out": "hook_resid_post",
 }
 _BRIDGE_TOP_NAMES = {"embed.hook_out": "hook_embed"}
@@ -481,20 +482,19 @@ def _candidate_hooks(model: Model) -> list[tuple[str, str, int]]:
 
 def hook_catalogue(model: Model) -> list[HookPoint]:
     """Every measurable hook point of `model`, in forward-pass order."""
+    candidates = _candidate_hooks(model)
     if backend_of(model) == "bridge":
-        widths = _bridge_hook_widths(model)
+        widths = _bridge_hook_widths(model, [name for name, _, _ in candidates])
     else:
-        cfg = model.cfg
-        width_of = {kind: cfg.d_model for kind in HOOK_KINDS} | {"mlp_post": cfg.d_mlp}
-        widths = {name: width_of[kind] for name, kind, _ in _candidate_hooks(model) if width_of[kind] is not None}
-    return [HookPoint(name, kind, layer, widths[name])
-            for name, kind, layer in _candidate_hooks(model) if name in widths]
+        width_of = {kind: model.cfg.d_model for kind in HOOK_KINDS} | {"mlp_post": model.cfg.d_mlp}
+        widths = {name: width_of[kind] for name, kind, _ in candidates if width_of[kind] is not None}
+    return [HookPoint(name, kind, layer, widths[name]) for name, kind, layer in candidates if name in widths]
 
 
 _bridge_widths: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def _bridge_hook_widths(model) -> dict[str, int]:
+def _bridge_hook_widths(model, names: list[str]) -> dict[str, int]:
     """{hook: width} of the candidate hooks that fire, read off one forward pass of two tokens.
 
     An adapter may declare a hook its architecture never reaches, and widths (gated, MoE or
@@ -503,7 +503,6 @@ def _bridge_hook_widths(model) -> dict[str, int]:
     if model not in _bridge_widths:
         from .activations import forward_activations
 
-        names = [name for name, _, _ in _candidate_hooks(model)]
         bos = getattr(model.tokenizer, "bos_token_id", None)
         start = 0 if bos is None else bos
         tokens = torch.full((1, 2), start, dtype=torch.long, device=model.cfg.device)
@@ -526,9 +525,9 @@ def hook_point(model: Model, name: str) -> HookPoint:
 
 
 def _why_unknown(model: Model, name: str, catalogue: list[HookPoint]) -> str:
-    valid = {point.name for point in catalogue}
-    same = _transformer_lens_name(name)
-    if same in valid:
+    valid = [point.name for point in catalogue]
+    same = _transformer_lens_name(model, name, valid)
+    if same is not None:
         return (f"{name!r} is TransformerBridge's name for {same!r}, and tables, SAEs and file names use "
                 f"the TransformerLens name: pass {same!r}. ")
     match = re.fullmatch(r"blocks\.(\d+)\.(.+)", name)
@@ -548,14 +547,16 @@ def _why_unknown(model: Model, name: str, catalogue: list[HookPoint]) -> str:
     return ""
 
 
-def _transformer_lens_name(name: str) -> str | None:
-    """The TransformerLens name of a catalogue hook given by its TransformerBridge name, if it is one."""
-    if name in _BRIDGE_TOP_NAMES:
-        return _BRIDGE_TOP_NAMES[name]
+def _transformer_lens_name(model: Model, name: str, valid: list[str]) -> str | None:
+    """The catalogue name of the hook `name` is TransformerBridge's alias of, if it is one."""
+    if backend_of(model) == "bridge":
+        hook_dict = model.hook_dict
+        return next((v for v in valid if name in hook_dict and hook_dict.get(v) is hook_dict[name]), None)
+    same = _BRIDGE_TOP_NAMES.get(name)
     match = re.fullmatch(r"blocks\.(\d+)\.(.+)", name)
     if match and match.group(2) in _BRIDGE_BLOCK_NAMES:
-        return f"blocks.{match.group(1)}.{_BRIDGE_BLOCK_NAMES[match.group(2)]}"
-    return None
+        same = f"blocks.{match.group(1)}.{_BRIDGE_BLOCK_NAMES[match.group(2)]}"
+    return same if same in valid else None
 
 
 # Forward-pass order inside one block: the catalogue's kinds, and attn.hook_z (the head

@@ -277,6 +277,10 @@ def test_gemma_catalogue_and_names_agree(gemma_pair):
     assert len(hook_catalogue(bridge)) == 1 + 18 * 6
     assert bridge.cfg.model_name == hooked.cfg.model_name == "gemma-3-270m-it"
     assert bridge.tokenizer.bos_token_id == hooked.tokenizer.bos_token_id == 2
+    # Gemma's attention output is its post-attention norm's output: the bridge's alias says so.
+    with pytest.raises(ValueError, match="'blocks.3.ln1_post.hook_out' is TransformerBridge's name for "
+                                         "'blocks.3.hook_attn_out'"):
+        hook_point(bridge, "blocks.3.ln1_post.hook_out")
 
 
 @pytest.mark.slow
