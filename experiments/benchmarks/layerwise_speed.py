@@ -48,7 +48,8 @@ from sae_lens.saes.sae import SAEMetadata
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 from lm_superposition.activations import blocks_needed
-from lm_superposition.analyze import LayerwiseAnalyzer
+from lm_superposition.analyze import DUPLICATE_COSINE, LayerwiseAnalyzer
+from lm_superposition.codes import CodeReader
 from lm_superposition.data import TokenWindows
 from lm_superposition.metric import effective_features
 from lm_superposition.models import paper_hooks
@@ -174,8 +175,13 @@ def f_difference(analyzer: LayerwiseAnalyzer, model, saes, windows: TokenWindows
     _, cache = model.run_with_cache(windows.tokens.to(model.cfg.device), names_filter=list(saes))
     differences = []
     for hook, sae in saes.items():
-        budget = sae.encode(cache[hook][:, 1:]).abs().sum(dim=(0, 1), dtype=torch.float64)  # BOS left out, as ours does
-        differences.append(abs(ours.budgets[hook].effective_features() / effective_features(budget.cpu()) - 1))
+        # BOS left out, as ours does; each latent's |z| in decoder-norm units, duplicates grouped, as ours does
+        codes = sae.encode(cache[hook][:, 1:]).abs().sum(dim=(0, 1), dtype=torch.float64).cpu()
+        reader = CodeReader(sae, duplicate_cosine=DUPLICATE_COSINE)  # the analyzer's defaults
+        budget = codes * reader.norms.cpu()
+        if reader.groups is not None:
+            budget = torch.zeros_like(budget).index_add_(0, reader.groups, budget)
+        differences.append(abs(ours.budgets[hook].effective_features() / effective_features(budget) - 1))
     return max(differences)
 
 
