@@ -79,6 +79,23 @@ def test_unknown_model_name_is_a_clear_error():
         load_model("no such model!")
 
 
+def test_name_the_hub_does_not_have_is_a_clear_error_on_the_bridge(monkeypatch):
+    import httpx
+    from huggingface_hub.errors import RepositoryNotFoundError
+    from transformers import AutoConfig
+
+    def no_such_repository(name, **kwargs):  # what transformers raises when the hub answers 404
+        request = httpx.Request("GET", f"https://huggingface.co/api/models/{name}")
+        cause = RepositoryNotFoundError("404 Client Error. Repository Not Found",
+                                        response=httpx.Response(404, request=request))
+        raise OSError(f"{name} is not a local folder and is not a valid model identifier") from cause
+
+    monkeypatch.setattr(AutoConfig, "from_pretrained", no_such_repository)
+    with pytest.raises(ValueError, match="unknown model 'someone/no-such-model' for backend 'bridge': the Hugging "
+                                         "Face hub has no such model.*not an offline model"):
+        load_model("someone/no-such-model")
+
+
 @pytest.mark.parametrize("backend", models.BACKENDS)
 def test_folder_without_config_is_a_clear_error(tmp_path, backend):
     with pytest.raises(ValueError, match="no config.json"):
