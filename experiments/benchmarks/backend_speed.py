@@ -7,10 +7,14 @@ second, how far apart their activations are, and F through the same SAEs.
              attention instead of the eager attention TransformerBridge asks for (eager lets
              hooks see attention patterns; the catalogue's hooks do not need them)
 
-Speed: `stream_activations` over the paper's hook set (the embedding, then attn_out, mlp_out and
-resid_post of every layer: the forward pass runs every block), BOS excluded from the count as
-the measurement excludes it. The backends take turns, round after round, in one process, so a
-machine shared with other work slows them alike; the table gives every round and the median.
+Speed: one batch's activations as `stream_activations` makes them (`forward_activations`, then
+the BOS and padding rows dropped) for the paper's hook set (the embedding, then attn_out,
+mlp_out and resid_post of every layer: the forward pass runs every block); BOS is not counted
+as a token, as the measurement does not count it. The backends take turns batch by batch (the
+order alternating), after one untimed warm-up batch each, so load from other work on a shared
+machine hits both alike. Reported per backend: tokens per wall-clock second and CPU seconds
+(this process, all threads) per 1,000 tokens over all rounds, every round's tok/s, and the
+median over batches of the paired ratio bridge time / hooked time.
 
 Agreement: every catalogue hook, token by token (BOS and padding excluded, as measured), the
 relative error |a_bridge - a_hooked| / |a_hooked|; and F of a few hooks through one random-init
@@ -35,10 +39,10 @@ from pathlib import Path
 import torch
 from sae_lens import TopKSAE, TopKSAEConfig
 
-from lm_superposition.activations import stream_activations
+from lm_superposition.activations import blocks_needed, forward_activations, stream_activations
 from lm_superposition.data import load_texts, token_windows
 from lm_superposition.metric import FeatureBudget
-from lm_superposition.models import OFFLINE_DEFAULT_MODEL, hook_catalogue, load_model, paper_hooks
+from lm_superposition.models import OFFLINE_DEFAULT_MODEL, hook_catalogue, hook_point, load_model, paper_hooks
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 F_HOOKS = ("blocks.0.hook_resid_pre", "blocks.3.hook_attn_out", "blocks.9.hook_mlp_out", "blocks.15.hook_resid_post")
@@ -79,15 +83,7 @@ def main(argv: list[str] | None = None) -> dict:
     f_rows = _f_through_same_saes(models["hooked"], models["bridge"], parity_windows, args.batch_size)
 
     hooks = [point.name for point in paper_hooks(models["hooked"])]
-    rounds: dict[str, list[float]] = {backend: [] for backend in models}
-    for round_index in range(args.rounds):
-        order = list(models) if round_index % 2 == 0 else list(reversed(models))
-        for backend in order:
-            start = time.perf_counter()
-            for _ in stream_activations(models[backend], windows, hooks, batch_size=args.batch_size, progress=False):
-                pass
-            rounds[backend].append(windows.n_tokens / (time.perf_counter() - start))
-            print(f"round {round_index}: {backend} {rounds[backend][-1]:.0f} tok/s", flush=True)
+    timing = _time_batches(models, windows, hooks, args.batch_size, args.rounds)
 
     result = {
         "command": "python -m experiments.benchmarks.backend_speed "
@@ -100,8 +96,7 @@ def main(argv: list[str] | None = None) -> dict:
         "hooks_timed": len(hooks),
         "threads": args.threads,
         "load_seconds": load_seconds,
-        "tokens_per_second": rounds,
-        "median_tokens_per_second": {backend: statistics.median(values) for backend, values in rounds.items()},
+        **timing,
         "agreement": agreement,
         "F": f_rows,
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, load average "
@@ -113,6 +108,50 @@ def main(argv: list[str] | None = None) -> dict:
     (args.out / "backend_speed.md").write_text(_markdown(result))
     print(_markdown(result))
     return result
+
+
+def _time_batches(models: dict, windows, hooks: list[str], batch_size: int, rounds: int) -> dict:
+    stop_at_layer = blocks_needed([hook_point(models["hooked"], hook) for hook in hooks])
+    starts = range(0, len(windows), batch_size)
+    for model in models.values():  # warm-up: first calls pay for allocation and page faults
+        _one_batch(model, windows, slice(0, batch_size), hooks, stop_at_layer)
+    wall = {backend: [0.0] * rounds for backend in models}
+    cpu = dict.fromkeys(models, 0.0)
+    ratios = {backend: [] for backend in models if backend != "hooked"}
+    order = list(models)
+    for round_index in range(rounds):
+        for start in starts:
+            batch = slice(start, min(start + batch_size, len(windows)))
+            seconds = {}
+            for backend in order:
+                wall_start, cpu_start = time.perf_counter(), time.process_time()
+                _one_batch(models[backend], windows, batch, hooks, stop_at_layer)
+                seconds[backend] = time.perf_counter() - wall_start
+                cpu[backend] += time.process_time() - cpu_start
+                wall[backend][round_index] += seconds[backend]
+            for backend in ratios:
+                ratios[backend].append(seconds[backend] / seconds["hooked"])
+            order.reverse()
+        speeds = (f"{backend} {windows.n_tokens / wall[backend][round_index]:.0f} tok/s" for backend in models)
+        print(f"round {round_index}: " + ", ".join(speeds), flush=True)
+    tokens = windows.n_tokens * rounds
+    return {
+        "tokens_per_second": {backend: [windows.n_tokens / seconds for seconds in wall[backend]] for backend in models},
+        "overall_tokens_per_second": {backend: tokens / sum(wall[backend]) for backend in models},
+        "cpu_seconds_per_1k_tokens": {backend: 1000 * cpu[backend] / tokens for backend in models},
+        "median_time_ratio_to_hooked": {backend: statistics.median(values) for backend, values in ratios.items()},
+        "time_ratio_quartiles": {backend: statistics.quantiles(values, n=4) if len(values) > 1 else values * 3
+                                 for backend, values in ratios.items()},
+    }
+
+
+def _one_batch(model, windows, batch: slice, hooks: list[str], stop_at_layer: int) -> None:
+    """What stream_activations does for one batch: the forward pass and the measured rows."""
+    tokens = windows.tokens[batch].to(model.cfg.device)
+    keep = windows.measured_mask[batch].flatten()
+    cache = forward_activations(model, tokens, hooks, stop_at_layer)
+    for tensor in cache.values():
+        tensor.flatten(0, 1)[keep.to(tensor.device)]
 
 
 def _bridge_with_sdpa(bridge):
@@ -192,16 +231,25 @@ def _markdown(result: dict) -> str:
         "",
         f"{result['machine']}; torch threads {result['threads']}; versions {result['versions']}.",
         "",
-        f"## Activations per second ({result['tokens_timed']} measured tokens, {result['windows']} windows of "
-        f"{result['context']}, batch {result['batch_size']}, {result['hooks_timed']} hooks, every block runs)",
+        f"## Activations per second ({result['tokens_timed']} measured tokens x "
+        f"{len(result['tokens_per_second']['hooked'])} rounds, {result['windows']} windows of {result['context']}, "
+        f"batch {result['batch_size']}, {result['hooks_timed']} hooks, every block runs; "
+        "backends alternate batch by batch)",
         "",
-        "| backend | load (s) | median tok/s | every round |",
-        "|---|---|---|---|",
+        "| backend | load (s) | tok/s (all rounds) | CPU s per 1k tokens | tok/s per round | time / hooked's, "
+        "median over batches [quartiles] |",
+        "|---|---|---|---|---|---|",
     ]
     for backend in backends:
         rounds = ", ".join(f"{value:.0f}" for value in result["tokens_per_second"][backend])
+        if backend == "hooked":
+            ratio = "1"
+        else:
+            low, _, high = result["time_ratio_quartiles"][backend]
+            ratio = f"{result['median_time_ratio_to_hooked'][backend]:.2f} [{low:.2f}, {high:.2f}]"
         lines.append(f"| {backend} | {result['load_seconds'][backend]:.1f} | "
-                     f"{result['median_tokens_per_second'][backend]:.0f} | {rounds} |")
+                     f"{result['overall_tokens_per_second'][backend]:.0f} | "
+                     f"{result['cpu_seconds_per_1k_tokens'][backend]:.1f} | {rounds} | {ratio} |")
     agreement = result["agreement"]
     lines += [
         "",
