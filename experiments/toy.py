@@ -326,6 +326,47 @@ def train_tied_sae(activations: torch.Tensor, config: ToySAEConfig, progress: bo
     return sae.eval()
 
 
+class PaperTiedSAE(nn.Module):
+    """The tied SAE exactly as the paper's code writes it, kept as a reference: a linear encoder
+    (Xavier-uniform weights, zero bias) whose weight is also the decoder, no decoder bias, no
+    normalisation of the decoder rows, trained on the mean squared error plus l1 * mean |z|.
+
+        z = ReLU(W h + b)      h' = z W      W: [d_sae, d_in]
+    """
+
+    def __init__(self, d_in: int, d_sae: int, seed: int = 0):
+        super().__init__()
+        generator = torch.Generator().manual_seed(seed)
+        bound = (6 / (d_in + d_sae)) ** 0.5
+        self.W_dec = nn.Parameter((torch.rand(d_sae, d_in, generator=generator) * 2 - 1) * bound)
+        self.b_enc = nn.Parameter(torch.zeros(d_sae))
+
+    def encode(self, activations: torch.Tensor) -> torch.Tensor:
+        return torch.relu(activations @ self.W_dec.T + self.b_enc)
+
+    def decode(self, codes: torch.Tensor) -> torch.Tensor:
+        return codes @ self.W_dec
+
+    def loss(self, activations: torch.Tensor, l1_coefficient: float) -> torch.Tensor:
+        codes = self.encode(activations)
+        return ((self.decode(codes) - activations) ** 2).mean() + l1_coefficient * codes.abs().mean()
+
+
+def train_paper_tied_sae(activations: torch.Tensor, config: ToySAEConfig) -> PaperTiedSAE:
+    """Train a `PaperTiedSAE`: Adam on random minibatches, nothing renormalised."""
+    _check_activations(activations)
+    sae = PaperTiedSAE(activations.shape[1], config.d_sae, seed=config.seed)
+    generator = torch.Generator().manual_seed(config.seed)
+    optimizer = torch.optim.Adam(sae.parameters(), lr=config.lr)
+    for _ in range(config.steps):
+        batch = activations[torch.randint(activations.shape[0], (config.batch_size,), generator=generator)]
+        loss = sae.loss(batch, config.l1_coefficient)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    return sae.eval()
+
+
 def train_toy_sae(activations: torch.Tensor, config: ToySAEConfig, progress: bool = False) -> nn.Module:
     """Train the SAE `config.kind` names; the result has `encode` and `decode` either way."""
     if config.kind == "tied":

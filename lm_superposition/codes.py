@@ -160,7 +160,7 @@ class CodeReader:
         as one feature (see `duplicate_groups`); False keeps every latent apart.
     """
 
-    def __init__(self, sae, merge_duplicates: bool = True, duplicate_cosine: float = 0.95):
+    def __init__(self, sae, merge_duplicates: bool = True, duplicate_cosine: float = 0.9):
         if not 0 < duplicate_cosine <= 1:
             raise ValueError(f"duplicate_cosine must lie in (0, 1], got {duplicate_cosine!r}")
         self.sae = sae

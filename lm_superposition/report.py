@@ -192,3 +192,20 @@ def format_table(table: pd.DataFrame) -> str:
         for lo, hi in zip(view.pop("F_low"), view.pop("F_high"))
     ]
     return view.to_string(index=False, float_format=lambda x: f"{x:,.3f}")
+
+
+def markdown_summary(table: pd.DataFrame) -> str:
+    """The per-hook summary (seeds pooled) as a Markdown table, for a results README."""
+    summary = per_hook_summary(table)
+    lines = [
+        "| hook | F | F 95% | psi | F_saturated | L0 | merged | VE | CE rec. | additivity | quality |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in summary.itertuples():
+        interval = f"[{row.F_low:,.0f}, {row.F_high:,.0f}]" if not math.isnan(row.F_low) else "n/a"
+        lines.append(
+            f"| {row.hook} | {row.F:,.0f} | {interval} | {row.psi:.2f} | {row.F_saturated:,.0f} "
+            f"| {row.mean_l0:.1f} | {row.merged_latents:.0f} | {row.variance_explained:.2f} "
+            f"| {row.ce_recovered:.2f} | {row.additivity:.2f} | {row.quality} |"
+        )
+    return "\n".join(lines)

@@ -233,6 +233,8 @@ def test_reports_write_tables_and_both_plots(pythia_shaped_model, saes, windows,
         assert pooled["F_low"] == rows["F_low"].min() and pooled["F_high"] == rows["F_high"].max()
     assert summary.set_index("hook").loc["blocks.0.hook_resid_pre", "group"] == "embedding"
     assert "blocks.2.hook_mlp_out" in report.format_table(table)
+    markdown = report.markdown_summary(table).splitlines()
+    assert len(markdown) == 2 + len(HOOKS) and markdown[2].startswith("| blocks.0.hook_resid_pre |")
 
 
 def test_the_quality_column_is_the_gates_verdict(pythia_shaped_model, saes, windows):

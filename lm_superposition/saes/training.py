@@ -145,8 +145,8 @@ def _new_trainer(hook_name: str, d_in: int, config: SAETrainingConfig) -> SAETra
     trainer_config = SAETrainerConfig(
         total_training_samples=config.training_tokens,
         train_batch_size_samples=config.batch_size_tokens,
-        lr=config.lr,
-        lr_end=config.lr,  # the decay runs from lr to 0
+        lr=config.learning_rate(common["d_sae"]),
+        lr_end=config.learning_rate(common["d_sae"]),  # the decay runs from lr to 0
         lr_decay_steps=steps // 5,
         device=config.device,
         # SAE-Lens's 1000-step windows assume millions of tokens; short runs need shorter ones
