@@ -12,7 +12,7 @@ implementations of the same arithmetic (TransformerLens's own attention, norms a
 embedding against Hugging Face's eager modules), compounding over the layers. On Gemma 3
 270M the largest per-token relative error over all 109 catalogue hooks is ~1e-5
 (experiments/benchmarks/backend_speed.py); the tests allow 1e-4, ten times that, and far
-below anything that moves F (which agrees to ~1e-7).
+below anything that moves F (which agrees to < 1e-8).
 """
 
 from __future__ import annotations
