@@ -61,6 +61,11 @@ def _check_choice(name: str, value, choices) -> None:
         raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
 
 
+# What the toy validation validated (results/toy_validation/): the rest of SAETrainingConfig sets
+# the budget (width, tokens, batch, lr), which each run must size and the quality gate judges.
+VALIDATED_RECIPE = {"architecture": "standard", "l1_coefficient": 1.0, "normalize_activations": True}
+
+
 @dataclass
 class SAETrainingConfig:
     """How to train SAEs. `d_sae`, when given, overrides `expansion_factor` (d_sae = factor * d_in).
@@ -120,6 +125,17 @@ class SAETrainingConfig:
         if self.architecture == "topk" and self.k > d_sae:
             raise ValueError(f"topk needs k <= d_sae, got k={self.k} and d_sae={d_sae}")
         return d_sae
+
+    def recipe_verdict(self) -> str:
+        """'validated' if these settings are the recipe experiments/toy_validation.py validated
+        (the architecture, the L1 penalty and the input scaling; the budget may differ), else
+        'not validated' and what differs."""
+        differences = [
+            f"{name} = {getattr(self, name)!r}"
+            for name, validated in VALIDATED_RECIPE.items()
+            if getattr(self, name) != validated
+        ]
+        return "validated" if not differences else "not validated (" + ", ".join(differences) + ")"
 
     def learning_rate(self, d_sae: int) -> float:
         """`lr`, or where it is left out the rate scaled to the dictionary: 2e-4 * sqrt(16384 / d_sae)

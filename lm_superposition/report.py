@@ -43,7 +43,10 @@ def per_hook_summary(table: pd.DataFrame) -> pd.DataFrame:
     through several SAEs, SAE-seed spread: `interval_over` says which. `quality` is "ok" only
     if the gate passed every row of the hook, else the distinct problems of its rows.
     """
-    table = table.assign(sae_seed=table["sae_seed"] if "sae_seed" in table else None)
+    table = table.assign(
+        sae_seed=table["sae_seed"] if "sae_seed" in table else None,
+        recipe=table["recipe"] if "recipe" in table else "",
+    )
     grouped = table.groupby(["model", "hook"], sort=False)
     summary = grouped.agg(
         layer=("layer", "first"),
@@ -67,6 +70,7 @@ def per_hook_summary(table: pd.DataFrame) -> pd.DataFrame:
         ce_recovered=("ce_recovered", "mean"),
         additivity=("additivity", "first"),  # one value per hook: measured once, not per seed
         quality=("quality", _pooled_verdict),
+        recipe=("recipe", "first"),
     ).reset_index()
     summary["interval_over"] = [
         "documents" + (f", {n} data seeds" if n > 1 else "") + (f", {k} SAE seeds" if k > 1 else "")

@@ -20,6 +20,7 @@ and stop.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import importlib.metadata
@@ -260,10 +261,19 @@ def _run_item(config: RunConfig, item: SweepItem, output: Path, progress: bool, 
         )
     table.insert(1, "checkpoint", item.checkpoint)
     table.insert(2, "corpus", item.corpus)
+    table.insert(table.columns.get_loc("sae") + 1, "recipe", table["hook"].map(_recipes(config)))
     convergence = table.attrs.pop("convergence")
     convergence.insert(0, "model", item.model)
     convergence.insert(1, "corpus", item.corpus)
     return table, convergence
+
+
+def _recipes(config: RunConfig) -> dict[str, str]:
+    """{hook: whether the SAEs reading it were made with the recipe validated on the toys}."""
+    recipes = collections.defaultdict(lambda: "not validated (loaded: its recipe was not run on the toy validation)")
+    for hook in config.saes.train.hooks if config.saes.train is not None else []:
+        recipes[hook] = config.saes.train.recipe_verdict()
+    return recipes
 
 
 def _check_hooks(config: RunConfig, model) -> None:

@@ -96,6 +96,7 @@ def test_run_writes_a_complete_run_folder(tiny_pythia_folder, corpus_folder, tmp
     assert (table["tokens"] == 600).all()
     assert set(table["quality"]) <= {"ok"} | set(table["quality"])  # a flag is always present
     assert table["quality"].map(bool).all()
+    assert (table["recipe"] == "validated").all()  # small_config trains with the default recipe
     for name in (
         "layerwise.csv",
         "layerwise.json",
