@@ -41,7 +41,7 @@ def pythia_shaped_model() -> HookedTransformer:
 
 
 @pytest.fixture(scope="session")
-def gemma_model() -> HookedTransformer:
+def gemma_model():
     """The offline default Gemma 3 270M on the default backend (TransformerBridge), loaded once per session."""
     return load_model()
 
