@@ -23,9 +23,12 @@ tokenised each text on its own, and Pythia's tokenizer adds no BOS). Ours gets t
 documents as windows without BOS (`TokenWindows(bos_token_id=None)`), so both measure the
 same tokens with the same context.
 
-Speed: the two take turns, round after round (the first of each round alternates), on fresh
-documents each round, after a warm-up round that is not kept; tokens/s and their ratio are
-totals over the rounds, so a machine shared with other work slows both alike.
+Speed: the phases (ours's public call, ours's measurement alone, the paper's loop) take turns,
+round after round (who goes first rotates), on fresh documents each round, after a warm-up round
+that is not kept. Reported: wall tokens/s and CPU seconds (of the process, all threads) per 1k
+tokens, totals over the rounds, their ratios to the paper's, and the median over rounds of the
+paired per-round ratios. On the shared 2-core machine wall time swings with other jobs within a
+round; CPU time and the paired medians move much less (compare the columns).
 Correctness: in every round both measure the same documents; the report gives the largest
 relative difference of F over the hooks and rounds, ours against F = exp(H) of the paper's
 float32 totals (target <= 1e-6), and also against the F the paper's script prints (its
@@ -318,9 +321,10 @@ def load_line(before, after) -> str:
 
 
 def timed(function):
-    start = time.perf_counter()
+    """(result, wall seconds, CPU seconds of this process, all its threads)."""
+    wall, cpu = time.perf_counter(), time.process_time()
     result = function()
-    return result, time.perf_counter() - start
+    return result, time.perf_counter() - wall, time.process_time() - cpu
 
 
 def profile_top(function, n: int) -> str:
@@ -389,12 +393,14 @@ def main(argv=None) -> int:
             if index == 0:
                 continue
             tokens = documents.numel()
-            (table, _), ((paper_sums, paper_f), _) = runs["ours"], runs["paper"]
+            (table, *_), ((paper_sums, paper_f), *_) = runs["ours"], runs["paper"]
             difference = f_differences(table, paper_sums, paper_f).assign(round=index)
             differences.append(difference)
             row = {"round": index, "order": " > ".join(order), "tokens": tokens}
             row |= {f"{name}_seconds": runs[name][1] for name in names}
+            row |= {f"{name}_cpu_seconds": runs[name][2] for name in names}
             row |= {f"{name}_vs_paper": runs["paper"][1] / runs[name][1] for name in names if name != "paper"}
+            row |= {f"{name}_vs_paper_cpu": runs["paper"][2] / runs[name][2] for name in names if name != "paper"}
             rounds.append(row | {"max_rel_diff_F": difference.rel_diff.max(), "load_1min": os.getloadavg()[0]})
         profiles, duplicate_seconds = {}, math.nan
         if args.profile:
@@ -406,9 +412,14 @@ def main(argv=None) -> int:
     rounds = pd.DataFrame(rounds)
     differences = pd.concat(differences, ignore_index=True)
     tokens = rounds.tokens.sum()
-    speed = pd.DataFrame([{"measurement": PHASES[name], "tokens": tokens, "seconds": rounds[f"{name}_seconds"].sum()} for name in names])
-    speed["tokens_per_s"] = speed.tokens / speed.seconds
+    speed = pd.DataFrame([{"measurement": PHASES[name], "tokens": tokens, "seconds": rounds[f"{name}_seconds"].sum(),
+                           "cpu_s_per_1k_tokens": 1000 * rounds[f"{name}_cpu_seconds"].sum() / tokens} for name in names])
+    speed.insert(3, "tokens_per_s", speed.tokens / speed.seconds)
     speed["vs_paper"] = speed.tokens_per_s / speed.tokens_per_s[names.index("paper")]
+    speed["vs_paper_cpu"] = speed.cpu_s_per_1k_tokens[names.index("paper")] / speed.cpu_s_per_1k_tokens
+    # The paired ratios, round by round, are the least sensitive to the machine's load swinging between phases.
+    speed["median_round_vs_paper"] = [rounds[f"{name}_vs_paper"].median() if name != "paper" else 1.0 for name in names]
+    speed["median_round_vs_paper_cpu"] = [rounds[f"{name}_vs_paper_cpu"].median() if name != "paper" else 1.0 for name in names]
     max_diff, max_diff_printed = differences.rel_diff.max(), differences.rel_diff_printed.max()
     per_hook = differences[differences["round"] == 1].drop(columns="round")
     table_seconds = (rounds.ours_seconds - rounds.ours_run_seed_seconds).median()
