@@ -217,13 +217,7 @@ def _run_item(config: RunConfig, item: SweepItem, output: Path, progress: bool, 
         backend=config.model.backend,
     )
     _check_hooks(config, model)
-    texts_for = lambda seed: load_texts(  # noqa: E731
-        item.corpus,
-        config=config.corpus.config,
-        split=config.corpus.split,
-        text_column=config.corpus.text_column,
-        seed=seed,
-    )
+    texts_for = _texts_for(config, item.corpus)
     saes, sae_names, known_ce = _saes_for(config, item, model, texts_for, output, progress)
     analyzer = LayerwiseAnalyzer(
         model,
@@ -266,6 +260,16 @@ def _run_item(config: RunConfig, item: SweepItem, output: Path, progress: bool, 
     convergence.insert(0, "model", item.model)
     convergence.insert(1, "corpus", item.corpus)
     return table, convergence
+
+
+def _texts_for(config: RunConfig, source: str):
+    """seed -> that seed's shuffle of the documents of `source`, read with the [corpus] settings."""
+    corpus = config.corpus
+
+    def texts_for(seed: int):
+        return load_texts(source, config=corpus.config, split=corpus.split, text_column=corpus.text_column, seed=seed)
+
+    return texts_for
 
 
 def _recipes(config: RunConfig) -> dict[str, str]:
@@ -367,13 +371,7 @@ def train_only(config: RunConfig, out_dir: str | Path, progress: bool = True) ->
     model = load_model(
         item.model, device=config.run.device, dtype=getattr(torch, config.model.dtype), backend=config.model.backend
     )
-    texts_for = lambda seed: load_texts(  # noqa: E731
-        item.corpus,
-        config=config.corpus.config,
-        split=config.corpus.split,
-        text_column=config.corpus.text_column,
-        seed=seed,
-    )
+    texts_for = _texts_for(config, item.corpus)
     _train_or_reuse(config, model, texts_for, Path(out_dir), item.model, progress)
     train = config.saes.train
     several = len(train.sae_seeds) > 1
