@@ -60,7 +60,8 @@ def sample_features(
     sparsity = torch.as_tensor(sparsity, dtype=torch.float32)
     if sparsity.ndim > 1 or (sparsity.ndim == 1 and sparsity.shape[0] != n_features):
         raise ValueError(
-            f"sparsity must be a number or a vector of {n_features} per-feature values, got shape {tuple(sparsity.shape)}"
+            f"sparsity must be a number or a vector of {n_features} per-feature values, "
+            f"got shape {tuple(sparsity.shape)}"
         )
     if not ((sparsity >= 0) & (sparsity < 1)).all():
         raise ValueError(

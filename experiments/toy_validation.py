@@ -83,8 +83,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--n-train", type=int, default=100_000, help="hidden activations the SAEs train on")
     parser.add_argument("--n-test", type=int, default=50_000, help="fresh samples F is measured on")
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--combine", type=Path, nargs="+", default=None,
-                        help="instead of training: pool the table.csv of these folders (runs of other recipes) into --out")
+    parser.add_argument(
+        "--combine",
+        type=Path,
+        nargs="+",
+        default=None,
+        help="instead of training: pool the table.csv of these folders (runs of other recipes) into --out",
+    )
     if "--quick" in argv:
         parser.set_defaults(**QUICK)
     return parser.parse_args(argv)
@@ -97,7 +102,9 @@ def train_recipe(recipe: str, hidden: torch.Tensor, args: argparse.Namespace) ->
         return {
             seed: REFERENCE_RECIPES[recipe](
                 hidden,
-                ToySAEConfig(kind="tied", d_sae=args.d_sae, l1_coefficient=args.tied_l1, lr=lr, steps=args.sae_steps, seed=seed),
+                ToySAEConfig(
+                    kind="tied", d_sae=args.d_sae, l1_coefficient=args.tied_l1, lr=lr, steps=args.sae_steps, seed=seed
+                ),
             )
             for seed in args.seeds
         }
@@ -163,7 +170,11 @@ def agreement(table: pd.DataFrame) -> pd.DataFrame:
     rows = []
     for recipe, group in table.groupby("recipe", sort=False):
         row = {"recipe": recipe, "SAE seeds": group["sae_seed"].nunique()}
-        subsets = {"all": group, "identifiable": group[group["identifiable"]], "VE >= 0.9": group[group["variance_explained"] >= 0.9]}
+        subsets = {
+            "all": group,
+            "identifiable": group[group["identifiable"]],
+            "VE >= 0.9": group[group["variance_explained"] >= 0.9],
+        }
         for name, subset in subsets.items():
             row[f"r {name}"] = subset["F"].corr(subset["ground_truth"]) if len(subset) > 2 else math.nan
             row[f"MAE {name}"] = (subset["F"] - subset["ground_truth"]).abs().mean()
@@ -176,14 +187,22 @@ def agreement(table: pd.DataFrame) -> pd.DataFrame:
 
 def plot_scatter(table: pd.DataFrame, path: Path) -> None:
     recipes = list(dict.fromkeys(table["recipe"]))
-    figure, axes = plt.subplots(1, len(recipes), figsize=(3.2 * len(recipes), 3.4), sharex=True, sharey=True, squeeze=False)
+    figure, axes = plt.subplots(
+        1, len(recipes), figsize=(3.2 * len(recipes), 3.4), sharex=True, sharey=True, squeeze=False
+    )
     top = max(table["ground_truth"].max(), table["F"].max()) * 1.05
     for ax, recipe in zip(axes[0], recipes):
         rows = table[table["recipe"] == recipe]
         for identifiable, marker in ((True, "o"), (False, "x")):
             part = rows[rows["identifiable"] == identifiable]
-            ax.scatter(part["ground_truth"], part["F"], marker=marker, s=14, alpha=0.7,
-                       label="S >= 0.8" if identifiable else "S < 0.8")
+            ax.scatter(
+                part["ground_truth"],
+                part["F"],
+                marker=marker,
+                s=14,
+                alpha=0.7,
+                label="S >= 0.8" if identifiable else "S < 0.8",
+            )
         ax.plot([0, top], [0, top], color="grey", ls="--", lw=0.8)
         ax.set_title(recipe, fontsize=9)
         ax.set_xlabel("ground truth (||W_i|| > 0.5)")
@@ -194,7 +213,9 @@ def plot_scatter(table: pd.DataFrame, path: Path) -> None:
     plt.close(figure)
 
 
-def write_readme(path: Path, args: argparse.Namespace, table: pd.DataFrame, stats: pd.DataFrame, command: str, seconds: float) -> None:
+def write_readme(
+    path: Path, args: argparse.Namespace, table: pd.DataFrame, stats: pd.DataFrame, command: str, made_by: str
+) -> None:
     default = stats.set_index("recipe").loc["default"] if "default" in set(stats["recipe"]) else None
     verdict = ""
     if default is not None:
@@ -209,7 +230,7 @@ def write_readme(path: Path, args: argparse.Namespace, table: pd.DataFrame, stat
     )
     path.write_text(f"""# Toy validation: does F count the features a toy model stores, through the recipes users run?
 
-Made by (from the repository root, {seconds / 60:.1f} min on {args.threads} CPU thread(s)):
+{made_by}
 
     {command}
 
@@ -255,10 +276,15 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     started = time.perf_counter()
-    if args.combine:
+    made_by = f"Made by (from the repository root, {{minutes:.1f}} min on {args.threads} CPU thread(s)):"
+    if args.combine:  # the parts' own lines (timing, command), then this command
         table = pd.concat([pd.read_csv(folder / "table.csv") for folder in args.combine], ignore_index=True)
-        parts = [(folder / "README.md").read_text().split("\n")[4].strip() for folder in args.combine]
-        argv = argv + ["# pooling the runs of: " + "; ".join(parts)]
+        lines = [(folder / "README.md").read_text().split("\n") for folder in args.combine]
+        made_by = (
+            "Made by, from the repository root, each part run as its own process:\n\n"
+            + "\n\n".join(f"{part[2]}\n\n{part[4]}" for part in lines)
+            + "\n\nand pooled by:"
+        )
     else:
         with torch_threads(args.threads):
             table = run_sweep(args)
@@ -266,8 +292,15 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     table.to_csv(args.out / "table.csv", index=False)
     stats = agreement(table)
     plot_scatter(table, args.out / "scatter.png")
-    write_readme(args.out / "README.md", args, table, stats, study_command("experiments.toy_validation", argv),
-                 time.perf_counter() - started)
+    command = study_command("experiments.toy_validation", argv)
+    write_readme(
+        args.out / "README.md",
+        args,
+        table,
+        stats,
+        command,
+        made_by.format(minutes=(time.perf_counter() - started) / 60),
+    )
     print(stats.round(3).to_string(index=False))
     return table
 
