@@ -27,8 +27,10 @@ def require_peers(script: str) -> None:
     missing = [module for module in PEERS[script] if importlib.util.find_spec(module) is None]
     if not missing:
         return
-    message = (f"{script} needs the bench extra's peers, missing: {missing}. Install: pip install -e '.[bench]' && "
-               "pip install --no-deps dictionary-learning==0.1.0")
+    message = (
+        f"{script} needs the bench extra's peers, missing: {missing}. Install: pip install -e '.[bench]' && "
+        "pip install --no-deps dictionary-learning==0.1.0"
+    )
     if os.environ.get("LM_SUPERPOSITION_REQUIRE_BENCH") == "1":
         pytest.fail(message)
     pytest.skip(message)
@@ -36,8 +38,13 @@ def require_peers(script: str) -> None:
 
 def run_smoke(script: str, out: Path) -> subprocess.CompletedProcess:
     require_peers(script)
-    result = subprocess.run([sys.executable, str(BENCHMARKS / script), "--smoke", "--out", str(out)],
-                            capture_output=True, text=True, timeout=600, cwd=BENCHMARKS)
+    result = subprocess.run(
+        [sys.executable, str(BENCHMARKS / script), "--smoke", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=BENCHMARKS,
+    )
     assert result.returncode == 0, (result.stdout[-2000:], result.stderr[-3000:])
     return result
 

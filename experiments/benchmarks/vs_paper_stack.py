@@ -57,17 +57,18 @@ import sys
 import tempfile
 import time
 import warnings
+from functools import partial
 from importlib.metadata import version
 from pathlib import Path
 
 import pandas as pd
 import torch
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-
 from lm_superposition import LayerwiseAnalyzer, effective_features, load_model, measure_layers, paper_hooks
 from lm_superposition.data import TokenWindows
 from lm_superposition.saes import load_dictionary_learning_sae  # the project's ae.pt loader (not a top-level name)
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 F_TOLERANCE = 1e-6
 TARGET_L0_FRACTION = 200 / 32_768  # codes on per token and latent, as in trained dictionaries
@@ -75,13 +76,30 @@ MODEL_NAME = "pythia-70m-deduped"
 
 # Pythia-70M's Hugging Face config (EleutherAI/pythia-70m-deduped); random weights cost what trained ones do.
 PYTHIA_70M_CONFIG = dict(
-    vocab_size=50304, hidden_size=512, num_hidden_layers=6, num_attention_heads=8, intermediate_size=2048,
-    rotary_pct=0.25, rotary_emb_base=10000, use_parallel_residual=True, hidden_act="gelu",
-    max_position_embeddings=2048, layer_norm_eps=1e-5, bos_token_id=0, eos_token_id=0, tie_word_embeddings=False,
+    vocab_size=50304,
+    hidden_size=512,
+    num_hidden_layers=6,
+    num_attention_heads=8,
+    intermediate_size=2048,
+    rotary_pct=0.25,
+    rotary_emb_base=10000,
+    use_parallel_residual=True,
+    hidden_act="gelu",
+    max_position_embeddings=2048,
+    layer_norm_eps=1e-5,
+    bos_token_id=0,
+    eos_token_id=0,
+    tie_word_embeddings=False,
 )
 # --smoke: the same architecture options, tiny.
-SMOKE_CONFIG = PYTHIA_70M_CONFIG | dict(vocab_size=512, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                        intermediate_size=256, max_position_embeddings=256)
+SMOKE_CONFIG = PYTHIA_70M_CONFIG | dict(
+    vocab_size=512,
+    hidden_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    intermediate_size=256,
+    max_position_embeddings=256,
+)
 
 
 # ---- the shared setup: one model folder, one set of ae.pt files -------------------------------
@@ -99,14 +117,21 @@ def save_random_model(config: dict, folder: Path) -> None:
     torch.manual_seed(0)
     GPTNeoXForCausalLM(GPTNeoXConfig(**config)).eval().save_pretrained(folder)
     vocab = {f"t{i}": i for i in range(config["vocab_size"])}
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(WordLevel(vocab, unk_token="t1")),
-                                        bos_token="t0", eos_token="t0", pad_token="t0", unk_token="t1")
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer(WordLevel(vocab, unk_token="t1")),
+        bos_token="t0",
+        eos_token="t0",
+        pad_token="t0",
+        unk_token="t1",
+    )
     tokenizer.save_pretrained(folder)
 
 
 def paper_layer_names(n_layers: int) -> list[str]:
     """The paper's layer_specs: embed, then attn_out, mlp_out and resid_out of every layer."""
-    return ["embed"] + [f"{kind}_layer{layer}" for layer in range(n_layers) for kind in ("attn_out", "mlp_out", "resid_out")]
+    return ["embed"] + [
+        f"{kind}_layer{layer}" for layer in range(n_layers) for kind in ("attn_out", "mlp_out", "resid_out")
+    ]
 
 
 def tl_hook_name(paper_name: str) -> str:
@@ -114,7 +139,10 @@ def tl_hook_name(paper_name: str) -> str:
     if paper_name == "embed":
         return "blocks.0.hook_resid_pre"  # Pythia: rotary, so the residual stream starts as the embedding
     kind, layer = paper_name.rsplit("_layer", 1)
-    return f"blocks.{layer}." + {"attn_out": "hook_attn_out", "mlp_out": "hook_mlp_out", "resid_out": "hook_resid_post"}[kind]
+    return (
+        f"blocks.{layer}."
+        + {"attn_out": "hook_attn_out", "mlp_out": "hook_mlp_out", "resid_out": "hook_resid_post"}[kind]
+    )
 
 
 def ae_path(dictionaries: Path, paper_name: str, d_sae: int) -> Path:
@@ -137,9 +165,17 @@ def save_random_dictionaries(folder: Path, dictionaries: Path, d_sae: int, docum
     outputs = {}
     modules = {"embed": model.gpt_neox.embed_in}
     for layer, block in enumerate(model.gpt_neox.layers):
-        modules |= {f"attn_out_layer{layer}": block.attention, f"mlp_out_layer{layer}": block.mlp, f"resid_out_layer{layer}": block}
-    handles = [module.register_forward_hook(lambda m, i, o, name=name: outputs.__setitem__(name, o[0] if isinstance(o, tuple) else o))
-               for name, module in modules.items()]
+        modules |= {
+            f"attn_out_layer{layer}": block.attention,
+            f"mlp_out_layer{layer}": block.mlp,
+            f"resid_out_layer{layer}": block,
+        }
+    handles = [
+        module.register_forward_hook(
+            lambda m, i, o, name=name: outputs.__setitem__(name, o[0] if isinstance(o, tuple) else o)
+        )
+        for name, module in modules.items()
+    ]
     model(documents)
     for handle in handles:
         handle.remove()
@@ -178,7 +214,9 @@ class PaperStack:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # nnsight 0.8 deprecates LanguageModel, the class the paper uses
             # nnsight 0.8.1 cannot find a local folder's tokenizer by itself: pass it in.
-            self.model = LanguageModel(str(folder), tokenizer=AutoTokenizer.from_pretrained(folder), device_map="cpu", dispatch=True)
+            self.model = LanguageModel(
+                str(folder), tokenizer=AutoTokenizer.from_pretrained(folder), device_map="cpu", dispatch=True
+            )
         self.device = torch.device("cpu")
         config = self.model.config
         self.layers = paper_layer_names(config.num_hidden_layers)
@@ -186,7 +224,9 @@ class PaperStack:
         self.saes = {}
         for name in self.layers:
             sae = AutoEncoder(config.hidden_size, d_sae)
-            sae.load_state_dict(torch.load(ae_path(dictionaries, name, d_sae), weights_only=True, map_location=self.device))
+            sae.load_state_dict(
+                torch.load(ae_path(dictionaries, name, d_sae), weights_only=True, map_location=self.device)
+            )
             self.saes[name] = sae.to(self.device).eval()
 
     def _module_output(self, name: str):
@@ -247,8 +287,10 @@ class Ours:
         self.hooks = [hook.name for hook in paper_hooks(self.model)]
         by_hook = {tl_hook_name(name): name for name in paper_layer_names(self.model.cfg.n_layers)}
         assert set(by_hook) == set(self.hooks), (sorted(by_hook), self.hooks)
-        self.saes = {hook: load_dictionary_learning_sae(ae_path(dictionaries, by_hook[hook], d_sae), hook, model_name=MODEL_NAME)
-                     for hook in self.hooks}
+        self.saes = {
+            hook: load_dictionary_learning_sae(ae_path(dictionaries, by_hook[hook], d_sae), hook, model_name=MODEL_NAME)
+            for hook in self.hooks
+        }
         self.batch_size = batch_size
 
     @staticmethod
@@ -259,14 +301,26 @@ class Ours:
 
     def measure(self, documents: torch.Tensor) -> pd.DataFrame:
         """The public call: measure_layers, its table included."""
-        return measure_layers(self.model, self.saes, self.windows(documents), batch_size=self.batch_size, progress=False,
-                              model_name=MODEL_NAME, **self.OPTIONS)
+        return measure_layers(
+            self.model,
+            self.saes,
+            self.windows(documents),
+            batch_size=self.batch_size,
+            progress=False,
+            model_name=MODEL_NAME,
+            **self.OPTIONS,
+        )
 
     def run_seed(self, documents: torch.Tensor):
         """The measurement without the table (no bootstrap intervals): the per-token rate a
         long run (the paper's 20,000 documents) approaches, where the per-call table cost vanishes."""
-        analyzer = LayerwiseAnalyzer(self.model, self.saes, batch_size=self.batch_size, model_name=MODEL_NAME,
-                                     merge_duplicates=self.OPTIONS["merge_duplicates"])
+        analyzer = LayerwiseAnalyzer(
+            self.model,
+            self.saes,
+            batch_size=self.batch_size,
+            model_name=MODEL_NAME,
+            merge_duplicates=self.OPTIONS["merge_duplicates"],
+        )
         return analyzer.run_seed(self.windows(documents), seed=0, progress=False)
 
     def duplicate_search_seconds(self) -> float:
@@ -286,9 +340,19 @@ def f_differences(table: pd.DataFrame, paper_sums: dict[str, torch.Tensor], pape
         hook = tl_hook_name(name)
         f_ours = float(ours.loc[hook, "F"])
         f_exact = effective_features(sums.double())
-        rows.append({"hook": hook, "paper_module": name, "tokens": int(ours.loc[hook, "tokens"]), "mean_l0": float(ours.loc[hook, "mean_l0"]),
-                     "F_ours": f_ours, "F_paper_totals": f_exact, "F_paper_printed": paper_f[name],
-                     "rel_diff": abs(f_ours / f_exact - 1), "rel_diff_printed": abs(f_ours / paper_f[name] - 1)})
+        rows.append(
+            {
+                "hook": hook,
+                "paper_module": name,
+                "tokens": int(ours.loc[hook, "tokens"]),
+                "mean_l0": float(ours.loc[hook, "mean_l0"]),
+                "F_ours": f_ours,
+                "F_paper_totals": f_exact,
+                "F_paper_printed": paper_f[name],
+                "rel_diff": abs(f_ours / f_exact - 1),
+                "rel_diff_printed": abs(f_ours / paper_f[name] - 1),
+            }
+        )
     return pd.DataFrame(rows)
 
 
@@ -297,24 +361,35 @@ def f_differences(table: pd.DataFrame, paper_sums: dict[str, torch.Tensor], pape
 
 def markdown(table: pd.DataFrame) -> str:
     """A GitHub table (pandas' to_markdown needs tabulate, which is not a dependency)."""
+
     def cell(value) -> str:
         if isinstance(value, float):
             if math.isnan(value):
                 return ""
             return f"{value:.2e}" if 0 < abs(value) < 1e-3 else f"{value:,.3g}" if abs(value) < 100 else f"{value:,.0f}"
         return str(value)
+
     lines = ["| " + " | ".join(table.columns) + " |", "|" + "---|" * len(table.columns)]
     lines += ["| " + " | ".join(cell(value) for value in row) + " |" for row in table.itertuples(index=False)]
     return "\n".join(lines)
 
 
 def machine_line() -> str:
-    cpus = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")]
-    return f"{cpus[0] if cpus else 'unknown CPU'}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, float32, no GPU"
+    cpus = [
+        line.split(":", 1)[1].strip()
+        for line in Path("/proc/cpuinfo").read_text().splitlines()
+        if line.startswith("model name")
+    ]
+    return (
+        f"{cpus[0] if cpus else 'unknown CPU'}, {os.cpu_count()} cores, "
+        f"{torch.get_num_threads()} torch threads, float32, no GPU"
+    )
 
 
 def load_line(before, after) -> str:
-    return "; ".join(f"{when} {', '.join(f'{x:.2f}' for x in values)}" for when, values in (("before", before), ("after", after)))
+    return "; ".join(
+        f"{when} {', '.join(f'{x:.2f}' for x in values)}" for when, values in (("before", before), ("after", after))
+    )
 
 
 # ---- the run -----------------------------------------------------------------------------------------
@@ -340,20 +415,39 @@ def profile_top(function, n: int) -> str:
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--documents", type=int, default=32,
-                        help="documents per round, measured by both, one public call each (default 32: 4,096 tokens)")
+    parser.add_argument(
+        "--documents",
+        type=int,
+        default=32,
+        help="documents per round, measured by both, one public call each (default 32: 4,096 tokens)",
+    )
     parser.add_argument("--rounds", type=int, default=4, help="timed rounds after a warm-up round (default 4)")
     parser.add_argument("--context", type=int, default=128, help="tokens per document (default 128)")
     parser.add_argument("--d-sae", type=int, default=32_768, help="latents per dictionary (the paper's: 32,768)")
-    parser.add_argument("--batch-size", type=int, default=8, help="windows per forward pass for ours (measure_layers' default 8)")
+    parser.add_argument(
+        "--batch-size", type=int, default=8, help="windows per forward pass for ours (measure_layers' default 8)"
+    )
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's, one per core)")
     parser.add_argument("--backend", default=None, help="load_model's backend (default: the package's default)")
-    parser.add_argument("--profile", type=int, default=0, metavar="N",
-                        help="after the rounds, cProfile one more round of each and print its N top functions")
-    parser.add_argument("--smoke", action="store_true",
-                        help="tiny model (d_model 64, 2 layers), 256-latent dictionaries, 2 rounds of 4 documents of 32 tokens, 1 thread")
-    parser.add_argument("--out", type=Path, default=REPO_ROOT / "results" / "benchmarks" / "peers",
-                        help="folder for vs_paper_stack{,_smoke}.{md,csv}")
+    parser.add_argument(
+        "--profile",
+        type=int,
+        default=0,
+        metavar="N",
+        help="after the rounds, cProfile one more round of each and print its N top functions",
+    )
+    parser.add_argument(
+        "--smoke",
+        action="store_true",
+        help="tiny model (d_model 64, 2 layers), 256-latent dictionaries, "
+        "2 rounds of 4 documents of 32 tokens, 1 thread",
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=REPO_ROOT / "results" / "benchmarks" / "peers",
+        help="folder for vs_paper_stack{,_smoke}.{md,csv}",
+    )
     args = parser.parse_args(argv)
     if args.smoke:
         args.documents, args.rounds, args.context, args.d_sae, args.batch_size, args.threads = 4, 2, 32, 256, 2, 1
@@ -379,7 +473,9 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(prefix="vs_paper_stack-") as tmp:
         folder, dictionaries = Path(tmp) / "model", Path(tmp) / "dictionaries"
         save_random_model(config, folder)
-        save_random_dictionaries(folder, dictionaries, args.d_sae, random_documents(4, args.context, config["vocab_size"], seed=10_000))
+        save_random_dictionaries(
+            folder, dictionaries, args.d_sae, random_documents(4, args.context, config["vocab_size"], seed=10_000)
+        )
         paper = PaperStack(folder, dictionaries, args.d_sae)
         ours = Ours(folder, dictionaries, args.d_sae, args.batch_size, args.backend)
         calls = {"ours": ours.measure, "ours_run_seed": ours.run_seed, "paper": paper.measure}
@@ -389,7 +485,7 @@ def main(argv=None) -> int:
         for index in range(args.rounds + 1):  # round 0 warms everything up and is not kept
             documents = random_documents(args.documents, args.context, config["vocab_size"], seed=index)
             order = names[index % len(names) :] + names[: index % len(names)]  # who goes first rotates
-            runs = {name: timed(lambda: calls[name](documents)) for name in order}
+            runs = {name: timed(partial(calls[name], documents)) for name in order}
             if index == 0:
                 continue
             tokens = documents.numel()
@@ -405,61 +501,106 @@ def main(argv=None) -> int:
         profiles, duplicate_seconds = {}, math.nan
         if args.profile:
             documents = random_documents(args.documents, args.context, config["vocab_size"], seed=args.rounds + 1)
-            profiles = {name: profile_top(lambda: calls[name](documents), args.profile) for name in ("ours", "paper")}
+            profiles = {name: profile_top(partial(calls[name], documents), args.profile) for name in ("ours", "paper")}
             duplicate_seconds = ours.duplicate_search_seconds()
     load_after = os.getloadavg()
 
     rounds = pd.DataFrame(rounds)
     differences = pd.concat(differences, ignore_index=True)
     tokens = rounds.tokens.sum()
-    speed = pd.DataFrame([{"measurement": PHASES[name], "tokens": tokens, "seconds": rounds[f"{name}_seconds"].sum(),
-                           "cpu_s_per_1k_tokens": 1000 * rounds[f"{name}_cpu_seconds"].sum() / tokens} for name in names])
+    speed = pd.DataFrame(
+        [
+            {
+                "measurement": PHASES[name],
+                "tokens": tokens,
+                "seconds": rounds[f"{name}_seconds"].sum(),
+                "cpu_s_per_1k_tokens": 1000 * rounds[f"{name}_cpu_seconds"].sum() / tokens,
+            }
+            for name in names
+        ]
+    )
     speed.insert(3, "tokens_per_s", speed.tokens / speed.seconds)
     speed["vs_paper"] = speed.tokens_per_s / speed.tokens_per_s[names.index("paper")]
     speed["vs_paper_cpu"] = speed.cpu_s_per_1k_tokens[names.index("paper")] / speed.cpu_s_per_1k_tokens
     # The paired ratios, round by round, are the least sensitive to the machine's load swinging between phases.
     speed["median_round_vs_paper"] = [rounds[f"{name}_vs_paper"].median() if name != "paper" else 1.0 for name in names]
-    speed["median_round_vs_paper_cpu"] = [rounds[f"{name}_vs_paper_cpu"].median() if name != "paper" else 1.0 for name in names]
+    speed["median_round_vs_paper_cpu"] = [
+        rounds[f"{name}_vs_paper_cpu"].median() if name != "paper" else 1.0 for name in names
+    ]
     max_diff, max_diff_printed = differences.rel_diff.max(), differences.rel_diff_printed.max()
     per_hook = differences[differences["round"] == 1].drop(columns="round")
     table_seconds = (rounds.ours_seconds - rounds.ours_run_seed_seconds).median()
 
-    command = "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(__file__, REPO_ROOT), *(sys.argv[1:] if argv is None else argv)])
+    command = "python " + " ".join(
+        shlex.quote(a) for a in [os.path.relpath(__file__, REPO_ROOT), *(sys.argv[1:] if argv is None else argv)]
+    )
     n_layers = config["num_hidden_layers"]
     options = ", ".join(f"{key}={value}" for key, value in Ours.OPTIONS.items())
-    text = "\n\n".join([
-        "# Layer-wise measurement: ours vs the paper's stack (nnsight + dictionary_learning)",
-        f"Command: `{command}`  \n"
-        f"Machine: {machine_line()}  \n"
-        f"Versions: {', '.join(f'{p} {version(p)}' for p in ('torch', 'transformers', 'nnsight', 'dictionary-learning', 'transformer-lens', 'sae-lens', 'lm-superposition'))}  \n"
-        f"Model: random-init GPTNeoXForCausalLM, {n_layers} layers, d_model {config['hidden_size']}, {config['num_attention_heads']} heads, "
-        f"d_mlp {config['intermediate_size']}, rotary_pct {config['rotary_pct']}, vocab {config['vocab_size']}, parallel residual; "
-        f"{len(per_hook)} hooks, dictionary_learning AutoEncoders of {args.d_sae} latents (mean L0 {per_hook.mean_l0.mean():.0f}); "
-        f"ours through `load_model(folder)` ({ours.backend}) and the project's ae.pt loader  \n"
-        f"Tokens: {args.rounds} rounds x {args.documents} documents x {args.context} tokens (random ids, no BOS), the same for all; "
-        f"ours {args.batch_size} documents per forward pass, options {options} (the paper's loop does neither)  \n"
-        f"F check: largest relative difference of F over hooks and rounds, ours vs exp(H) of the paper's float32 totals "
-        f"**{max_diff:.1e}** (target <= {F_TOLERANCE:g}); vs the F the paper's script prints (eps 1e-12 in its log) {max_diff_printed:.1e}  \n"
-        f"Table (bootstrap intervals) per call: {table_seconds:.1f} s (median over rounds of measure_layers minus run_seed)"
-        + (f"; measure_layers' default merge_duplicates=True would add {duplicate_seconds:.1f} s per SAE per call "
-           f"(duplicate-latent search, timed once on one {args.d_sae}-latent SAE)" if not math.isnan(duplicate_seconds) else "") + "  \n"
-        f"Load average (1, 5, 15 min): {load_line(load_before, load_after)}",
-        markdown(speed),
-        "Per round (the order rotates; round 0 was a warm-up):",
-        markdown(rounds),
-        "F per hook, round 1:",
-        markdown(per_hook),
-        *([f"cProfile of one more round, {name} (top functions by own time):\n\n```\n{profile}\n```" for name, profile in profiles.items()]),
-    ])
+    packages = (
+        "torch",
+        "transformers",
+        "nnsight",
+        "dictionary-learning",
+        "transformer-lens",
+        "sae-lens",
+        "lm-superposition",
+    )
+    versions = ", ".join(f"{p} {version(p)}" for p in packages)
+    text = "\n\n".join(
+        [
+            "# Layer-wise measurement: ours vs the paper's stack (nnsight + dictionary_learning)",
+            f"Command: `{command}`  \n"
+            f"Machine: {machine_line()}  \n"
+            f"Versions: {versions}  \n"
+            f"Model: random-init GPTNeoXForCausalLM, {n_layers} layers, d_model {config['hidden_size']}, "
+            f"{config['num_attention_heads']} heads, "
+            f"d_mlp {config['intermediate_size']}, rotary_pct {config['rotary_pct']}, vocab {config['vocab_size']}, "
+            f"parallel residual; "
+            f"{len(per_hook)} hooks, dictionary_learning AutoEncoders of {args.d_sae} latents "
+            f"(mean L0 {per_hook.mean_l0.mean():.0f}); "
+            f"ours through `load_model(folder)` ({ours.backend}) and the project's ae.pt loader  \n"
+            f"Tokens: {args.rounds} rounds x {args.documents} documents x {args.context} tokens "
+            f"(random ids, no BOS), the same for all; "
+            f"ours {args.batch_size} documents per forward pass, options {options} (the paper's loop does neither)  \n"
+            f"F check: largest relative difference of F over hooks and rounds, "
+            f"ours vs exp(H) of the paper's float32 totals "
+            f"**{max_diff:.1e}** (target <= {F_TOLERANCE:g}); "
+            f"vs the F the paper's script prints (eps 1e-12 in its log) {max_diff_printed:.1e}  \n"
+            f"Table (bootstrap intervals) per call: {table_seconds:.1f} s "
+            f"(median over rounds of measure_layers minus run_seed)"
+            + (
+                f"; measure_layers' default merge_duplicates=True would add {duplicate_seconds:.1f} s per SAE per call "
+                f"(duplicate-latent search, timed once on one {args.d_sae}-latent SAE)"
+                if not math.isnan(duplicate_seconds)
+                else ""
+            )
+            + "  \n"
+            f"Load average (1, 5, 15 min): {load_line(load_before, load_after)}",
+            markdown(speed),
+            "Per round (the order rotates; round 0 was a warm-up):",
+            markdown(rounds),
+            "F per hook, round 1:",
+            markdown(per_hook),
+            *(
+                [
+                    f"cProfile of one more round, {name} (top functions by own time):\n\n```\n{profile}\n```"
+                    for name, profile in profiles.items()
+                ]
+            ),
+        ]
+    )
     print(text)
     args.out.mkdir(parents=True, exist_ok=True)
     stem = args.out / ("vs_paper_stack_smoke" if args.smoke else "vs_paper_stack")
     stem.with_suffix(".md").write_text(text + "\n")
-    pd.concat([speed.assign(table="speed"), rounds.assign(table="rounds"), differences.assign(table="f_per_hook")]).to_csv(
-        stem.with_suffix(".csv"), index=False)
+    pd.concat(
+        [speed.assign(table="speed"), rounds.assign(table="rounds"), differences.assign(table="f_per_hook")]
+    ).to_csv(stem.with_suffix(".csv"), index=False)
     print(f"\nwrote {stem}.md and {stem}.csv")
     if not max_diff <= F_TOLERANCE:
-        print(f"FAIL: F differs by {max_diff:.2e} > {F_TOLERANCE:g} between ours and the paper's stack", file=sys.stderr)
+        print(
+            f"FAIL: F differs by {max_diff:.2e} > {F_TOLERANCE:g} between ours and the paper's stack", file=sys.stderr
+        )
         return 1
     return 0
 

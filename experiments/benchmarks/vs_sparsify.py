@@ -19,7 +19,8 @@ first of each round rotates), each round training fresh SAEs; the whole call and
 forward passes alone (what the training time is made of) run in the first round only. Reported:
 wall tokens/s and CPU seconds (this process, all threads) per 1k tokens, their ratios to
 sparsify's over the same rounds, and the medians of the paired per-round ratios: on the shared
-2-core machine wall time swings with other jobs, CPU time much less. Held-out variance explained, 1 - sum |x - x_hat|^2 / sum |x - mean x|^2
+2-core machine wall time swings with other jobs, CPU time much less. \
+Held-out variance explained, 1 - sum |x - x_hat|^2 / sum |x - mean x|^2
 over the held-out windows' tokens (SAE-Lens's ExplainedVarianceCalculator, as the project's
 quality check), is computed the same way for both, each SAE on its own stack's activations; the
 report also gives how far the two stacks' activations are apart (they should agree to float noise).
@@ -63,10 +64,19 @@ from lm_superposition.data import TokenWindows
 from lm_superposition.models import offline_cache_dir
 from lm_superposition.saes import train_saes_for_model  # what `lm-superposition train-sae` runs (not a top-level name)
 
-try:  # run as a script (python experiments/benchmarks/vs_sparsify.py) or as a module (python -m experiments.benchmarks.vs_sparsify)
+# Run as a script (python experiments/benchmarks/vs_sparsify.py) or as a module
+# (python -m experiments.benchmarks.vs_sparsify).
+try:
     from vs_paper_stack import PYTHIA_70M_CONFIG, SMOKE_CONFIG, load_line, machine_line, markdown, save_random_model
 except ImportError:
-    from experiments.benchmarks.vs_paper_stack import PYTHIA_70M_CONFIG, SMOKE_CONFIG, load_line, machine_line, markdown, save_random_model
+    from experiments.benchmarks.vs_paper_stack import (
+        PYTHIA_70M_CONFIG,
+        SMOKE_CONFIG,
+        load_line,
+        machine_line,
+        markdown,
+        save_random_model,
+    )
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 ACTIVATION_TOLERANCE = 1e-4  # relative: the two stacks must hand their SAEs the same activations
@@ -95,9 +105,13 @@ class Setup:
             self.model = load_model(str(hf_folder))
             layers = args.layers or ([0, 1] if args.smoke else [1, 3, 5])
             n = args.windows + args.eval_windows
-            tokens = torch.randint(1, config["vocab_size"], (n, args.context), generator=torch.Generator().manual_seed(0))
+            tokens = torch.randint(
+                1, config["vocab_size"], (n, args.context), generator=torch.Generator().manual_seed(0)
+            )
             tokens[:, 0] = config["bos_token_id"]
-            windows = TokenWindows(tokens, torch.arange(n).unsqueeze(1).expand(n, args.context).contiguous(), config["bos_token_id"], None)
+            windows = TokenWindows(
+                tokens, torch.arange(n).unsqueeze(1).expand(n, args.context).contiguous(), config["bos_token_id"], None
+            )
         self.hf_model = AutoModel.from_pretrained(hf_folder, dtype=torch.float32).eval()
         self.hf_name = str(hf_folder)
 
@@ -119,15 +133,27 @@ class Setup:
 
 def our_config(args, setup: Setup) -> SAETrainingConfig:
     return SAETrainingConfig(
-        architecture="topk", k=args.k, d_sae=args.width, lr=args.lr,
+        architecture="topk",
+        k=args.k,
+        d_sae=args.width,
+        lr=args.lr,
         batch_size_tokens=args.windows_per_step * (args.context - 1),
-        training_tokens=setup.train.n_tokens, seed=0, model_name=setup.model.cfg.model_name,
+        training_tokens=setup.train.n_tokens,
+        seed=0,
+        model_name=setup.model.cfg.model_name,
     )
 
 
 def train_ours(args, setup: Setup) -> dict:
-    stream = stream_activations(setup.model, setup.train, list(setup.hooks), batch_size=args.forward_batch, progress=False)
-    saes = train_saes((batch.activations for batch in stream), {hook: setup.d_in for hook in setup.hooks}, our_config(args, setup), progress=False)
+    stream = stream_activations(
+        setup.model, setup.train, list(setup.hooks), batch_size=args.forward_batch, progress=False
+    )
+    saes = train_saes(
+        (batch.activations for batch in stream),
+        {hook: setup.d_in for hook in setup.hooks},
+        our_config(args, setup),
+        progress=False,
+    )
     return {"saes": saes, "tokens": next(iter(saes.values())).cfg.metadata.training_tokens}
 
 
@@ -135,8 +161,16 @@ def train_ours_whole(args, setup: Setup, out: Path) -> dict:
     """train_saes_for_model on the training windows plus the first --whole-eval-windows held-out
     windows, which it holds out for its own quality check (a CE-loss check per hook)."""
     windows = setup.all[: args.windows + args.whole_eval_windows]
-    folders = train_saes_for_model(setup.model, list(setup.hooks), windows, our_config(args, setup), out,
-                                   batch_size=args.forward_batch, n_eval_windows=args.whole_eval_windows, progress=False)
+    folders = train_saes_for_model(
+        setup.model,
+        list(setup.hooks),
+        windows,
+        our_config(args, setup),
+        out,
+        batch_size=args.forward_batch,
+        n_eval_windows=args.whole_eval_windows,
+        progress=False,
+    )
     quality = {hook: json.loads((folder / "quality.json").read_text()) for hook, folder in folders.items()}
     return {"quality": quality, "tokens": next(iter(quality.values()))["training_tokens"]}
 
@@ -147,9 +181,13 @@ def train_sparsify(args, setup: Setup, out: Path) -> dict:
 
     dataset = Dataset.from_dict({"input_ids": setup.train.tokens.tolist()}).with_format("torch")
     config = TrainConfig(
-        SaeConfig(num_latents=args.width, k=args.k), batch_size=args.windows_per_step,
-        hookpoints=list(setup.hooks.values()), exclude_tokens=[setup.bos], log_to_wandb=False,
-        save_dir=str(out), save_every=10**9,
+        SaeConfig(num_latents=args.width, k=args.k),
+        batch_size=args.windows_per_step,
+        hookpoints=list(setup.hooks.values()),
+        exclude_tokens=[setup.bos],
+        log_to_wandb=False,
+        save_dir=str(out),
+        save_every=10**9,
     )
     precision = torch.get_float32_matmul_precision()  # fit() sets "high"; ours must not run under it
     try:
@@ -158,16 +196,24 @@ def train_sparsify(args, setup: Setup, out: Path) -> dict:
             trainer.fit()
     finally:
         torch.set_float32_matmul_precision(precision)
-    used = (len(dataset) // args.windows_per_step) * args.windows_per_step  # whole batches, as its DataLoader gives them
-    tokens = int((setup.train.tokens[:used] != setup.bos).sum())  # exclude_tokens=[BOS] drops every BOS, also mid-window ones
+    used = (
+        len(dataset) // args.windows_per_step
+    ) * args.windows_per_step  # whole batches, as its DataLoader gives them
+    tokens = int(
+        (setup.train.tokens[:used] != setup.bos).sum()
+    )  # exclude_tokens=[BOS] drops every BOS, also mid-window ones
     return {"saes": {hook: trainer.saes[module] for hook, module in setup.hooks.items()}, "tokens": tokens}
 
 
 @torch.no_grad()
 def forward_ours(args, setup: Setup) -> dict:
     """Only the forward passes train_ours makes: the activation stream, consumed and dropped."""
-    tokens = sum(batch.n_tokens for batch in stream_activations(setup.model, setup.train, list(setup.hooks),
-                                                                 batch_size=args.forward_batch, progress=False))
+    tokens = sum(
+        batch.n_tokens
+        for batch in stream_activations(
+            setup.model, setup.train, list(setup.hooks), batch_size=args.forward_batch, progress=False
+        )
+    )
     return {"tokens": tokens}
 
 
@@ -192,7 +238,10 @@ def held_out_activations(setup: Setup) -> tuple[dict[str, torch.Tensor], dict[st
             ours[hook].append(acts)
     theirs, captured = {hook: [] for hook in setup.hooks}, {}
     modules = {setup.hf_model.get_submodule(module): hook for hook, module in setup.hooks.items()}
-    handles = [m.register_forward_hook(lambda m, i, o: captured.__setitem__(modules[m], o[0] if isinstance(o, tuple) else o)) for m in modules]
+    handles = [
+        m.register_forward_hook(lambda m, i, o: captured.__setitem__(modules[m], o[0] if isinstance(o, tuple) else o))
+        for m in modules
+    ]
     keep = setup.eval.measured_mask
     try:
         for start in range(0, len(setup.eval), 8):
@@ -216,7 +265,11 @@ def quality(reconstruct, acts: torch.Tensor, d_sae: int) -> dict:
         calculator.add_batch(x_hat, chunk)
         fired[codes_idx] = True
         l0 += n_active
-    return {"variance_explained": calculator.compute(), "mean_l0": l0 / len(acts), "alive_fraction": fired.float().mean().item()}
+    return {
+        "variance_explained": calculator.compute(),
+        "mean_l0": l0 / len(acts),
+        "alive_fraction": fired.float().mean().item(),
+    }
 
 
 def ours_reconstruct(sae):
@@ -224,6 +277,7 @@ def ours_reconstruct(sae):
         codes = sae.encode(x)
         nonzero = codes != 0
         return sae.decode(codes), nonzero.any(0).nonzero().flatten(), int(nonzero.sum())
+
     return run
 
 
@@ -232,6 +286,7 @@ def sparsify_reconstruct(sae):
         out = sae(x)
         active = out.latent_indices[out.latent_acts != 0]
         return out.sae_out, active.unique(), int((out.latent_acts != 0).sum())
+
     return run
 
 
@@ -241,33 +296,80 @@ def sparsify_reconstruct(sae):
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", choices=["gemma", "pythia"], default="gemma")
-    parser.add_argument("--layers", type=int, nargs="*", default=None, help="resid_post of these layers (gemma: 3 9 15; pythia: 1 3 5)")
-    parser.add_argument("--windows", type=int, default=None, help="training windows (default 512: ~65k tokens, 256 steps)")
-    parser.add_argument("--eval-windows", type=int, default=32, help="held-out windows for variance explained (default 32)")
+    parser.add_argument(
+        "--layers", type=int, nargs="*", default=None, help="resid_post of these layers (gemma: 3 9 15; pythia: 1 3 5)"
+    )
+    parser.add_argument(
+        "--windows", type=int, default=None, help="training windows (default 512: ~65k tokens, 256 steps)"
+    )
+    parser.add_argument(
+        "--eval-windows", type=int, default=32, help="held-out windows for variance explained (default 32)"
+    )
     parser.add_argument("--context", type=int, default=128, help="tokens per window, BOS included (default 128)")
-    parser.add_argument("--windows-per-step", type=int, default=2,
-                        help="windows per optimiser step on both sides (default 2: 254 tokens, the demo's 256-token batches)")
-    parser.add_argument("--forward-batch", type=int, default=8, help="windows per forward pass for ours (train_saes_for_model's default)")
-    parser.add_argument("--width", type=int, default=None, help="latents per SAE (default 2 x d_model: 1280 on Gemma 3 270M)")
+    parser.add_argument(
+        "--windows-per-step",
+        type=int,
+        default=2,
+        help="windows per optimiser step on both sides (default 2: 254 tokens, the demo's 256-token batches)",
+    )
+    parser.add_argument(
+        "--forward-batch",
+        type=int,
+        default=8,
+        help="windows per forward pass for ours (train_saes_for_model's default)",
+    )
+    parser.add_argument(
+        "--width", type=int, default=None, help="latents per SAE (default 2 x d_model: 1280 on Gemma 3 270M)"
+    )
     parser.add_argument("--k", type=int, default=32, help="active latents per token (default 32)")
-    parser.add_argument("--lr", type=float, default=2e-3, help="our learning rate (the demo's 2e-3); sparsify keeps its own default")
-    parser.add_argument("--rounds", type=int, default=2, help="times each of the three trains, taking turns (default 2)")
+    parser.add_argument(
+        "--lr", type=float, default=2e-3, help="our learning rate (the demo's 2e-3); sparsify keeps its own default"
+    )
+    parser.add_argument(
+        "--rounds", type=int, default=2, help="times each of the three trains, taking turns (default 2)"
+    )
     parser.add_argument("--no-whole", action="store_true", help="skip the train_saes_for_model row")
     parser.add_argument("--no-split", action="store_true", help="skip timing each stack's forward passes alone")
-    parser.add_argument("--whole-eval-windows", type=int, default=1,
-                        help="windows train_saes_for_model holds out for its own quality check (default 1; --smoke: all held-out windows)")
+    parser.add_argument(
+        "--whole-eval-windows",
+        type=int,
+        default=1,
+        help="windows train_saes_for_model holds out for its own quality check "
+        "(default 1; --smoke: all held-out windows)",
+    )
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's, one per core)")
     parser.add_argument("--smoke", action="store_true", help="tiny GPTNeoX, 16 windows of 32 tokens, 1 round, 1 thread")
-    parser.add_argument("--out", type=Path, default=REPO_ROOT / "results" / "benchmarks" / "peers",
-                        help="folder for vs_sparsify_<model>{,_smoke}.{md,csv}")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=REPO_ROOT / "results" / "benchmarks" / "peers",
+        help="folder for vs_sparsify_<model>{,_smoke}.{md,csv}",
+    )
     args = parser.parse_args(argv)
     if args.smoke:
-        args.model, args.windows, args.eval_windows, args.context, args.k, args.rounds, args.threads = "pythia", 16, 4, 32, 8, 1, 1
+        args.model, args.windows, args.eval_windows, args.context, args.k, args.rounds, args.threads = (
+            "pythia",
+            16,
+            4,
+            32,
+            8,
+            1,
+            1,
+        )
         args.whole_eval_windows = args.eval_windows  # so its quality.json and this script evaluate the same tokens
     args.windows = args.windows or 512
     if args.whole_eval_windows > args.eval_windows:
         parser.error("--whole-eval-windows must be at most --eval-windows")
-    for name in ("windows", "eval_windows", "whole_eval_windows", "context", "windows_per_step", "forward_batch", "k", "rounds"):
+    for name in (
+        "windows",
+        "eval_windows",
+        "whole_eval_windows",
+        "context",
+        "windows_per_step",
+        "forward_batch",
+        "k",
+        "rounds",
+    ):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be a positive integer")
     return args
@@ -285,8 +387,10 @@ def main(argv=None) -> int:
         acts_ours, acts_hf = held_out_activations(setup)
         activation_diff = max(((acts_ours[h] - acts_hf[h]).norm() / acts_hf[h].norm()).item() for h in setup.hooks)
 
-        calls = {"ours": lambda i: train_ours(args, setup),
-                 "sparsify": lambda i: train_sparsify(args, setup, tmp / f"sparsify{i}")}
+        calls = {
+            "ours": lambda i: train_ours(args, setup),
+            "sparsify": lambda i: train_sparsify(args, setup, tmp / f"sparsify{i}"),
+        }
         once = {}  # run in the first round only: what the training's time is made of, and the whole call
         if not args.no_whole:
             once["ours_whole"] = lambda i: train_ours_whole(args, setup, tmp / f"ours{i}")
@@ -297,7 +401,9 @@ def main(argv=None) -> int:
         rounds, qualities = [], []
         for index in range(1, args.rounds + 1):
             present = list(calls) + (list(once) if index == 1 else [])
-            order = present[(index - 1) % len(present) :] + present[: (index - 1) % len(present)]  # rotate who goes first
+            order = (
+                present[(index - 1) % len(present) :] + present[: (index - 1) % len(present)]
+            )  # rotate who goes first
             row = {"round": index, "order": " > ".join(order)}
             calls_now = calls | once
             results = {}
@@ -310,76 +416,117 @@ def main(argv=None) -> int:
             row["load_1min"] = os.getloadavg()[0]
             rounds.append(row)
             for hook in setup.hooks:
-                for name, reconstruct, acts in (("ours", ours_reconstruct, acts_ours), ("sparsify", sparsify_reconstruct, acts_hf)):
+                for name, reconstruct, acts in (
+                    ("ours", ours_reconstruct, acts_ours),
+                    ("sparsify", sparsify_reconstruct, acts_hf),
+                ):
                     q = quality(reconstruct(results[name]["saes"][hook]), acts[hook], args.width)
                     qualities.append({"round": index, "hook": hook, "stack": name, **q})
                 if "ours_whole" in results:
                     own = results["ours_whole"]["quality"][hook]
-                    qualities.append({"round": index, "hook": hook, "stack": f"ours_whole (its quality.json, {args.whole_eval_windows} windows)",
-                                      "variance_explained": own["variance_explained"], "mean_l0": own["mean_l0"],
-                                      "alive_fraction": 1 - own["dead_fraction"]})
+                    qualities.append(
+                        {
+                            "round": index,
+                            "hook": hook,
+                            "stack": f"ours_whole (its quality.json, {args.whole_eval_windows} windows)",
+                            "variance_explained": own["variance_explained"],
+                            "mean_l0": own["mean_l0"],
+                            "alive_fraction": 1 - own["dead_fraction"],
+                        }
+                    )
     load_after = os.getloadavg()
 
     rounds = pd.DataFrame(rounds)
     qualities = pd.DataFrame(qualities)
-    labels = {"ours": "ours: train_saes over stream_activations (training)",
-              "sparsify": "sparsify: Trainer(cfg, dataset, AutoModel).fit()",
-              "ours_whole": "ours, whole: train_saes_for_model (training + save + quality check), round 1",
-              "ours_forward": "ours' forward passes alone (stream_activations, no SAE), round 1",
-              "sparsify_forward": "sparsify's forward passes alone (AutoModel, no hooks), round 1"}
+    labels = {
+        "ours": "ours: train_saes over stream_activations (training)",
+        "sparsify": "sparsify: Trainer(cfg, dataset, AutoModel).fit()",
+        "ours_whole": "ours, whole: train_saes_for_model (training + save + quality check), round 1",
+        "ours_forward": "ours' forward passes alone (stream_activations, no SAE), round 1",
+        "sparsify_forward": "sparsify's forward passes alone (AutoModel, no hooks), round 1",
+    }
     for name in names:  # paired per-round ratios of tokens/s (wall) and of tokens per CPU second
         for kind, column in (("", "seconds"), ("_cpu", "cpu_seconds")):
-            rounds[f"{name}_vs_sparsify{kind}"] = (rounds[f"sparsify_{column}"] / rounds[f"{name}_{column}"]
-                                                   * rounds[f"{name}_tokens"] / rounds["sparsify_tokens"])
+            rounds[f"{name}_vs_sparsify{kind}"] = (
+                rounds[f"sparsify_{column}"]
+                / rounds[f"{name}_{column}"]
+                * rounds[f"{name}_tokens"]
+                / rounds["sparsify_tokens"]
+            )
     speed = []
     for name in names:
         ran = rounds[f"{name}_seconds"].notna()
         tokens, seconds, cpu = (rounds[f"{name}_{c}"][ran].sum() for c in ("tokens", "seconds", "cpu_seconds"))
         # against sparsify over the same rounds
-        sparsify_tokens, sparsify_seconds, sparsify_cpu = (rounds[f"sparsify_{c}"][ran].sum() for c in ("tokens", "seconds", "cpu_seconds"))
-        speed.append({"training": labels[name], "tokens": int(tokens), "seconds": seconds, "tokens_per_s": tokens / seconds,
-                      "cpu_s_per_1k_tokens": 1000 * cpu / tokens,
-                      "vs_sparsify": tokens / seconds / (sparsify_tokens / sparsify_seconds),
-                      "vs_sparsify_cpu": tokens / cpu / (sparsify_tokens / sparsify_cpu),
-                      "median_round_vs_sparsify": rounds[f"{name}_vs_sparsify"][ran].median(),
-                      "median_round_vs_sparsify_cpu": rounds[f"{name}_vs_sparsify_cpu"][ran].median()})
+        sparsify_tokens, sparsify_seconds, sparsify_cpu = (
+            rounds[f"sparsify_{c}"][ran].sum() for c in ("tokens", "seconds", "cpu_seconds")
+        )
+        speed.append(
+            {
+                "training": labels[name],
+                "tokens": int(tokens),
+                "seconds": seconds,
+                "tokens_per_s": tokens / seconds,
+                "cpu_s_per_1k_tokens": 1000 * cpu / tokens,
+                "vs_sparsify": tokens / seconds / (sparsify_tokens / sparsify_seconds),
+                "vs_sparsify_cpu": tokens / cpu / (sparsify_tokens / sparsify_cpu),
+                "median_round_vs_sparsify": rounds[f"{name}_vs_sparsify"][ran].median(),
+                "median_round_vs_sparsify_cpu": rounds[f"{name}_vs_sparsify_cpu"][ran].median(),
+            }
+        )
     speed = pd.DataFrame(speed)
     ve = qualities.pivot_table(index="hook", columns="stack", values="variance_explained", aggfunc="mean", sort=False)
     ve_ok = qualities.variance_explained.map(math.isfinite).all() and {"ours", "sparsify"} <= set(qualities["stack"])
     equal_or_better = bool((ve["ours"] >= ve["sparsify"]).all())
 
-    command = "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(__file__, REPO_ROOT), *(sys.argv[1:] if argv is None else argv)])
-    model_line = ("Gemma 3 270M (offline default: dequantized Q4_K_M, fp32), the offline corpus" if args.model == "gemma" else
-                  f"random-init GPTNeoX ({'tiny smoke shape' if args.smoke else 'Pythia-70M config'}), random tokens")
-    text = "\n\n".join([
-        "# Training TopK SAEs on several hooks: ours vs eai-sparsify",
-        f"Command: `{command}`  \n"
-        f"Machine: {machine_line()}  \n"
-        f"Versions: {', '.join(f'{p} {version(p)}' for p in ('torch', 'transformers', 'eai-sparsify', 'transformer-lens', 'sae-lens', 'lm-superposition'))}  \n"
-        f"Model: {model_line}; hooks {', '.join(f'{h} (sparsify: {m})' for h, m in setup.hooks.items())}  \n"
-        f"SAEs: TopK k={args.k}, {args.width} latents, d_in {setup.d_in}; {args.windows} training windows of {args.context} tokens "
-        f"({setup.train.n_tokens:,} tokens without BOS); a step: {args.windows_per_step} windows for sparsify "
-        f"({args.windows // args.windows_per_step} steps), {args.windows_per_step * (args.context - 1)} tokens for ours "
-        f"({setup.train.n_tokens // (args.windows_per_step * (args.context - 1))} steps); ours lr {args.lr:g} (Adam, SAE-Lens), "
-        f"forward passes of {args.forward_batch} windows; "
-        f"sparsify's defaults otherwise (signum, schedule-free, lr 5e-3 / sqrt(latents / 2^14))  \n"
-        f"Held out: {args.eval_windows} windows ({len(next(iter(acts_ours.values()))):,} tokens); the stacks' activations there differ by "
-        f"{activation_diff:.1e} (largest relative Frobenius difference over the hooks)  \n"
-        f"Load average (1, 5, 15 min): {load_line(load_before, load_after)}",
-        markdown(speed),
-        "Held-out variance explained (mean over rounds):",
-        markdown(ve.reset_index()),
-        f"Ours at equal or better variance explained on every hook: **{'yes' if equal_or_better else 'no'}**",
-        "Per round (the first to run rotates):",
-        markdown(rounds),
-        "Held-out quality per round:",
-        markdown(qualities),
-    ])
+    command = "python " + " ".join(
+        shlex.quote(a) for a in [os.path.relpath(__file__, REPO_ROOT), *(sys.argv[1:] if argv is None else argv)]
+    )
+    model_line = (
+        "Gemma 3 270M (offline default: dequantized Q4_K_M, fp32), the offline corpus"
+        if args.model == "gemma"
+        else f"random-init GPTNeoX ({'tiny smoke shape' if args.smoke else 'Pythia-70M config'}), random tokens"
+    )
+    packages = ("torch", "transformers", "eai-sparsify", "transformer-lens", "sae-lens", "lm-superposition")
+    versions = ", ".join(f"{p} {version(p)}" for p in packages)
+    held_out_tokens = len(next(iter(acts_ours.values())))
+    steps_ours = setup.train.n_tokens // (args.windows_per_step * (args.context - 1))
+    text = "\n\n".join(
+        [
+            "# Training TopK SAEs on several hooks: ours vs eai-sparsify",
+            f"Command: `{command}`  \n"
+            f"Machine: {machine_line()}  \n"
+            f"Versions: {versions}  \n"
+            f"Model: {model_line}; hooks {', '.join(f'{h} (sparsify: {m})' for h, m in setup.hooks.items())}  \n"
+            f"SAEs: TopK k={args.k}, {args.width} latents, d_in {setup.d_in}; "
+            f"{args.windows} training windows of {args.context} tokens "
+            f"({setup.train.n_tokens:,} tokens without BOS); a step: {args.windows_per_step} windows for sparsify "
+            f"({args.windows // args.windows_per_step} steps), "
+            f"{args.windows_per_step * (args.context - 1)} tokens for ours "
+            f"({steps_ours} steps); ours lr {args.lr:g} (Adam, SAE-Lens), "
+            f"forward passes of {args.forward_batch} windows; "
+            f"sparsify's defaults otherwise (signum, schedule-free, lr 5e-3 / sqrt(latents / 2^14))  \n"
+            f"Held out: {args.eval_windows} windows ({held_out_tokens:,} tokens); "
+            f"the stacks' activations there differ by "
+            f"{activation_diff:.1e} (largest relative Frobenius difference over the hooks)  \n"
+            f"Load average (1, 5, 15 min): {load_line(load_before, load_after)}",
+            markdown(speed),
+            "Held-out variance explained (mean over rounds):",
+            markdown(ve.reset_index()),
+            f"Ours at equal or better variance explained on every hook: **{'yes' if equal_or_better else 'no'}**",
+            "Per round (the first to run rotates):",
+            markdown(rounds),
+            "Held-out quality per round:",
+            markdown(qualities),
+        ]
+    )
     print(text)
     args.out.mkdir(parents=True, exist_ok=True)
     stem = args.out / (f"vs_sparsify_{args.model}" + ("_smoke" if args.smoke else ""))
     stem.with_suffix(".md").write_text(text + "\n")
-    pd.concat([speed.assign(table="speed"), rounds.assign(table="rounds"), qualities.assign(table="quality")]).to_csv(stem.with_suffix(".csv"), index=False)
+    pd.concat([speed.assign(table="speed"), rounds.assign(table="rounds"), qualities.assign(table="quality")]).to_csv(
+        stem.with_suffix(".csv"), index=False
+    )
     print(f"\nwrote {stem}.md and {stem}.csv")
     failures = []
     if not ve_ok:
