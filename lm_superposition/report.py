@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import matplotlib
@@ -82,8 +83,12 @@ def per_hook_summary(table: pd.DataFrame) -> pd.DataFrame:
 
 
 def _pooled_verdict(verdicts: pd.Series) -> str:
-    problems = list(dict.fromkeys(p for v in verdicts if v != "ok" for p in v.split("; ")))
-    return "; ".join(problems) or "ok"
+    """Every kind of problem any row of the hook has, once (the first row's numbers)."""
+    problems: dict[str, str] = {}
+    for verdict in verdicts:
+        for problem in verdict.split("; ") if verdict != "ok" else []:
+            problems.setdefault(re.split(r"[\d(]", problem)[0], problem)
+    return "; ".join(problems.values()) or "ok"
 
 
 def write_tables(table: pd.DataFrame, folder: str | Path, stem: str = "layerwise") -> list[Path]:
