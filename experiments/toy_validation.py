@@ -84,6 +84,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--n-test", type=int, default=50_000, help="fresh samples F is measured on")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument(
+        "--duplicate-cosines",
+        type=float,
+        nargs="+",
+        default=None,
+        help="also measure every SAE with these duplicate thresholds (1.0: no merging): the sensitivity table",
+    )
+    parser.add_argument(
         "--combine",
         type=Path,
         nargs="+",
@@ -136,6 +143,12 @@ def measure_config(toy_config: ToyConfig, args: argparse.Namespace) -> list[dict
             with torch.no_grad():
                 budget = sae_budget(sae, test_hidden)
                 summary = budget.summary()
+                by_threshold = {
+                    f"F at cosine {tau}": sae_budget(
+                        sae, test_hidden, merge_duplicates=tau < 1, duplicate_cosine=min(tau, 1)
+                    ).effective_features()
+                    for tau in args.duplicate_cosines or []
+                }
                 explained = variance_explained(test_hidden, sae.decode(sae.encode(test_hidden)))
             rows.append(
                 {
@@ -149,6 +162,7 @@ def measure_config(toy_config: ToyConfig, args: argparse.Namespace) -> list[dict
                     "mean_l0": summary["mean_l0"],
                     "merged_latents": summary["merged_latents"],
                     "seconds_per_sae": round(seconds, 1),
+                    **by_threshold,
                 }
             )
     return rows
@@ -183,6 +197,15 @@ def agreement(table: pd.DataFrame) -> pd.DataFrame:
         row["mean L0"] = group["mean_l0"].mean()
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def threshold_sensitivity(table: pd.DataFrame) -> pd.DataFrame:
+    """`agreement` with F measured at each duplicate threshold (the --duplicate-cosines columns)."""
+    columns = [c for c in table.columns if c.startswith("F at cosine ")]
+    return pd.concat(
+        [agreement(table.assign(F=table[c], recipe=table["recipe"] + ", " + c.removeprefix("F at "))) for c in columns],
+        ignore_index=True,
+    )
 
 
 def plot_scatter(table: pd.DataFrame, path: Path) -> None:
@@ -291,6 +314,8 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     args.out.mkdir(parents=True, exist_ok=True)
     table.to_csv(args.out / "table.csv", index=False)
     stats = agreement(table)
+    if args.duplicate_cosines:
+        stats = pd.concat([stats, threshold_sensitivity(table)], ignore_index=True)
     plot_scatter(table, args.out / "scatter.png")
     command = study_command("experiments.toy_validation", argv)
     write_readme(
