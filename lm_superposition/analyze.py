@@ -42,9 +42,10 @@ from .sparse_coding import additivity_of, compressed_sensing_margin
 ENCODE_CHUNK_ELEMENTS = 2**22
 IN_PLACE_CHUNK_ELEMENTS = 2**25
 # Latents whose decoder directions are at least this aligned count as one feature (codes.duplicate_groups).
-# On the toy validation r and MAE are flat from 0.8 to 0.95 and merging stops helping at 0.99;
-# distinct toy features sit at cosines <= 0.51, and split LM features often at 0.7-0.85, which
-# should stay apart (results/toy_validation/).
+# On the toy validation (results/toy_validation/duplicate_cosine/) r is 0.964-0.971 and the mean
+# error 1.3-1.8 for any threshold from 0.8 to 0.99, against r 0.848 and error 8.2 without merging:
+# merging matters, the exact threshold little. 0.9 keeps a margin below near-copies while
+# leaving apart related-but-distinct directions (a split feature's children).
 DUPLICATE_COSINE = 0.9
 
 TABLE_COLUMNS = [
