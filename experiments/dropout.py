@@ -1,19 +1,26 @@
-"""Does dropout lower the number of effective features? MLPs on multi-task sparse parity.
+"""Does dropout lower the number of effective features? The paper's measurement: its layer, its dropout.
 
-For every dropout rate and seed: train a two-hidden-layer ReLU MLP (lm_superposition.tasks) on
-multi-task sparse parity (one-hot task prefix + random bits, label = parity of the task's k
-bits), then measure F of each hidden layer through the paper's tied SAE (the SAE that tracked
-ground truth on toy models, results/toy_validation) trained on the layer's activations over
-training inputs and measured on fresh inputs, dropout off. Also F in the neuron basis (no SAE).
-Writes table.csv, f_vs_dropout.png and README.md to --out.
+The paper's interventions network (experiments.tasks.PreActivationMLP: one hidden layer, dropout
+on the pre-activation before the ReLU, one logit) on its multi-task sparse parity (3 tasks x 4
+bits of their own, all 12,288 inputs, 80/20 stratified split; Adam lr 1e-3, batch 64), at hidden
+widths 16-128 and several dropout rates, 5 seeds each. The measured layer is the paper's, the
+hidden pre-activation (dropout off at measurement), read by an SAE of the validated default recipe
+(experiments.findings_stats, 4 x N latents as in the paper, duplicates merged); F on held-out inputs.
 
-    python -m experiments.dropout            # 5 rates x 3 seeds, a few minutes on 1 CPU thread
-    python -m experiments.dropout --quick    # 2 rates x 1 seed, tiny networks, seconds
+Accuracy confound: a rate enters the slope only where the mean test accuracy over seeds stays
+within --accuracy-tolerance of the width's no-dropout models (decided from the accuracies alone,
+before any F is looked at). Per width: the least-squares slope of F against the rate over those
+(rate, seed) points, with its 95% interval; the paper's direction is a negative slope.
+Writes table.csv, slopes.csv, f_vs_dropout.png/.svg and README.md to --out.
+
+    python -m experiments.dropout            # 4 widths x 5 rates x 5 seeds: ~25 min on 1 CPU thread
+    python -m experiments.dropout --quick    # tiny, seconds
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -24,23 +31,20 @@ matplotlib.use("Agg")  # files only
 import matplotlib.pyplot as plt
 import pandas as pd
 import torch
-from tqdm.auto import tqdm
 
 from experiments import study_command, torch_threads
-from experiments.tasks import (
-    ClassifierTraining,
-    MLPClassifier,
-    SparseParityTask,
-    accuracy,
-    neuron_basis_measure,
-    tied_sae_measure,
-    train_classifier,
+from experiments.findings_stats import (
+    holm,
+    mean_interval,
+    measure_default_sae,
+    save_figure,
+    slope_interval,
+    train_default_saes,
 )
-from experiments.toy import ToySAEConfig
+from experiments.tasks import DisjointParityTask, PreActivationMLP, binary_accuracy, train_binary
 
 DEFAULT_OUT = Path(__file__).resolve().parent.parent / "results" / "dropout"
-TRAIN_SEED_OFFSET, TEST_SEED_OFFSET = 1_000, 2_000
-QUICK = dict(dropouts=[0.0, 0.5], seeds=[0], hidden=[16, 16], steps=200, sae_steps=100, n_train=2000, n_test=1000)
+QUICK = dict(widths=[8], rates=[0.0, 0.1, 0.5], seeds=[0, 1, 2], epochs=2, sae_steps=30, accuracy_tolerance=1.0)
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -49,164 +53,166 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     parser.add_argument("--quick", action="store_true", help=f"tiny run for tests: {QUICK}")
-    parser.add_argument("--dropouts", type=float, nargs="+", default=[0.0, 0.1, 0.2, 0.3, 0.5])
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="model init and minibatch seeds")
-    parser.add_argument("--n-tasks", type=int, default=8)
-    parser.add_argument("--n-bits", type=int, default=16)
-    parser.add_argument("--k", type=int, default=3, help="bits each task's parity reads")
-    parser.add_argument("--hidden", type=int, nargs="+", default=[64, 64], help="hidden layer widths")
-    parser.add_argument("--steps", type=int, default=3000)
-    parser.add_argument("--lr", type=float, default=3e-3)
-    parser.add_argument("--n-train", type=int, default=20_000)
-    parser.add_argument("--n-test", type=int, default=10_000)
-    parser.add_argument("--sae-expansion", type=int, default=4, help="tied SAE latents = expansion x layer width")
+    parser.add_argument("--widths", type=int, nargs="+", default=[16, 32, 64, 128], help="hidden widths N")
+    parser.add_argument("--rates", type=float, nargs="+", default=[0.0, 0.1, 0.2, 0.3, 0.4])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    parser.add_argument("--epochs", type=int, default=40, help="model training epochs (the paper: 300)")
+    parser.add_argument("--sae-expansion", type=int, default=4, help="d_sae / N (the paper: 4)")
+    parser.add_argument("--sae-steps", type=int, default=600)
+    parser.add_argument("--sae-batch", type=int, default=256)
     parser.add_argument(
-        "--l1", type=float, default=0.3, help="tied SAE L1 coefficient (activations scaled to unit RMS)"
+        "--accuracy-tolerance", type=float, default=0.01, help="largest test-accuracy loss a rate may cost"
     )
-    parser.add_argument("--sae-steps", type=int, default=1500)
     parser.add_argument("--threads", type=int, default=1)
     if "--quick" in argv:
         parser.set_defaults(**QUICK)
-    args = parser.parse_args(argv)
-    if any(not 0 <= d < 1 for d in args.dropouts):
-        parser.error(f"--dropouts must lie in [0, 1), got {args.dropouts}")
-    return args
+    return parser.parse_args(argv)
 
 
-def measure_model(args: argparse.Namespace, task: SparseParityTask, dropout: float, seed: int) -> list[dict]:
-    train_inputs, train_labels, _ = task.sample(args.n_train, seed=TRAIN_SEED_OFFSET + seed)
-    test_inputs, test_labels, _ = task.sample(args.n_test, seed=TEST_SEED_OFFSET + seed)
-    model = MLPClassifier(task.input_width, args.hidden, 2, dropout=dropout, seed=seed)
-    train_classifier(model, train_inputs, train_labels, ClassifierTraining(steps=args.steps, lr=args.lr, seed=seed))
-    test_accuracy = accuracy(model, test_inputs, test_labels)
-    with torch.no_grad():
-        train_layers, test_layers = model.hidden_activations(train_inputs), model.hidden_activations(test_inputs)
+def train_models(args: argparse.Namespace) -> tuple[list[dict], dict]:
+    """Every (width, rate, seed) model: ({row of accuracies}, {key: pre-activations (train, test)})."""
+    task = DisjointParityTask()
+    inputs, labels, _ = task.all_inputs()
+    rows, activations = [], {}
+    for width in args.widths:
+        for rate in args.rates:
+            for seed in args.seeds:
+                train, test = task.split(seed)
+                model = PreActivationMLP(task.input_width, width, dropout=rate, seed=seed)
+                train_binary(model, inputs[train], labels[train], args.epochs, seed=seed)
+                rows.append(
+                    {
+                        "N": width,
+                        "dropout": rate,
+                        "seed": seed,
+                        "train_accuracy": binary_accuracy(model, inputs[train], labels[train]),
+                        "test_accuracy": binary_accuracy(model, inputs[test], labels[test]),
+                    }
+                )
+                with torch.no_grad():
+                    activations[width, rate, seed] = (
+                        model.pre_activation(inputs[train]),
+                        model.pre_activation(inputs[test]),
+                    )
+            print(f"N {width} dropout {rate}: models trained", flush=True)
+    return rows, activations
+
+
+def eligible_rates(accuracies: pd.DataFrame, tolerance: float) -> pd.DataFrame:
+    """Per (width, rate): mean test accuracy and whether it is within `tolerance` of the width's rate-0 mean."""
+    mean = accuracies.groupby(["N", "dropout"])["test_accuracy"].mean().rename("mean_test_accuracy").reset_index()
+    baseline = mean[mean["dropout"] == 0].set_index("N")["mean_test_accuracy"]
+    mean["eligible"] = mean["mean_test_accuracy"] >= mean["N"].map(baseline) - tolerance
+    return mean
+
+
+def slopes(table: pd.DataFrame) -> pd.DataFrame:
     rows = []
-    for layer, (train_acts, test_acts) in enumerate(zip(train_layers, test_layers)):
-        width = train_acts.shape[1]
-        sae_config = ToySAEConfig(
-            d_sae=args.sae_expansion * width, l1_coefficient=args.l1, steps=args.sae_steps, seed=seed
-        )
-        measured = tied_sae_measure(train_acts, test_acts, sae_config)
+    for width, group in table[table["eligible"]].groupby("N"):
+        rates = [float(rate) for rate in sorted(group["dropout"].unique())]
+        if len(rates) < 2:
+            rows.append({"N": width, "eligible_rates": rates, "slope": float("nan")})
+            continue
+        fit = slope_interval(group["dropout"], group["F"])
+        psi_fit = slope_interval(group["dropout"], group["psi"])
         rows.append(
             {
-                "dropout": dropout,
-                "seed": seed,
-                "layer": layer,
                 "N": width,
-                "test_accuracy": test_accuracy,
-                "F": measured["F"],
-                "F_low": measured["F_low"],
-                "F_high": measured["F_high"],
-                "psi": measured["psi"],
-                "variance_explained": measured["variance_explained"],
-                "mean_l0": measured["mean_l0"],
-                "alive_latents": measured["alive_features"],
-                "d_sae": sae_config.d_sae,
-                "neuron_F": neuron_basis_measure(test_acts)["F"],
-                "dead_neurons": int((test_acts.abs().sum(0) == 0).sum()),
-                "test_samples": measured["tokens"],
+                "eligible_rates": rates,
+                "points": len(group),
+                **fit,
+                "psi_slope": psi_fit["slope"],
+                "psi_slope_low": psi_fit["slope_low"],
+                "psi_slope_high": psi_fit["slope_high"],
             }
         )
-    return rows
+    result = pd.DataFrame(rows)
+    if "p" in result:
+        result["p_holm"] = holm(result["p"].fillna(1.0).tolist())
+    return result
 
 
-def summarise(table: pd.DataFrame) -> pd.DataFrame:
-    """Per layer and dropout: mean and std of F over seeds, and the neuron-basis F and accuracy."""
-    return (
-        table.groupby(["layer", "dropout"])
-        .agg(
-            F_mean=("F", "mean"),
-            F_std=("F", "std"),
-            neuron_F_mean=("neuron_F", "mean"),
-            variance_explained=("variance_explained", "mean"),
-            test_accuracy=("test_accuracy", "mean"),
-        )
-        .reset_index()
-    )
-
-
-def trend(table: pd.DataFrame, column: str = "F") -> pd.DataFrame:
-    """Per layer: Spearman rank correlation of `column` with dropout (over all seeds) and F(max)/F(0)."""
-    rows = []
-    for layer, group in table.groupby("layer"):
-        means = group.groupby("dropout")[column].mean()
-        rows.append(
-            {
-                "layer": layer,
-                "spearman_with_dropout": group[column].corr(group["dropout"], method="spearman"),
-                "ratio_highest_to_no_dropout": means.iloc[-1] / means.iloc[0],
-            }
-        )
-    return pd.DataFrame(rows)
-
-
-def plot(summary: pd.DataFrame, path: Path) -> None:
-    figure, axes = plt.subplots(figsize=(6, 4.5))
-    for layer, group in summary.groupby("layer"):
-        axes.errorbar(
-            group["dropout"],
-            group["F_mean"],
-            yerr=group["F_std"].fillna(0),
-            marker="o",
-            capsize=3,
-            label=f"hidden layer {layer}: F (tied SAE)",
-        )
-        axes.plot(
-            group["dropout"],
-            group["neuron_F_mean"],
-            linestyle="--",
-            marker="x",
-            label=f"hidden layer {layer}: F (neuron basis)",
-        )
-    axes.set_xlabel("dropout rate")
-    axes.set_ylabel("effective features F (mean ± std over seeds)")
-    axes.set_title("Multi-task sparse parity MLPs: F against dropout")
-    axes.legend(fontsize=8)
+def plot(table: pd.DataFrame, path: Path) -> None:
+    figure, axes = plt.subplots(1, 2, figsize=(10.5, 4.2))
+    for width, group in table.groupby("N"):
+        means = [(rate, *mean_interval(g["F"])) for rate, g in group.groupby("dropout")]
+        frame = pd.DataFrame(means, columns=["rate", "mean", "low", "high"])
+        errors = [(frame["mean"] - frame["low"]).fillna(0), (frame["high"] - frame["mean"]).fillna(0)]
+        line = axes[0].errorbar(frame["rate"], frame["mean"], yerr=errors, marker="o", capsize=3, label=f"N = {width}")
+        ineligible = group[~group["eligible"]].groupby("dropout")["F"].mean()
+        axes[0].scatter(ineligible.index, ineligible.values, marker="x", s=60, color=line[0].get_color())
+        accuracy = group.groupby("dropout")["test_accuracy"].mean()
+        axes[1].plot(accuracy.index, accuracy.values, marker="o", label=f"N = {width}")
+    axes[0].set_xlabel("dropout rate (pre-activation)")
+    axes[0].set_ylabel("F (mean, 95% interval over seeds; x: rate excluded)")
+    axes[0].set_yscale("log", base=2)
+    axes[0].legend(fontsize=8)
+    axes[1].set_xlabel("dropout rate")
+    axes[1].set_ylabel("test accuracy (mean over seeds)")
+    figure.suptitle("Dropout and F, the paper's layer and placement")
     figure.tight_layout()
-    figure.savefig(path, dpi=120)
+    save_figure(figure, path)
     plt.close(figure)
 
 
-def write_readme(path: Path, args, table, summary, trends, neuron_trends, command: str, seconds: float) -> None:
-    n_seeds, n_rates = len(args.seeds), len(args.dropouts)
-    text = f"""# Dropout: F of sparse-parity MLPs against the dropout rate
+def write_readme(path: Path, args, table, rates, slope_table, command: str, seconds: float) -> None:
+    load = os.getloadavg()
+    lines = []
+    for _, row in slope_table.iterrows():
+        if pd.isna(row["slope"]):
+            lines.append(f"- N = {row['N']}: fewer than two eligible rates, no slope")
+            continue
+        sign = (
+            "negative"
+            if row["slope_high"] < 0
+            else ("positive" if row["slope_low"] > 0 else "not distinguishable from 0")
+        )
+        lines.append(
+            f"- N = {row['N']}: slope {row['slope']:.1f} F per unit rate [{row['slope_low']:.1f}, "
+            f"{row['slope_high']:.1f}] ({sign}; Holm p {row['p_holm']:.3g}), rates {row['eligible_rates']}"
+        )
+    per_cell = table.groupby(["N", "dropout"]).agg(
+        F=("F", "mean"), F_std=("F", "std"), ve=("variance_explained", "mean"), test_accuracy=("test_accuracy", "mean")
+    )
+    text = f"""# Dropout, as the paper measured it
 
-Made by (from the repository root, {seconds / 60:.1f} min on {args.threads} CPU thread(s)):
+Made by (from the repository root, {seconds / 60:.1f} min on {args.threads} CPU thread(s); load average
+{load[0]:.2f}, {load[1]:.2f}, {load[2]:.2f} at the end, shared machine):
 
     {command}
 
-Paper's direction: dropout lowers the number of effective features F.
+Paper's direction: more dropout, fewer effective features.
 
-Trend of the tied-SAE F with dropout, per hidden layer (Spearman over all {n_seeds} seeds x {n_rates} rates;
-ratio = mean F at dropout {max(args.dropouts)} / mean F at dropout {min(args.dropouts)}):
+Ours, slope of F against the dropout rate over the eligible rates (each seed a point; 95% interval;
+Holm-corrected over the {len(slope_table)} widths):
 
-```
-{trends.round(3).to_string(index=False)}
-```
+{chr(10).join(lines)}
 
-Same in the neuron basis (F of |activation| over the {args.hidden} neurons, no SAE):
-
-```
-{neuron_trends.round(3).to_string(index=False)}
-```
-
-Setup: multi-task sparse parity with {args.n_tasks} tasks over {args.n_bits} bits, k = {args.k}
-(`SparseParityTask`, task subsets from seed 0, the same task for every model); MLP hidden widths
-{args.hidden}, ReLU, dropout after each hidden layer; AdamW lr {args.lr}, {args.steps} steps of 256 from
-{args.n_train} training samples; seeds {args.seeds} set the init and the minibatches. Tied SAE
-(`lm_superposition.toy.TiedSAE`, the SAE that validated on toy models) with {args.sae_expansion} x width
-latents, L1 {args.l1}, {args.sae_steps} steps, trained on the layer's activations over the training
-inputs (scaled to unit RMS per dimension) and measured with `FeatureBudget` on {args.n_test} fresh
-inputs, dropout off (eval mode).
-
-Means over seeds:
+Eligible rates (mean test accuracy within {args.accuracy_tolerance} of the width's no-dropout models, decided
+before F):
 
 ```
-{summary.round(3).to_string(index=False)}
+{rates.round(4).to_string(index=False)}
 ```
 
-Files: `table.csv` (one row per model and layer, with bootstrap intervals), `f_vs_dropout.png`.
+F, its spread over seeds, variance explained and test accuracy per width and rate:
+
+```
+{per_cell.round(3).to_string()}
+```
+
+```
+{slope_table.round(4).to_string(index=False)}
+```
+
+Setting (the paper's `experiments/interventions/dropout.py`, read, not copied): 3 parity tasks of 4 bits each,
+all 12,288 inputs, 80/20 split stratified by task and label (per seed); Linear -> Dropout -> ReLU -> one
+logit, Adam lr 1e-3, batch 64, {args.epochs} epochs (the paper: 300); seeds {args.seeds}. Measured: the hidden
+pre-activation, dropout off. SAE: the validated default recipe (`SAETrainingConfig()`), {args.sae_expansion} x N
+latents, {args.sae_steps} steps of {args.sae_batch} training-set activations, one SAE per model; F by
+`analyze.sae_budget` (duplicates at cosine >= 0.9 merged) on the held-out inputs.
+
+Files: `table.csv` (one row per width, rate and seed), `slopes.csv`, `f_vs_dropout.png` / `.svg`.
 """
     path.write_text(text)
 
@@ -215,23 +221,31 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     started = time.perf_counter()
-    task = SparseParityTask(n_tasks=args.n_tasks, n_bits=args.n_bits, k=args.k, seed=0)
-    rows = []
     with torch_threads(args.threads):
-        for dropout in tqdm(args.dropouts, desc="dropout rates"):
-            for seed in args.seeds:
-                rows += measure_model(args, task, dropout, seed)
-    table = pd.DataFrame(rows)
-    summary, trends, neuron_trends = summarise(table), trend(table), trend(table, "neuron_F")
+        rows, activations = train_models(args)
+        accuracies = pd.DataFrame(rows)
+        rates = eligible_rates(accuracies, args.accuracy_tolerance)
+        for row in rows:
+            train_acts, test_acts = activations[row["N"], row["dropout"], row["seed"]]
+            sae = train_default_saes(
+                train_acts, args.sae_expansion * row["N"], args.sae_steps, [row["seed"]], args.sae_batch
+            )[row["seed"]]
+            measured = measure_default_sae(sae, test_acts)
+            row.update({key: measured[key] for key in ("F", "F_low", "F_high", "psi", "mean_l0")})
+            row.update(
+                variance_explained=measured["variance_explained"],
+                merged_latents=measured["merged_latents"],
+                d_sae=args.sae_expansion * row["N"],
+            )
+    table = pd.DataFrame(rows).merge(rates[["N", "dropout", "eligible"]], on=["N", "dropout"])
+    slope_table = slopes(table)
     args.out.mkdir(parents=True, exist_ok=True)
     table.to_csv(args.out / "table.csv", index=False)
-    plot(summary, args.out / "f_vs_dropout.png")
+    slope_table.to_csv(args.out / "slopes.csv", index=False)
+    plot(table, args.out / "f_vs_dropout")
     command = study_command("experiments.dropout", argv)
-    write_readme(
-        args.out / "README.md", args, table, summary, trends, neuron_trends, command, time.perf_counter() - started
-    )
-    print(summary.round(3).to_string(index=False))
-    print(trends.round(3).to_string(index=False))
+    write_readme(args.out / "README.md", args, table, rates, slope_table, command, time.perf_counter() - started)
+    print(slope_table.round(4).to_string(index=False))
     return table
 
 

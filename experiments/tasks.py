@@ -82,6 +82,115 @@ class SparseParityTask:
         return inputs, labels, task_ids
 
 
+# ---- the paper's multi-task sparse parity (dictionary scaling and dropout) --------------
+
+
+@dataclass(frozen=True)
+class DisjointParityTask:
+    """The paper's interventions set-up: n_tasks parity tasks, task t reading its own block of
+    bits_per_task bits (bits t*b .. t*b + b - 1); input [one-hot task | all n_tasks * b bits].
+
+    The data set is every (task, bit pattern): n_tasks * 2^(n_tasks * b) inputs (12,288 for 3 x 4),
+    split per (task, label) stratum into train and test (`split`).
+    """
+
+    n_tasks: int = 3
+    bits_per_task: int = 4
+
+    def __post_init__(self):
+        check_positive_int("n_tasks", self.n_tasks)
+        check_positive_int("bits_per_task", self.bits_per_task)
+        if self.n_tasks * self.bits_per_task > 20:
+            raise ValueError("n_tasks * bits_per_task must be <= 20: every bit pattern is enumerated")
+
+    @property
+    def input_width(self) -> int:
+        return self.n_tasks * (1 + self.bits_per_task)
+
+    def all_inputs(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(inputs [n, input_width] float, labels [n] long, task ids [n] long) for every (task, pattern)."""
+        n_bits = self.n_tasks * self.bits_per_task
+        patterns = (torch.arange(2**n_bits).unsqueeze(1) >> torch.arange(n_bits - 1, -1, -1)) & 1
+        task_ids = torch.arange(self.n_tasks).repeat_interleave(len(patterns))
+        bits = patterns.repeat(self.n_tasks, 1)
+        blocks = bits.view(len(bits), self.n_tasks, self.bits_per_task)
+        labels = blocks[torch.arange(len(bits)), task_ids].sum(1) % 2
+        inputs = torch.cat([F.one_hot(task_ids, self.n_tasks), bits], dim=1).float()
+        return inputs, labels, task_ids
+
+    def split(self, seed: int, test_fraction: float = 0.2) -> tuple[torch.Tensor, torch.Tensor]:
+        """Seeded (train indices, test indices), the same share of every (task, label) stratum in the test set."""
+        _check_fraction("test_fraction", test_fraction)
+        _, labels, task_ids = self.all_inputs()
+        generator = torch.Generator().manual_seed(seed)
+        train, test = [], []
+        for stratum in (task_ids * 2 + labels).unique():
+            members = torch.nonzero(task_ids * 2 + labels == stratum).squeeze(1)
+            members = members[torch.randperm(len(members), generator=generator)]
+            n_train = int(len(members) * (1 - test_fraction))
+            train.append(members[:n_train])
+            test.append(members[n_train:])
+        return torch.cat(train), torch.cat(test)
+
+
+class PreActivationMLP(nn.Module):
+    """The paper's interventions network: Linear -> Dropout -> ReLU -> Linear to one logit.
+
+    Dropout acts on the pre-activation, before the ReLU, as in the paper's code, and the layer
+    the paper measures is that pre-activation (`pre_activation`, dropout off in eval mode).
+    """
+
+    def __init__(self, input_width: int, hidden_width: int, dropout: float = 0.0, seed: int = 0):
+        super().__init__()
+        check_positive_int("input_width", input_width)
+        check_positive_int("hidden_width", hidden_width)
+        _check_fraction("dropout", dropout, low_open=False)
+        self.dropout = dropout
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            self.hidden = nn.Linear(input_width, hidden_width)
+            self.readout = nn.Linear(hidden_width, 1)
+
+    def pre_activation(self, inputs: torch.Tensor) -> torch.Tensor:
+        return self.hidden(inputs)
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        hidden = F.dropout(self.hidden(inputs), p=self.dropout, training=self.training)
+        return self.readout(F.relu(hidden)).squeeze(-1)
+
+
+def train_binary(
+    model: PreActivationMLP,
+    inputs: torch.Tensor,
+    labels: torch.Tensor,
+    epochs: int,
+    batch_size: int = 64,
+    lr: float = 1e-3,
+    seed: int = 0,
+) -> PreActivationMLP:
+    """The paper's training of the interventions network: Adam, BCE on one logit, shuffled epochs."""
+    check_positive_int("epochs", epochs)
+    generator = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    targets = labels.float()
+    model.train()
+    with torch.random.fork_rng(devices=[]):  # dropout masks from the seed, not the caller's RNG
+        torch.manual_seed(seed)
+        for _ in range(epochs):
+            for rows in torch.randperm(len(inputs), generator=generator).split(batch_size):
+                loss = F.binary_cross_entropy_with_logits(model(inputs[rows]), targets[rows])
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+    return model.eval()
+
+
+@torch.no_grad()
+def binary_accuracy(model: PreActivationMLP, inputs: torch.Tensor, labels: torch.Tensor) -> float:
+    model.eval()
+    return float(((model(inputs) > 0).long() == labels).float().mean())
+
+
 # ---- modular addition -----------------------------------------------------------------
 
 
@@ -406,6 +515,10 @@ def neuron_basis_measure(activations: torch.Tensor) -> dict:
 
 __all__ = [
     "SparseParityTask",
+    "DisjointParityTask",
+    "PreActivationMLP",
+    "train_binary",
+    "binary_accuracy",
     "modular_addition_pairs",
     "train_test_split",
     "one_hot_pairs",

@@ -1,4 +1,5 @@
-"""The findings studies (experiments/{dictionary_robustness,dropout,algorithmic,grokking}.py) at a tiny size."""
+"""The findings studies (experiments/{dictionary_robustness,dropout,algorithmic,grokking,sparse_code_checks}.py) at a
+tiny size: each runs and computes its statistic (not its sign)."""
 
 import importlib.util
 import math
@@ -36,50 +37,77 @@ def test_plateau_is_the_first_width_after_which_F_stays_within_ten_percent():
     assert plateau_expansion([1, 2, 4], [10, 10.5, 30]) is None  # a later jump breaks an early plateau
 
 
-def test_dictionary_robustness_quick_toy_sweep(tmp_path):
+def test_dictionary_robustness_quick_parity_sweep(tmp_path):
     study = _load("dictionary_robustness")
     table = study.main(["--quick", "--out", str(tmp_path)])
-    assert len(table) == 3  # 3 expansions x 1 L1 on the toy, no real model in --quick
-    assert table["d_sae"].tolist() == [5, 20, 80]  # 0.5, 2, 8 x m = 10
-    assert (table["F"] <= table["d_sae"] + 1e-9).all() and (table["F"] >= 1).all()
-    readme = _check_outputs(tmp_path, "dictionary_robustness", "f_vs_width.png", table)
-    assert "Plateau" in readme
+    assert len(table) == 2 * 3 * 2  # 2 model seeds x 3 widths x 2 SAE seeds
+    assert sorted(table["d_sae"].unique()) == [8, 32, 128]  # 0.5, 2, 8 x N = 16
+    assert table["sae_steps"].isin([20, 40]).all()  # a budget of the VE-plateau rule
+    summary = pd.read_csv(tmp_path / "summary.csv")
+    assert summary["F_mean"].notna().all() and summary["F_low95"].notna().all()  # interval over model seeds
+    assert (summary["F_low95"] <= summary["F_mean"]).all() and (summary["F_mean"] <= summary["F_high95"]).all()
+    readme = _check_outputs(tmp_path, "dictionary_robustness", "f_vs_width.svg", table)
+    assert "plateau" in readme
 
 
-def test_dictionary_robustness_real_layer_sweep_on_held_out_documents():
-    study = _load("dictionary_robustness")
-    args = study.parse_args(
-        ["--real-expansions", "0.5", "2", "--real-l1", "1", "--training-tokens", "2048", "--batch-size-tokens", "128"]
-    )
-    generator = torch.Generator().manual_seed(0)
-    activations = torch.randn(3000, 16, generator=generator)
-    doc_ids = torch.arange(3000) // 100  # 30 documents
-    table = study.real_sweep(activations, doc_ids, args, "random")
-    assert table["d_sae"].tolist() == [8, 32]
-    assert (table["tokens"] == 600).all()  # the last 20% of documents (6 of 30) are held out
-    assert (table["F_low"] <= table["F"]).all() and (table["F"] <= table["F_high"]).all()
+def test_the_papers_parity_task_enumerates_every_input_with_the_right_label():
+    tasks = _load("tasks")
+    task = tasks.DisjointParityTask(n_tasks=3, bits_per_task=4)
+    inputs, labels, task_ids = task.all_inputs()
+    assert inputs.shape == (3 * 2**12, 15)
+    bits = inputs[:, 3:].view(-1, 3, 4)
+    assert torch.equal(labels, bits[torch.arange(len(bits)), task_ids].sum(1).long() % 2)
+    train, test = task.split(seed=0)
+    assert len(set(train.tolist()) | set(test.tolist())) == len(inputs) and len(test) == 2460
 
 
 def test_dropout_quick(tmp_path):
     study = _load("dropout")
     table = study.main(["--quick", "--out", str(tmp_path)])
-    assert len(table) == 2 * 1 * 2  # 2 rates x 1 seed x 2 hidden layers
-    assert set(table["dropout"]) == {0.0, 0.5} and set(table["layer"]) == {0, 1}
+    assert len(table) == 3 * 3  # 3 rates x 3 seeds at one width
+    assert set(table["dropout"]) == {0.0, 0.1, 0.5}
     assert table["F"].between(1, table["d_sae"]).all()
-    assert table["neuron_F"].between(1, table["N"]).all()
-    readme = _check_outputs(tmp_path, "dropout", "f_vs_dropout.png", table)
-    assert "spearman_with_dropout" in readme
+    slopes = pd.read_csv(tmp_path / "slopes.csv")
+    assert len(slopes) == 1 and slopes[["slope", "slope_low", "slope_high", "p_holm"]].notna().all(axis=None)
+    assert slopes["slope_low"].iloc[0] <= slopes["slope"].iloc[0] <= slopes["slope_high"].iloc[0]
+    readme = _check_outputs(tmp_path, "dropout", "f_vs_dropout.svg", table)
+    assert "Holm" in readme
 
 
-def test_algorithmic_quick(tmp_path):
+def test_algorithmic_quick_with_control_and_l1_sweep(tmp_path):
     study = _load("algorithmic")
     table = study.main(["--quick", "--out", str(tmp_path)])
-    assert len(table) == 3 * 1 * 2  # 3 tasks x 1 seed x 2 layers
-    assert set(table["task"]) == {"modular_addition", "sparse_parity", "multitask_sparse_parity"}
-    assert (table["psi"] == table["F"] / table["N"]).all()
-    assert (table["neuron_psi"] <= 1 + 1e-9).all()  # F of N neurons can never exceed N
+    assert len(table) == 4 * 1 * 2 * 2  # 4 tasks (3 + the positive control) x 1 seed x 2 layers x 2 L1
+    assert set(table["task"]) == {"modular_addition", "sparse_parity", "multitask_sparse_parity", "sparse_features"}
+    assert set(table["l1_coefficient"]) == {1.0, 3.0}
+    live = table[~table["dead_sae"]]
+    assert len(live) > 0 and (live["psi"] == live["F"] / live["N"]).all()
+    assert (table["neuron_psi"].dropna() <= 1 + 1e-9).all()  # F of N neurons can never exceed N
     assert (table.loc[table["task"] == "modular_addition", "measured_samples"] == 11**2).all()
-    _check_outputs(tmp_path, "algorithmic", "psi_per_layer.png", table)
+    summary = pd.read_csv(tmp_path / "summary.csv")
+    assert {"psi_mean", "psi_low95", "psi_high95"} <= set(summary.columns)
+    _check_outputs(tmp_path, "algorithmic", "psi_per_layer.svg", table)
+
+
+def test_sparse_code_checks_quick(tmp_path):
+    study = _load("sparse_code_checks")
+    stability, additivity = study.main(["--quick", "--out", str(tmp_path)])
+    assert len(stability) == 2  # 2 toy configs x 1 pair of SAE seeds
+    for column in ("cross_seed_cosine", "truth_cosine_a", "truth_cosine_b"):
+        assert stability[column].between(-1, 1 + 1e-6).all()
+    assert len(additivity) == 2  # 1 seed x 2 layers
+    assert additivity[["concept_additivity", "sample_additivity"]].notna().all(axis=None)
+    readme = (tmp_path / "README.md").read_text()
+    assert "python -m experiments.sparse_code_checks --quick" in readme
+    assert (tmp_path / "sparse_code_checks.svg").stat().st_size > 0
+
+
+def test_matched_cosine_is_one_for_a_permuted_copy_and_lower_for_other_directions():
+    study = _load("sparse_code_checks")
+    directions = torch.nn.functional.normalize(torch.randn(6, 10, generator=torch.Generator().manual_seed(0)), dim=1)
+    assert abs(study.matched_cosine(directions, directions[[3, 1, 5, 0, 2, 4]]) - 1) < 1e-6
+    other = torch.nn.functional.normalize(torch.randn(6, 10, generator=torch.Generator().manual_seed(1)), dim=1)
+    assert study.matched_cosine(directions, other) < 0.9
 
 
 def test_grokking_quick(tmp_path):
