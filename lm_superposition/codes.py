@@ -52,17 +52,59 @@ def encodes_in_place(sae) -> bool:
     )
 
 
-def encode(sae, activations: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+def encode(
+    sae, activations: torch.Tensor, out: torch.Tensor | None = None, weights: LowPrecisionEncoder | None = None
+) -> torch.Tensor:
     """sae.encode(activations); where `encodes_in_place(sae)` and `out` ([>= tokens, d_sae]) is given,
     the same codes written into `out` by one addmm and an in-place ReLU.
 
     SAE-Lens's encode allocates three [tokens, d_sae] tensors and passes over them twice after
     the matmul; at 32,768 features each is 127 MiB per 1,024 tokens, mapped and page-faulted
     afresh on every call (results/benchmarks/README.md).
+
+    weights: a reduced-precision copy of the encoder (`LowPrecisionEncoder`): the matmul runs in
+    its dtype (into `out`, which must be of that dtype, for an in-place SAE; under torch.autocast
+    for any other SAE). The codes come back in that dtype.
     """
+    if weights is not None:
+        return weights.encode(activations, out)
     if out is None or not encodes_in_place(sae):
         return sae.encode(activations)
     return torch.addmm(sae.b_enc, sae.process_sae_in(activations), sae.W_enc, out=out[: activations.shape[0]]).relu_()
+
+
+class LowPrecisionEncoder:
+    """An SAE's encoder in bfloat16 (or float16): the measure's one large matmul at reduced precision.
+
+    The encode is nearly all of a measurement's arithmetic (tokens x d_in x d_sae multiply-adds
+    per hook), and CPUs with AVX512-BF16 or AMX, like GPUs, run bfloat16 matmuls 2-4x faster than
+    float32 (results/benchmarks/). Inputs and weights are rounded to 8 significant bits, products
+    are accumulated in float32 by the matmul kernels, and everything after the encode stays as it
+    was: the |z| * ||W_dec|| budget is summed in float64 and the decode for variance explained
+    runs in the SAE's own dtype. The price is in F's last digits (the benchmark reports it).
+
+    For a plain StandardSAE (`encodes_in_place`) the rounded W_enc and b_enc are kept once, so
+    the weights are not cast again on every call; any other SAE class runs its own `encode`
+    under torch.autocast, which casts its matmuls' inputs on the fly.
+    """
+
+    def __init__(self, sae, dtype: torch.dtype):
+        if dtype not in (torch.bfloat16, torch.float16):
+            raise ValueError(f"a reduced-precision encode is bfloat16 or float16, got {dtype}")
+        self.sae, self.dtype = sae, dtype
+        self.in_place = encodes_in_place(sae)
+        if self.in_place:
+            self.W_enc = sae.W_enc.detach().to(dtype)
+            self.b_enc = sae.b_enc.detach().to(dtype)
+
+    def encode(self, activations: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        if self.in_place:
+            sae_in = self.sae.process_sae_in(activations).to(self.dtype)
+            if out is None:
+                return torch.addmm(self.b_enc, sae_in, self.W_enc).relu_()
+            return torch.addmm(self.b_enc, sae_in, self.W_enc, out=out[: activations.shape[0]]).relu_()
+        with torch.autocast(activations.device.type, dtype=self.dtype):
+            return self.sae.encode(activations)
 
 
 @functools.cache
@@ -177,9 +219,13 @@ class CodeReader:
 
     def weighted(self, codes: torch.Tensor) -> torch.Tensor:
         """CSR codes (see `sparse_codes`) with each value multiplied by its latent's decoder norm, float64."""
-        values = codes.values().double() * self.norms[codes.col_indices()]
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
-            return torch.sparse_csr_tensor(
-                codes.crow_indices(), codes.col_indices(), values, codes.shape, check_invariants=False
-            )
+        return with_values(codes, codes.values().double() * self.norms[codes.col_indices()])
+
+
+def with_values(codes: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """A CSR matrix with the sparsity pattern of `codes` and new stored `values` (e.g. another dtype)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+        return torch.sparse_csr_tensor(
+            codes.crow_indices(), codes.col_indices(), values, codes.shape, check_invariants=False
+        )

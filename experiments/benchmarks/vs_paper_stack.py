@@ -23,6 +23,13 @@ tokenised each text on its own, and Pythia's tokenizer adds no BOS). Ours gets t
 documents as windows without BOS (`TokenWindows(bos_token_id=None)`), so both measure the
 same tokens with the same context.
 
+Also measured, on the same documents: ours with the SAE encode in bfloat16 (`encode_dtype=
+"bfloat16"`, the public call and run_seed alone), and the roofline: the bare matmuls of the
+forward pass and of the 19 encodes (the actual shapes: 6 blocks of [1024, 512] x [512, 1536 /
+512 / 2048] and [1024, 2048] x [2048, 512] plus attention's [128, 64] x [64, 128] per head, and
+19 x [1024, 512] x [512, 32768] per batch of 8 documents), each timed in float32 and in bfloat16
+in every round (median of 3 calls per shape, times how often a round needs it).
+
 Speed: the phases (ours's public call, ours's measurement alone, the paper's loop) take turns,
 round after round (who goes first rotates), on fresh documents each round, after a warm-up round
 that is not kept. Reported: wall tokens/s and CPU seconds (of the process, all threads) per 1k
@@ -32,13 +39,15 @@ round; CPU time and the paired medians move much less (compare the columns).
 Correctness: in every round both measure the same documents; the report gives the largest
 relative difference of F over the hooks and rounds, ours against F = exp(H) of the paper's
 float32 totals (target <= 1e-6), and also against the F the paper's script prints (its
-eps = 1e-12 inside the log shifts F by up to ~1e-6 relative by itself).
+eps = 1e-12 inside the log shifts F by up to ~1e-6 relative by itself); and ours in bfloat16
+against ours in float32 (the price of the reduced-precision encode; target <= 1e-3).
 
 Needs the `bench` extra's peers: nnsight 0.8.1 and dictionary-learning 0.1.0 (installed with
 --no-deps; see results/benchmarks/peers/README.md).
 
     python experiments/benchmarks/vs_paper_stack.py --smoke        # tiny model; exits 1 if F differs > 1e-6
-    python experiments/benchmarks/vs_paper_stack.py --profile 25   # full size: 4 rounds x 32 documents of 128 tokens
+                                                                   # (bfloat16 vs float32: > 1e-3)
+    python experiments/benchmarks/vs_paper_stack.py --threads 1 --profile 25   # full size: 4 rounds x 32 x 128 tokens
 """
 
 from __future__ import annotations
@@ -71,6 +80,10 @@ from lm_superposition.saes import load_dictionary_learning_sae  # the project's 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 F_TOLERANCE = 1e-6
+BF16_F_TOLERANCE = 1e-3  # the issue's price for a reduced-precision encode
+# --smoke: 128 tokens with ~2 codes on per token, where one near-threshold code switching on or off
+# under bfloat16 rounding moves F by ~1%: the smoke checks that the option works, not its precision.
+BF16_SMOKE_F_TOLERANCE = 0.05
 TARGET_L0_FRACTION = 200 / 32_768  # codes on per token and latent, as in trained dictionaries
 MODEL_NAME = "pythia-70m-deduped"
 
@@ -281,8 +294,18 @@ class Ours:
 
     OPTIONS = dict(ce_windows=0, merge_duplicates=False)
 
-    def __init__(self, folder: Path, dictionaries: Path, d_sae: int, batch_size: int, backend: str | None):
-        self.model = load_model(str(folder), **({"backend": backend} if backend else {}))
+    def __init__(
+        self,
+        folder: Path,
+        dictionaries: Path,
+        d_sae: int,
+        batch_size: int,
+        backend: str | None,
+        encode_dtype: str = "float32",
+        model=None,
+    ):
+        self.encode_dtype = encode_dtype
+        self.model = model or load_model(str(folder), **({"backend": backend} if backend else {}))
         self.backend = type(self.model).__name__
         self.hooks = [hook.name for hook in paper_hooks(self.model)]
         by_hook = {tl_hook_name(name): name for name in paper_layer_names(self.model.cfg.n_layers)}
@@ -308,6 +331,7 @@ class Ours:
             batch_size=self.batch_size,
             progress=False,
             model_name=MODEL_NAME,
+            encode_dtype=self.encode_dtype,
             **self.OPTIONS,
         )
 
@@ -320,6 +344,7 @@ class Ours:
             batch_size=self.batch_size,
             model_name=MODEL_NAME,
             merge_duplicates=self.OPTIONS["merge_duplicates"],
+            encode_dtype=self.encode_dtype,
         )
         return analyzer.run_seed(self.windows(documents), seed=0, progress=False)
 
@@ -330,6 +355,54 @@ class Ours:
         start = time.perf_counter()
         LayerwiseAnalyzer(self.model, {hook: self.saes[hook]}, model_name=MODEL_NAME, merge_duplicates=True)
         return time.perf_counter() - start
+
+
+class Roofline:
+    """The bare matmuls of one round of ours: the forward pass through every block (no
+    unembedding: the deepest hook is the last block's output) and one SAE encode per hook, per
+    batch of `batch_size` documents, in `dtype`. Each distinct shape is timed (median of 3 calls
+    into a preallocated output, after a warm-up call) and counted as often as a round needs it."""
+
+    def __init__(self, config: dict, d_sae: int, n_hooks: int, batch_size: int, context: int, dtype: torch.dtype):
+        d, mlp, layers = config["hidden_size"], config["intermediate_size"], config["num_hidden_layers"]
+        heads = batch_size * config["num_attention_heads"]
+        d_head, rows = d // config["num_attention_heads"], batch_size * context
+        self.batch_size, self.dtype = batch_size, dtype
+        self.shapes = [  # (name, a, b, per batch)
+            ("attention q, k, v", (rows, d), (d, 3 * d), layers),
+            ("attention out", (rows, d), (d, d), layers),
+            ("attention scores", (heads, context, d_head), (heads, d_head, context), layers),
+            ("attention mix", (heads, context, context), (heads, context, d_head), layers),
+            ("mlp in", (rows, d), (d, mlp), layers),
+            ("mlp out", (rows, mlp), (mlp, d), layers),
+            ("sae encode", (rows, d), (d, d_sae), n_hooks),
+        ]
+        self.last: list[dict] = []
+
+    def seconds(self, documents: torch.Tensor) -> tuple[float, float]:
+        """(wall, CPU) seconds the matmuls of ours on these documents take at this machine's matmul speed."""
+        batches = -(-len(documents) // self.batch_size)
+        self.last, wall, cpu = [], 0.0, 0.0
+        for name, a_shape, b_shape, per_batch in self.shapes:
+            a, b = torch.randn(a_shape, dtype=self.dtype), torch.randn(b_shape, dtype=self.dtype)
+            out = torch.matmul(a, b)
+            calls = [timed(partial(torch.matmul, a, b, out=out)) for _ in range(3)]
+            shape_wall = sorted(c[1] for c in calls)[1]
+            shape_cpu = sorted(c[2] for c in calls)[1]
+            flop = 2 * math.prod(a_shape) * b_shape[-1]
+            self.last.append(
+                {
+                    "matmul": name,
+                    "a": a_shape,
+                    "b": b_shape,
+                    "per_batch": per_batch,
+                    "seconds": shape_wall,
+                    "gflop_per_s": flop / shape_wall / 1e9,
+                }
+            )
+            wall += per_batch * batches * shape_wall
+            cpu += per_batch * batches * shape_cpu
+        return wall, cpu
 
 
 def f_differences(table: pd.DataFrame, paper_sums: dict[str, torch.Tensor], paper_f: dict[str, float]) -> pd.DataFrame:
@@ -382,7 +455,7 @@ def machine_line() -> str:
     ]
     return (
         f"{cpus[0] if cpus else 'unknown CPU'}, {os.cpu_count()} cores, "
-        f"{torch.get_num_threads()} torch threads, float32, no GPU"
+        f"{torch.get_num_threads()} torch threads, float32 unless marked bfloat16, no GPU"
     )
 
 
@@ -460,8 +533,13 @@ def parse_args(argv=None) -> argparse.Namespace:
 PHASES = {
     "ours": "ours: lm_superposition.measure_layers (the public call, table included)",
     "ours_run_seed": "ours, measurement only: LayerwiseAnalyzer.run_seed (no table)",
+    "ours_bf16": "ours, bfloat16 encode: measure_layers(..., encode_dtype='bfloat16')",
+    "ours_bf16_run_seed": "ours, bfloat16 encode, measurement only: run_seed",
     "paper": "paper: nnsight trace + dictionary_learning AutoEncoder, one document at a time",
+    "roofline": "roofline: float32 matmuls of forward + encode",
+    "roofline_bf16": "roofline: bfloat16 matmuls of forward + encode",
 }
+ROOFLINES = ("roofline", "roofline_bf16")
 
 
 def main(argv=None) -> int:
@@ -478,31 +556,62 @@ def main(argv=None) -> int:
         )
         paper = PaperStack(folder, dictionaries, args.d_sae)
         ours = Ours(folder, dictionaries, args.d_sae, args.batch_size, args.backend)
-        calls = {"ours": ours.measure, "ours_run_seed": ours.run_seed, "paper": paper.measure}
+        ours_bf16 = Ours(folder, dictionaries, args.d_sae, args.batch_size, args.backend, "bfloat16", ours.model)
+        rooflines = {
+            name: Roofline(config, args.d_sae, len(ours.hooks), args.batch_size, args.context, dtype)
+            for name, dtype in zip(ROOFLINES, (torch.float32, torch.bfloat16))
+        }
+        calls = {
+            "ours": ours.measure,
+            "ours_run_seed": ours.run_seed,
+            "ours_bf16": ours_bf16.measure,
+            "ours_bf16_run_seed": ours_bf16.run_seed,
+            "paper": paper.measure,
+            **{name: roofline.seconds for name, roofline in rooflines.items()},
+        }
         names = list(calls)
 
         rounds, differences = [], []
         for index in range(args.rounds + 1):  # round 0 warms everything up and is not kept
             documents = random_documents(args.documents, args.context, config["vocab_size"], seed=index)
             order = names[index % len(names) :] + names[: index % len(names)]  # who goes first rotates
-            runs = {name: timed(partial(calls[name], documents)) for name in order}
+            runs = {
+                name: (None, *calls[name](documents)) if name in ROOFLINES else timed(partial(calls[name], documents))
+                for name in order
+            }
             if index == 0:
                 continue
             tokens = documents.numel()
             (table, *_), ((paper_sums, paper_f), *_) = runs["ours"], runs["paper"]
             difference = f_differences(table, paper_sums, paper_f).assign(round=index)
+            bf16_f = runs["ours_bf16"][0].set_index("hook").F
+            difference["F_ours_bf16"] = difference.hook.map(bf16_f)
+            difference["rel_diff_bf16"] = (difference.F_ours_bf16 / difference.F_ours - 1).abs()
             differences.append(difference)
             row = {"round": index, "order": " > ".join(order), "tokens": tokens}
             row |= {f"{name}_seconds": runs[name][1] for name in names}
             row |= {f"{name}_cpu_seconds": runs[name][2] for name in names}
             row |= {f"{name}_vs_paper": runs["paper"][1] / runs[name][1] for name in names if name != "paper"}
             row |= {f"{name}_vs_paper_cpu": runs["paper"][2] / runs[name][2] for name in names if name != "paper"}
-            rounds.append(row | {"max_rel_diff_F": difference.rel_diff.max(), "load_1min": os.getloadavg()[0]})
+            row |= {f"{name}_of_roofline": runs["roofline"][1] / runs[name][1] for name in names}
+            rounds.append(
+                row
+                | {
+                    "max_rel_diff_F": difference.rel_diff.max(),
+                    "max_rel_diff_F_bf16": difference.rel_diff_bf16.max(),
+                    "load_1min": os.getloadavg()[0],
+                }
+            )
         profiles, duplicate_seconds = {}, math.nan
         if args.profile:
             documents = random_documents(args.documents, args.context, config["vocab_size"], seed=args.rounds + 1)
-            profiles = {name: profile_top(partial(calls[name], documents), args.profile) for name in ("ours", "paper")}
+            profiles = {
+                name: profile_top(partial(calls[name], documents), args.profile) for name in ("ours_bf16", "ours")
+            }
             duplicate_seconds = ours.duplicate_search_seconds()
+        matmuls = pd.concat(
+            [pd.DataFrame(roofline.last).assign(dtype=str(roofline.dtype)) for roofline in rooflines.values()]
+        )
     load_after = os.getloadavg()
 
     rounds = pd.DataFrame(rounds)
@@ -527,9 +636,14 @@ def main(argv=None) -> int:
     speed["median_round_vs_paper_cpu"] = [
         rounds[f"{name}_vs_paper_cpu"].median() if name != "paper" else 1.0 for name in names
     ]
+    speed["of_fp32_roofline"] = speed.tokens_per_s / speed.tokens_per_s[names.index("roofline")]
+    speed["median_round_of_fp32_roofline"] = [rounds[f"{name}_of_roofline"].median() for name in names]
     max_diff, max_diff_printed = differences.rel_diff.max(), differences.rel_diff_printed.max()
+    max_diff_bf16 = differences.rel_diff_bf16.max()
+    bf16_tolerance = BF16_SMOKE_F_TOLERANCE if args.smoke else BF16_F_TOLERANCE
     per_hook = differences[differences["round"] == 1].drop(columns="round")
     table_seconds = (rounds.ours_seconds - rounds.ours_run_seed_seconds).median()
+    table_seconds_bf16 = (rounds.ours_bf16_seconds - rounds.ours_bf16_run_seed_seconds).median()
 
     command = "python " + " ".join(
         shlex.quote(a) for a in [os.path.relpath(__file__, REPO_ROOT), *(sys.argv[1:] if argv is None else argv)]
@@ -566,7 +680,9 @@ def main(argv=None) -> int:
             f"ours vs exp(H) of the paper's float32 totals "
             f"**{max_diff:.1e}** (target <= {F_TOLERANCE:g}); "
             f"vs the F the paper's script prints (eps 1e-12 in its log) {max_diff_printed:.1e}  \n"
-            f"Table (bootstrap intervals) per call: {table_seconds:.1f} s "
+            f"bfloat16 encode: largest relative difference of F over hooks and rounds, ours in bfloat16 vs ours in "
+            f"float32 **{max_diff_bf16:.1e}** (target <= {bf16_tolerance:g})  \n"
+            f"Table (bootstrap intervals) per call: {table_seconds:.1f} s float32, {table_seconds_bf16:.1f} s bfloat16 "
             f"(median over rounds of measure_layers minus run_seed)"
             + (
                 f"; measure_layers' default merge_duplicates=True would add {duplicate_seconds:.1f} s per SAE per call "
@@ -581,6 +697,9 @@ def main(argv=None) -> int:
             markdown(rounds),
             "F per hook, round 1:",
             markdown(per_hook),
+            "Roofline matmuls, last round (seconds: median of 3 calls; per_batch: calls per batch of "
+            f"{args.batch_size} documents):",
+            markdown(matmuls.astype({"a": str, "b": str})),
             *(
                 [
                     f"cProfile of one more round, {name} (top functions by own time):\n\n```\n{profile}\n```"
@@ -601,6 +720,9 @@ def main(argv=None) -> int:
         print(
             f"FAIL: F differs by {max_diff:.2e} > {F_TOLERANCE:g} between ours and the paper's stack", file=sys.stderr
         )
+        return 1
+    if not max_diff_bf16 <= bf16_tolerance:
+        print(f"FAIL: the bfloat16 encode moves F by {max_diff_bf16:.2e} > {bf16_tolerance:g}", file=sys.stderr)
         return 1
     return 0
 
