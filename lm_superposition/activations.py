@@ -40,11 +40,18 @@ def stream_activations(
     batch_size: int = 8,
     exclude_special: bool = True,
     progress: bool = True,
+    autocast_dtype: torch.dtype | None = None,
 ) -> Iterator[ActivationBatch]:
     """Yield the activations of `hook_names` over `windows`, `batch_size` windows at a time.
 
     With `exclude_special`, BOS and padding tokens are left out (`windows.measured_mask`).
     Activations are on the model's device, doc_ids where the windows are.
+
+    autocast_dtype: run each forward pass under torch.autocast to this dtype (bfloat16: the
+    model's matmuls at reduced precision, weights kept as they are; ~3x faster on CPUs with
+    AVX512-BF16, activations off by ~2% relative on Gemma 3 270M, results/benchmarks/); the
+    activations come back in the model's dtype. Only the forward pass: whatever consumes the
+    batches runs outside the autocast region.
     """
     hooks = [hook_point(model, name) for name in dict.fromkeys(hook_names)]
     if not hooks:
@@ -57,7 +64,7 @@ def stream_activations(
             f"of {model.cfg.n_ctx} tokens; make windows of at most {model.cfg.n_ctx}"
         )
     # Validated above, generated below: bad input fails at the call, not at the first next().
-    return _stream(model, windows, hooks, batch_size, exclude_special, progress)
+    return _stream(model, windows, hooks, batch_size, exclude_special, progress, autocast_dtype)
 
 
 @torch.inference_mode()
@@ -107,9 +114,10 @@ def blocks_needed(hooks: Sequence[HookPoint]) -> int:
     return max(0 if hook.kind == "embed" else hook.layer + 1 for hook in hooks)
 
 
-def _stream(model, windows, hooks, batch_size, exclude_special, progress) -> Iterator[ActivationBatch]:
+def _stream(model, windows, hooks, batch_size, exclude_special, progress, autocast_dtype) -> Iterator[ActivationBatch]:
     names = [hook.name for hook in hooks]
     stop_at_layer = blocks_needed(hooks)
+    model_dtype = next(model.parameters()).dtype
     keep = windows.measured_mask if exclude_special else torch.ones_like(windows.tokens, dtype=torch.bool)
     with tqdm(
         total=int(keep.sum()),
@@ -121,7 +129,13 @@ def _stream(model, windows, hooks, batch_size, exclude_special, progress) -> Ite
         for start in range(0, len(windows), batch_size):
             window_slice = slice(start, min(start + batch_size, len(windows)))
             tokens = windows.tokens[window_slice].to(model.cfg.device)
-            cache = forward_activations(model, tokens, names, stop_at_layer)
+            # The autocast region closes before the yield, so the consumer's own work (SAE steps) never runs in it.
+            with torch.autocast(
+                tokens.device.type, dtype=autocast_dtype or torch.bfloat16, enabled=bool(autocast_dtype)
+            ):
+                cache = forward_activations(model, tokens, names, stop_at_layer)
+            if autocast_dtype is not None:
+                cache = {name: acts.to(model_dtype) for name, acts in cache.items()}
             batch_keep = keep[window_slice].flatten()
             # Indexing outside inference mode makes ordinary tensors, so callers may train on them.
             activations = {name: cache[name].flatten(0, 1)[batch_keep.to(cache[name].device)] for name in names}

@@ -25,6 +25,18 @@ over the held-out windows' tokens (SAE-Lens's ExplainedVarianceCalculator, as th
 quality check), is computed the same way for both, each SAE on its own stack's activations; the
 report also gives how far the two stacks' activations are apart (they should agree to float noise).
 
+Precision (--precision, one contender of ours per value): float32, the validated default; bfloat16,
+the model's forward passes and the SAE training steps under bfloat16 autocast
+(`SAETrainingConfig(autocast_lm=True, autocast=True)`: weights and Adam stay float32). Sparsify
+runs as its CLI does on a CPU: the model in the checkpoint's dtype (float32 here), float32 SAEs
+(its CLI picks bfloat16 only on a GPU that supports it); --sparsify-bf16 adds a contender with
+the model loaded in bfloat16, as its CLI does on such GPUs.
+
+Hooks: --hooks resid (default): resid_post of --layers; --hooks paper: the paper's hook set of
+the whole model (`paper_hooks`: the embedding, then attn_out, mlp_out, resid_post of every block;
+55 hooks on Gemma 3 270M, the full-depth run), sparsify on the HF modules that output the same
+activations (checked: the activation difference below).
+
 Models: --model gemma (default): the offline Gemma 3 270M (`lm_superposition.load_model()`;
 sparsify gets `AutoModel.from_pretrained` of the same cached folder), resid_post of layers 3/9/15,
 the offline corpus. --model pythia: a random-init GPTNeoX of Pythia-70M's real config, resid_post
@@ -34,6 +46,9 @@ exits 1 unless variance explained is computed for both and the activations agree
     python experiments/benchmarks/vs_sparsify.py --smoke
     python experiments/benchmarks/vs_sparsify.py                    # Gemma 3 270M, 3 hooks, 2 rounds (~15 min idle)
     python experiments/benchmarks/vs_sparsify.py --model pythia --rounds 2
+    python experiments/benchmarks/vs_sparsify.py --threads 1 --precision float32 bfloat16 --no-split
+    python experiments/benchmarks/vs_sparsify.py --threads 1 --hooks paper --windows 96 --rounds 1 \
+        --precision float32 bfloat16 --no-split                    # all 55 hooks of Gemma 3 270M
 """
 
 from __future__ import annotations
@@ -58,7 +73,7 @@ import pandas as pd
 import torch
 from sae_lens.evals import ExplainedVarianceCalculator
 
-from lm_superposition import SAETrainingConfig, load_model, load_texts, token_windows, train_saes
+from lm_superposition import SAETrainingConfig, load_model, load_texts, paper_hooks, token_windows, train_saes
 from lm_superposition.activations import stream_activations
 from lm_superposition.data import TokenWindows
 from lm_superposition.models import offline_cache_dir
@@ -80,6 +95,7 @@ except ImportError:
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 ACTIVATION_TOLERANCE = 1e-4  # relative: the two stacks must hand their SAEs the same activations
+OURS = {"float32": "ours", "bfloat16": "ours_bf16"}  # contender name per --precision
 
 
 # ---- the setup: model on both stacks, windows, hooks ----------------------------------------------
@@ -123,16 +139,44 @@ class Setup:
         self.eval = full[args.windows : args.windows + args.eval_windows]
         self.all = full[: args.windows + args.eval_windows]
         self.bos = windows.bos_token_id
-        self.hooks = {f"blocks.{layer}.hook_resid_post": f"layers.{layer}" for layer in layers}  # TL -> HF module
+        if args.hooks == "paper":
+            modules = GEMMA_MODULES if args.model == "gemma" else GPT_NEOX_MODULES
+            self.hooks = {point.name: hf_module(point.name, modules) for point in paper_hooks(self.model)}
+        else:
+            self.hooks = {f"blocks.{layer}.hook_resid_post": f"layers.{layer}" for layer in layers}  # TL -> HF module
         self.d_in = self.model.cfg.d_model
         self.layers = layers
+        self.hf_bf16 = AutoModel.from_pretrained(hf_folder, dtype=torch.bfloat16).eval() if args.sparsify_bf16 else None
+
+
+# The HF module whose output is each TransformerLens hook (for sparsify's hookpoints).
+GEMMA_MODULES = {
+    "hook_resid_pre": "embed_tokens",  # blocks.0 only: Gemma's scaled embedding
+    "hook_attn_out": "layers.{layer}.post_attention_layernorm",  # Gemma 3 normalises each branch's output
+    "hook_mlp_out": "layers.{layer}.post_feedforward_layernorm",
+    "hook_resid_post": "layers.{layer}",
+}
+GPT_NEOX_MODULES = {
+    "hook_resid_pre": "embed_in",
+    "hook_attn_out": "layers.{layer}.attention",
+    "hook_mlp_out": "layers.{layer}.mlp",
+    "hook_resid_post": "layers.{layer}",
+}
+
+
+def hf_module(hook: str, modules: dict[str, str]) -> str:
+    _, layer, kind = hook.split(".")
+    return modules[kind].format(layer=layer)
 
 
 # ---- the three calls ------------------------------------------------------------------------------
 
 
-def our_config(args, setup: Setup) -> SAETrainingConfig:
+def our_config(args, setup: Setup, precision: str = "float32") -> SAETrainingConfig:
+    reduced = precision == "bfloat16"
     return SAETrainingConfig(
+        autocast_lm=reduced,
+        autocast=reduced,
         architecture="topk",
         k=args.k,
         d_sae=args.width,
@@ -144,38 +188,46 @@ def our_config(args, setup: Setup) -> SAETrainingConfig:
     )
 
 
-def train_ours(args, setup: Setup) -> dict:
+def train_ours(args, setup: Setup, precision: str = "float32") -> dict:
+    config = our_config(args, setup, precision)
     stream = stream_activations(
-        setup.model, setup.train, list(setup.hooks), batch_size=args.forward_batch, progress=False
+        setup.model,
+        setup.train,
+        list(setup.hooks),
+        batch_size=args.forward_batch,
+        progress=False,
+        autocast_dtype=torch.bfloat16 if config.autocast_lm else None,
     )
     saes = train_saes(
         (batch.activations for batch in stream),
         {hook: setup.d_in for hook in setup.hooks},
-        our_config(args, setup),
+        config,
         progress=False,
     )
     return {"saes": saes, "tokens": next(iter(saes.values())).cfg.metadata.training_tokens}
 
 
-def train_ours_whole(args, setup: Setup, out: Path) -> dict:
+def train_ours_whole(args, setup: Setup, out: Path, precision: str) -> dict:
     """train_saes_for_model on the training windows plus the first --whole-eval-windows held-out
-    windows, which it holds out for its own quality check (a CE-loss check per hook)."""
+    windows, which it holds out for its own quality check (variance explained of every SAE from
+    one forward pass per batch; no CE loss, which train_saes_for_model measures only where asked)."""
     windows = setup.all[: args.windows + args.whole_eval_windows]
     folders = train_saes_for_model(
         setup.model,
         list(setup.hooks),
         windows,
-        our_config(args, setup),
+        our_config(args, setup, precision),
         out,
         batch_size=args.forward_batch,
         n_eval_windows=args.whole_eval_windows,
         progress=False,
+        ce_recovered=False,
     )
     quality = {hook: json.loads((folder / "quality.json").read_text()) for hook, folder in folders.items()}
     return {"quality": quality, "tokens": next(iter(quality.values()))["training_tokens"]}
 
 
-def train_sparsify(args, setup: Setup, out: Path) -> dict:
+def train_sparsify(args, setup: Setup, out: Path, hf_model=None) -> dict:
     from datasets import Dataset
     from sparsify import SaeConfig, TrainConfig, Trainer
 
@@ -192,7 +244,7 @@ def train_sparsify(args, setup: Setup, out: Path) -> dict:
     precision = torch.get_float32_matmul_precision()  # fit() sets "high"; ours must not run under it
     try:
         with contextlib.redirect_stdout(io.StringIO()):  # it prints its setup; its progress bar is off below
-            trainer = Trainer(config, dataset, setup.hf_model)
+            trainer = Trainer(config, dataset, hf_model or setup.hf_model)
             trainer.fit()
     finally:
         torch.set_float32_matmul_precision(precision)
@@ -328,7 +380,29 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument(
         "--rounds", type=int, default=2, help="times each of the three trains, taking turns (default 2)"
     )
-    parser.add_argument("--no-whole", action="store_true", help="skip the train_saes_for_model row")
+    parser.add_argument(
+        "--hooks",
+        choices=["resid", "paper"],
+        default="resid",
+        help="resid: resid_post of --layers (default); paper: the paper's hook set of every block (55 on Gemma)",
+    )
+    parser.add_argument(
+        "--precision",
+        nargs="+",
+        choices=["float32", "bfloat16"],
+        default=["float32"],
+        help="one contender of ours per precision (bfloat16: forward passes and SAE steps under autocast)",
+    )
+    parser.add_argument(
+        "--sparsify-bf16",
+        action="store_true",
+        help="also run sparsify with the model loaded in bfloat16 (its CLI's choice on bf16-capable GPUs)",
+    )
+    parser.add_argument(
+        "--no-whole",
+        action="store_true",
+        help="skip the train_saes_for_model row (run at the last --precision)",
+    )
     parser.add_argument("--no-split", action="store_true", help="skip timing each stack's forward passes alone")
     parser.add_argument(
         "--whole-eval-windows",
@@ -388,12 +462,15 @@ def main(argv=None) -> int:
         activation_diff = max(((acts_ours[h] - acts_hf[h]).norm() / acts_hf[h].norm()).item() for h in setup.hooks)
 
         calls = {
-            "ours": lambda i: train_ours(args, setup),
-            "sparsify": lambda i: train_sparsify(args, setup, tmp / f"sparsify{i}"),
+            OURS[precision]: (lambda i, precision=precision: train_ours(args, setup, precision))
+            for precision in args.precision
         }
+        calls["sparsify"] = lambda i: train_sparsify(args, setup, tmp / f"sparsify{i}")
+        if args.sparsify_bf16:
+            calls["sparsify_bf16"] = lambda i: train_sparsify(args, setup, tmp / f"sparsify_bf16_{i}", setup.hf_bf16)
         once = {}  # run in the first round only: what the training's time is made of, and the whole call
         if not args.no_whole:
-            once["ours_whole"] = lambda i: train_ours_whole(args, setup, tmp / f"ours{i}")
+            once["ours_whole"] = lambda i: train_ours_whole(args, setup, tmp / f"ours{i}", args.precision[-1])
         if not args.no_split:
             once["ours_forward"] = lambda i: forward_ours(args, setup)
             once["sparsify_forward"] = lambda i: forward_sparsify(args, setup)
@@ -415,11 +492,11 @@ def main(argv=None) -> int:
                 row[f"{name}_tokens"] = results[name]["tokens"]
             row["load_1min"] = os.getloadavg()[0]
             rounds.append(row)
+            trained = [(name, ours_reconstruct, acts_ours) for name in calls if name.startswith("ours")] + [
+                (name, sparsify_reconstruct, acts_hf) for name in calls if name.startswith("sparsify")
+            ]
             for hook in setup.hooks:
-                for name, reconstruct, acts in (
-                    ("ours", ours_reconstruct, acts_ours),
-                    ("sparsify", sparsify_reconstruct, acts_hf),
-                ):
+                for name, reconstruct, acts in trained:
                     q = quality(reconstruct(results[name]["saes"][hook]), acts[hook], args.width)
                     qualities.append({"round": index, "hook": hook, "stack": name, **q})
                 if "ours_whole" in results:
@@ -439,9 +516,12 @@ def main(argv=None) -> int:
     rounds = pd.DataFrame(rounds)
     qualities = pd.DataFrame(qualities)
     labels = {
-        "ours": "ours: train_saes over stream_activations (training)",
-        "sparsify": "sparsify: Trainer(cfg, dataset, AutoModel).fit()",
-        "ours_whole": "ours, whole: train_saes_for_model (training + save + quality check), round 1",
+        "ours": "ours: train_saes over stream_activations (training), float32",
+        "ours_bf16": "ours, bfloat16 autocast (forward + SAE steps): train_saes over stream_activations",
+        "sparsify": "sparsify: Trainer(cfg, dataset, AutoModel).fit(), float32",
+        "sparsify_bf16": "sparsify, model loaded in bfloat16: Trainer(...).fit()",
+        "ours_whole": f"ours, whole: train_saes_for_model (training + save + quality check, {args.precision[-1]}), "
+        "round 1",
         "ours_forward": "ours' forward passes alone (stream_activations, no SAE), round 1",
         "sparsify_forward": "sparsify's forward passes alone (AutoModel, no hooks), round 1",
     }
@@ -476,8 +556,23 @@ def main(argv=None) -> int:
         )
     speed = pd.DataFrame(speed)
     ve = qualities.pivot_table(index="hook", columns="stack", values="variance_explained", aggfunc="mean", sort=False)
-    ve_ok = qualities.variance_explained.map(math.isfinite).all() and {"ours", "sparsify"} <= set(qualities["stack"])
-    equal_or_better = bool((ve["ours"] >= ve["sparsify"]).all())
+    ours_names = [OURS[precision] for precision in args.precision]
+    ve_ok = qualities.variance_explained.map(math.isfinite).all() and {*ours_names, "sparsify"} <= set(
+        qualities["stack"]
+    )
+    equal_or_better = {name: bool((ve[name] >= ve["sparsify"]).all()) for name in ours_names}
+    ve_summary = pd.DataFrame(
+        [
+            {
+                "stack": name,
+                "mean_over_hooks": ve[name].mean(),
+                "min_over_hooks": ve[name].min(),
+                "hooks_at_or_above_sparsify": int((ve[name] >= ve["sparsify"]).sum()),
+                "hooks": len(ve),
+            }
+            for name in ve.columns
+        ]
+    )
 
     command = "python " + " ".join(
         shlex.quote(a) for a in [os.path.relpath(__file__, REPO_ROOT), *(sys.argv[1:] if argv is None else argv)]
@@ -513,7 +608,10 @@ def main(argv=None) -> int:
             markdown(speed),
             "Held-out variance explained (mean over rounds):",
             markdown(ve.reset_index()),
-            f"Ours at equal or better variance explained on every hook: **{'yes' if equal_or_better else 'no'}**",
+            "Held-out variance explained over the hooks:",
+            markdown(ve_summary),
+            "Ours at equal or better variance explained than sparsify on every hook: "
+            + ", ".join(f"{name} **{'yes' if ok else 'no'}**" for name, ok in equal_or_better.items()),
             "Per round (the first to run rotates):",
             markdown(rounds),
             "Held-out quality per round:",

@@ -7,6 +7,7 @@ SAE reconstructs it. These are the measurements; gate.QualityGate gives the verd
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
 
 import torch
@@ -91,7 +92,6 @@ def variance_explained(activations: torch.Tensor, reconstruction: torch.Tensor) 
     return stats.compute()
 
 
-@torch.no_grad()
 def evaluate_sae(
     model: Model,
     sae: SAE,
@@ -100,7 +100,30 @@ def evaluate_sae(
     batch_size: int = 8,
     progress: bool = False,
 ) -> SAEQuality:
-    """Quality of `sae` at `hook_name` of `model` on `tokens` (data.TokenWindows or a LongTensor [n, context]).
+    """Quality of `sae` at `hook_name` of `model` on `tokens` (data.TokenWindows or a LongTensor [n, context]),
+    CE loss recovered included: `evaluate_saes` for one SAE."""
+    return evaluate_saes(model, {hook_name: sae}, tokens, batch_size, ce_hooks=[hook_name], progress=progress)[
+        hook_name
+    ]
+
+
+@torch.no_grad()
+def evaluate_saes(
+    model: Model,
+    saes: Mapping[str, SAE | Mapping[int, SAE]],
+    tokens,
+    batch_size: int = 8,
+    ce_hooks: Iterable[str] = (),
+    progress: bool = False,
+) -> dict:
+    """Quality of every SAE in `saes` ({hook: SAE} or {hook: {sae_seed: SAE}}) on `tokens`
+    (data.TokenWindows or a LongTensor [n, context]); returns the same nesting of SAEQuality.
+
+    Variance explained, L0 and dead features of every SAE come from ONE forward pass per batch
+    of windows (up to the deepest hook): the check after training many SAEs costs about one
+    forward over the held-out windows, not one per hook. CE loss recovered costs three forward
+    passes with the unembedding per hook and batch, so it is measured only for the hooks in
+    `ce_hooks` (NaN for the others).
 
     BOS and padding positions are left out of the statistics and left untouched when the
     reconstruction replaces the hook (as SAE-Lens's evals do); CE losses average over the
@@ -111,49 +134,74 @@ def evaluate_sae(
     token_ids, keep, special_ids = _tokens_and_mask(model, tokens)
     if batch_size < 1:
         raise ValueError(f"batch_size must be a positive number of windows, got {batch_size}")
-    variance = VarianceExplained()
-    budget = FeatureBudget(sae.cfg.d_sae, sae.cfg.d_in)
-    loss_sums = {"clean": 0.0, "reconstructed": 0.0, "zero_ablated": 0.0}
+    slots = {
+        (hook, seed): sae
+        for hook, entry in saes.items()
+        for seed, sae in (entry.items() if isinstance(entry, Mapping) else [(None, entry)])
+    }
+    ce_hooks = set(ce_hooks)
+    unknown = ce_hooks - set(saes)
+    if unknown:
+        raise ValueError(f"ce_hooks {sorted(unknown)} have no SAE here; the SAEs are for {sorted(saes)}")
+    hooks = list(saes)
+    stops = [extract_stop_at_layer_from_tlens_hook_name(hook) for hook in hooks]
+    stop_at_layer = None if None in stops else max(stops)
+    variance = {key: VarianceExplained() for key in slots}
+    budgets = {key: FeatureBudget(sae.cfg.d_sae, sae.cfg.d_in) for key, sae in slots.items()}
+    loss_sums = {key: {"clean": 0.0, "reconstructed": 0.0, "zero_ablated": 0.0} for key in slots}
     n_predictions = 0
-    stop_at_layer = extract_stop_at_layer_from_tlens_hook_name(hook_name)
     for start in tqdm(
-        range(0, len(token_ids), batch_size), desc=f"evaluating SAE at {hook_name}", disable=not progress
+        range(0, len(token_ids), batch_size), desc=f"evaluating {len(slots)} SAE(s)", disable=not progress
     ):
         batch = token_ids[start : start + batch_size].to(model.cfg.device)
         batch_keep = keep[start : start + batch_size].to(model.cfg.device)
-        activations = forward_activations(model, batch, [hook_name], stop_at_layer)[hook_name][batch_keep].to(
-            sae.device
-        )
-        codes = sparse_codes(sae.encode(activations))
-        variance.update(activations, decode(sae, codes))
-        budget.update(codes)
-
-        losses = get_recons_loss(
-            sae,
-            model,
-            ActivationScaler(),
-            batch,
-            compute_kl=False,
-            compute_ce_loss=True,
-            ignore_tokens=special_ids,
-            hook_name=hook_name,
-        )
-        predicts_text = batch_keep[:, 1:].to(losses["ce_loss_without_sae"].device)
-        for name, key in (
-            ("clean", "ce_loss_without_sae"),
-            ("reconstructed", "ce_loss_with_sae"),
-            ("zero_ablated", "ce_loss_with_ablation"),
-        ):
-            loss_sums[name] += losses[key][predicts_text].sum().item()
+        cache = forward_activations(model, batch, hooks, stop_at_layer)
+        for (hook, seed), sae in slots.items():
+            activations = cache[hook][batch_keep].to(sae.device)
+            codes = sparse_codes(sae.encode(activations))
+            variance[hook, seed].update(activations, decode(sae, codes))
+            budgets[hook, seed].update(codes)
+        del cache
+        predicts_text = batch_keep[:, 1:]
+        for (hook, seed), sae in slots.items():
+            if hook not in ce_hooks:
+                continue
+            losses = get_recons_loss(
+                sae,
+                model,
+                ActivationScaler(),
+                batch,
+                compute_kl=False,
+                compute_ce_loss=True,
+                ignore_tokens=special_ids,
+                hook_name=hook,
+            )
+            for name, key in (
+                ("clean", "ce_loss_without_sae"),
+                ("reconstructed", "ce_loss_with_sae"),
+                ("zero_ablated", "ce_loss_with_ablation"),
+            ):
+                loss_sums[hook, seed][name] += losses[key][predicts_text.to(losses[key].device)].sum().item()
         n_predictions += int(predicts_text.sum())
-    quality = SAEQuality(variance.compute(), budget.mean_l0, budget.dead_fraction, budget.tokens)
-    if n_predictions:
-        clean, reconstructed, zero = (
-            loss_sums[name] / n_predictions for name in ("clean", "reconstructed", "zero_ablated")
-        )
-        quality.ce_loss_clean, quality.ce_loss_reconstructed, quality.ce_loss_zero_ablated = clean, reconstructed, zero
-        quality.ce_loss_recovered = (zero - reconstructed) / (zero - clean) if zero != clean else math.nan
-    return quality
+    result: dict = {}
+    for hook, seed in slots:
+        budget = budgets[hook, seed]
+        quality = SAEQuality(variance[hook, seed].compute(), budget.mean_l0, budget.dead_fraction, budget.tokens)
+        if hook in ce_hooks and n_predictions:
+            clean, reconstructed, zero = (
+                loss_sums[hook, seed][name] / n_predictions for name in ("clean", "reconstructed", "zero_ablated")
+            )
+            quality.ce_loss_clean, quality.ce_loss_reconstructed, quality.ce_loss_zero_ablated = (
+                clean,
+                reconstructed,
+                zero,
+            )
+            quality.ce_loss_recovered = (zero - reconstructed) / (zero - clean) if zero != clean else math.nan
+        if seed is None:
+            result[hook] = quality
+        else:
+            result.setdefault(hook, {})[seed] = quality
+    return result
 
 
 def _tokens_and_mask(model: Model, tokens) -> tuple[torch.Tensor, torch.Tensor, list[int]]:

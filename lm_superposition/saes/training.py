@@ -32,7 +32,7 @@ from ..activations import stream_activations
 from ..config import SAETrainingConfig
 from ..models import Model, hook_point
 from .loading import save_sae
-from .quality import evaluate_sae
+from .quality import evaluate_saes
 
 # --- training ---------------------------------------------------------------------------
 #
@@ -154,6 +154,7 @@ def _new_trainer(hook_name: str, d_in: int, config: SAETrainingConfig) -> SAETra
         dead_feature_window=max(1, min(1000, steps // 10)),
         feature_sampling_window=max(1, min(2000, steps // 5)),
         logger=LoggingConfig(log_to_wandb=False),
+        autocast=config.autocast,
     )
     return SAETrainer(cfg=trainer_config, sae=sae, data_provider=iter(()))
 
@@ -264,12 +265,16 @@ def train_saes_for_model(
     n_eval_windows: int = 32,
     progress: bool = True,
     sae_seeds: Sequence[int] | None = None,
+    ce_recovered: bool | Iterable[str] = True,
 ) -> dict:
     """Train an SAE for each hook from one activation stream over `windows`, save and judge each.
 
     `hooks`: hook names or models.HookPoint. The last `n_eval_windows` windows (data.TokenWindows)
-    are held out: each SAE is evaluated on them (`evaluate_sae`) and the result written next to
-    it as quality.json. Returns {hook_name: out_dir/<hook_name>}, each folder an SAE-Lens folder
+    are held out: every SAE is evaluated on them (`evaluate_saes`: variance explained, L0 and dead
+    features of all SAEs from one forward pass per batch) and the result written next to it as
+    quality.json. ce_recovered: which hooks also get CE loss recovered (three forward passes with
+    the unembedding per hook): True all, False none (null in quality.json), or the hook names.
+    Returns {hook_name: out_dir/<hook_name>}, each folder an SAE-Lens folder
     that `load_sae_from_disk` and `sae_lens.SAE.load_from_disk` open; with `sae_seeds`,
     {hook_name: {seed: out_dir/sae_seed<seed>/<hook_name>}} (see `trained_sae_folder`).
     """
@@ -284,7 +289,14 @@ def train_saes_for_model(
         config = dataclasses.replace(config, model_name=model.cfg.model_name)
     train_windows, eval_windows = windows[: len(windows) - n_eval_windows], windows[len(windows) - n_eval_windows :]
 
-    stream = stream_activations(model, train_windows, [p.name for p in points], batch_size=batch_size, progress=False)
+    stream = stream_activations(
+        model,
+        train_windows,
+        [p.name for p in points],
+        batch_size=batch_size,
+        progress=False,
+        autocast_dtype=torch.bfloat16 if config.autocast_lm else None,
+    )
     batches = (batch.activations for batch in stream)
     if config.epochs > 1:
         one_pass = list(batches)
@@ -292,10 +304,12 @@ def train_saes_for_model(
     seeds = [config.seed] if sae_seeds is None else list(sae_seeds)
     saes = train_saes(batches, {p.name: p.width for p in points}, config, progress=progress, sae_seeds=seeds)
 
+    ce_hooks = list(saes) if ce_recovered is True else [] if ce_recovered is False else list(ce_recovered)
+    qualities = evaluate_saes(model, saes, eval_windows, batch_size=batch_size, ce_hooks=ce_hooks, progress=progress)
     folders: dict = {}
     for name, by_seed in saes.items():
         for seed, sae in by_seed.items():
-            quality = evaluate_sae(model, sae, name, eval_windows, batch_size=batch_size, progress=progress)
+            quality = qualities[name][seed]
             summary = {
                 "hook_name": name,
                 "sae_seed": seed,
