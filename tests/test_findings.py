@@ -110,14 +110,16 @@ def test_matched_cosine_is_one_for_a_permuted_copy_and_lower_for_other_direction
     assert study.matched_cosine(directions, other) < 0.9
 
 
-def test_grokking_quick(tmp_path):
+def test_grokking_quick_across_seeds(tmp_path):
     study = _load("grokking")
     table = study.main(["--quick", "--out", str(tmp_path)])
-    assert table["step"].tolist() == [10, 20, 30, 40]
+    assert table["seed"].tolist() == [0] * 4 + [1] * 4 and table["step"].tolist() == [10, 20, 30, 40] * 2
     for column in ("mlp_F", "resid_F", "mlp_neuron_F", "train_accuracy", "test_accuracy"):
         assert table[column].notna().all()
-    assert table["mlp_F"].between(1, 2 * 32).all() and table["resid_F"].between(1, 4 * 16).all()
+    assert (table["mlp_F_sae_min"] <= table["mlp_F"]).all() and (table["mlp_F"] <= table["mlp_F_sae_max"]).all()
     assert table["mlp_neuron_F"].between(1, 32).all()
     assert (table["weight_norm"] > 0).all() and table["weight_norm"].map(math.isfinite).all()
-    readme = _check_outputs(tmp_path, "grokking", "grokking.png", table)
-    assert "mlp_F_drop_step" in readme
+    lags = pd.read_csv(tmp_path / "lags.csv")
+    assert lags["seed"].tolist() == [0, 1] and lags["mlp_F_drop_step"].notna().all()  # the drop step is found
+    readme = _check_outputs(tmp_path, "grokking", "grokking.svg", table)
+    assert "lag_mean" in readme
