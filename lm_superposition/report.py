@@ -218,3 +218,19 @@ def markdown_summary(table: pd.DataFrame) -> str:
             f"| {row.ce_recovered:.2f} | {row.additivity:.2f} | {row.quality} |"
         )
     return "\n".join(lines)
+
+
+def markdown_table(table: pd.DataFrame) -> str:
+    """Any table as GitHub Markdown, numbers to 3 significant digits (pandas' to_markdown needs
+    tabulate, which is not a dependency)."""
+
+    def cell(value) -> str:
+        if isinstance(value, float):
+            if math.isnan(value):
+                return ""
+            return f"{value:.2e}" if 0 < abs(value) < 1e-3 else f"{value:,.3g}" if abs(value) < 100 else f"{value:,.0f}"
+        return str(value)
+
+    lines = ["| " + " | ".join(map(str, table.columns)) + " |", "|" + "---|" * len(table.columns)]
+    lines += ["| " + " | ".join(cell(value) for value in row) + " |" for row in table.itertuples(index=False)]
+    return "\n".join(lines)
