@@ -48,13 +48,15 @@ def train_default_saes(
 
 
 @torch.no_grad()
-def measure_default_sae(sae, activations: torch.Tensor, width: int | None = None) -> dict:
+def measure_default_sae(
+    sae, activations: torch.Tensor, width: int | None = None, doc_ids: torch.Tensor | None = None
+) -> dict:
     """F (merged duplicates), its bootstrap interval, psi, L0, merged latents and variance explained on activations.
 
     An SAE whose latents never fire on these activations (an L1 too strong for the layer) has no
     budget: F and psi are nan there, and `dead_sae` says so.
     """
-    budget = sae_budget(sae, activations, width=width)
+    budget = sae_budget(sae, activations, width=width, doc_ids=doc_ids)
     if budget.tokens > 0 and float(budget.block_sums.sum()) == 0:
         nan = math.nan
         summary = {"tokens": budget.tokens, "d_sae": budget.d_sae, "N": budget.width, "mean_l0": 0.0}

@@ -180,3 +180,25 @@ def test_regime_parsing_rejects_malformed_text():
     assert sweep.parse_regime("16x8") == (16, 8)
     with pytest.raises(Exception, match="CLASSESxWIDTH"):
         sweep.parse_regime("16-8")
+
+
+def test_preregistered_quick_computes_every_registered_test(tmp_path):
+    from experiments.adversarial import preregistered
+
+    table = preregistered.main(["--quick", "--out", str(tmp_path)])
+    registration = preregistered.load_registration(preregistered.DEFAULT_CONFIG, quick=True)
+    assert set(table["seed"]) == set(registration["common"]["seeds"])
+    tests = pd.read_csv(tmp_path / "tests.csv")
+    assert len(tests) == len(registration["regime"]) + len(registration["capacity"]["channels"])
+    assert tests[["estimate", "low95", "high95", "p", "p_holm"]].notna().all(axis=None)
+    assert (tests["p_holm"] >= tests["p"] - 1e-12).all()  # Holm never lowers a p-value
+    readme = (tmp_path / "README.md").read_text()
+    assert "Holm" in readme and "python -m experiments.adversarial.preregistered --quick" in readme
+    assert (tmp_path / "preregistered.svg").stat().st_size > 0
+
+
+def test_holm_adjustment_matches_the_step_down_rule():
+    from experiments.findings_stats import holm
+
+    assert holm([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06])
+    assert holm([0.5, 0.001]) == pytest.approx([0.5, 0.002])
