@@ -17,7 +17,7 @@ Plateau of F: the smallest expansion from which the mean F stays within 10% of i
 every larger expansion of the sweep (`plateau_expansion`); none if only the widest qualifies.
 Writes table.csv, summary.csv, f_vs_width.png/.svg and README.md to --out.
 
-    python -m experiments.dictionary_robustness            # 5 models x 6 widths x 3 SAE seeds: ~25 min, 1 thread
+    python -m experiments.dictionary_robustness            # 5 models x 6 widths x 3 SAE seeds: ~20 min, 1 thread
     python -m experiments.dictionary_robustness --quick    # tiny, seconds
 """
 
@@ -58,7 +58,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--n-tasks", type=int, default=3)
     parser.add_argument("--bits-per-task", type=int, default=4)
     parser.add_argument("--epochs", type=int, default=100, help="model training epochs (the paper: 300)")
-    parser.add_argument("--budgets", type=int, nargs="+", default=[250, 500, 1000], help="SAE steps tried in turn")
+    parser.add_argument("--budgets", type=int, nargs="+", default=[200, 400, 800], help="SAE steps tried in turn")
     parser.add_argument("--sae-batch", type=int, default=256)
     parser.add_argument("--ve-tolerance", type=float, default=0.005, help="VE gain under which training stops")
     parser.add_argument("--threads", type=int, default=1)
