@@ -1,0 +1,151 @@
+"""Is the full-depth compression curve a property of Gemma or of the SAE recipe? The run of
+experiments/gemma3_270m_full_depth.toml repeated through other recipes, and what survives.
+
+    lm-superposition run experiments/gemma3_270m_full_depth.toml        # the validated recipe (first)
+    python -m experiments.full_depth_recipes                             # the other recipes, then the comparison
+    python -m experiments.full_depth_recipes --compare-only              # only the comparison, from the run folders
+
+Each other recipe runs the base config with its [saes.train] fields replaced (RECIPES below) into
+its own run folder (resumable), with one SAE seed (--sae-seeds) to fit the budget. Then:
+Spearman rank correlation of per-hook psi between every pair of recipes (all hooks, and per hook
+kind over depth), and for each recipe the statements a reader would take from the curve: where
+psi peaks per kind, the order of the kinds by mean psi, and whether the late half of the blocks
+sits above the early half. Writes results/gemma3_270m_full_depth/recipes.{md,csv} and
+recipes.png/.svg.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import shlex
+import sys
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import pandas as pd  # noqa: E402
+from scipy.stats import spearmanr  # noqa: E402
+
+from lm_superposition.config import RunConfig  # noqa: E402
+from lm_superposition.report import markdown_table, per_hook_summary  # noqa: E402
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+BASE_CONFIG = REPO_ROOT / "experiments" / "gemma3_270m_full_depth.toml"
+# name -> the [saes.train] fields that differ from the base config's (the validated recipe).
+RECIPES = {
+    "validated": {},
+    "topk32": {"architecture": "topk", "k": 32},
+    "topk128": {"architecture": "topk", "k": 128},
+}
+KINDS = ("resid", "mlp_out", "attn_out")
+
+
+def recipe_config(base: RunConfig, name: str, sae_seeds: list[int]) -> RunConfig:
+    """The base config through recipe `name`, into its own run folder."""
+    if name == "validated":
+        return base
+    values = base.to_dict()
+    values["saes"]["train"].update(RECIPES[name], sae_seeds=sae_seeds)
+    values["run"]["output"] = f"{base.run.output}_{name}"
+    return RunConfig.from_dict(values)
+
+
+def psi_by_hook(folder: Path) -> pd.DataFrame:
+    summary = per_hook_summary(pd.read_csv(folder / "layerwise.csv"))
+    return summary[["hook", "group", "layer", "depth", "psi", "psi_low", "psi_high", "quality"]]
+
+
+def compare(runs: dict[str, pd.DataFrame]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(Spearman rank correlations between recipes, the statements each recipe's curve makes)."""
+    correlations = []
+    for (a, table_a), (b, table_b) in itertools.combinations(runs.items(), 2):
+        both = table_a.merge(table_b, on=["hook", "group", "depth"], suffixes=("_a", "_b"))
+        for group in ("all", *KINDS):
+            rows = both if group == "all" else both[both["group"] == group]
+            rho, p_value = spearmanr(rows["psi_a"], rows["psi_b"])
+            correlations.append(
+                {"recipes": f"{a} vs {b}", "hooks": group, "n": len(rows), "spearman": rho, "p_value": p_value}
+            )
+    statements = []
+    for name, table in runs.items():
+        row = {"recipe": name}
+        kind_means = {}
+        for kind in KINDS:
+            rows = table[table["group"] == kind]
+            row[f"{kind} peak depth"] = float(rows.loc[rows["psi"].idxmax(), "depth"])
+            early, late = rows[rows["depth"] <= 9], rows[rows["depth"] > 9]
+            row[f"{kind} late > early"] = bool(late["psi"].mean() > early["psi"].mean())
+            kind_means[kind] = rows["psi"].mean()
+        row["kinds by mean psi"] = " > ".join(sorted(kind_means, key=kind_means.get, reverse=True))
+        row["hooks passing the gate"] = int((table["quality"] == "ok").sum())
+        statements.append(row)
+    return pd.DataFrame(correlations), pd.DataFrame(statements)
+
+
+def plot(runs: dict[str, pd.DataFrame], path_stem: Path) -> None:
+    fig, axes = plt.subplots(1, len(KINDS), figsize=(15, 4.4), sharey=True)
+    for ax, kind in zip(axes, KINDS):
+        for index, (name, table) in enumerate(runs.items()):
+            rows = table[table["group"].isin([kind, "embedding"] if kind == "resid" else [kind])].sort_values("depth")
+            errors = [(rows["psi"] - rows["psi_low"]).clip(lower=0), (rows["psi_high"] - rows["psi"]).clip(lower=0)]
+            ax.errorbar(rows["depth"], rows["psi"], yerr=errors, color=f"C{index}", capsize=2, label=name)
+            passed = rows["quality"] == "ok"
+            ax.scatter(rows["depth"][~passed], rows["psi"][~passed], facecolors="white", edgecolors=f"C{index}")
+            ax.scatter(rows["depth"][passed], rows["psi"][passed], color=f"C{index}")
+        ax.set_title(kind)
+        ax.set_xlabel("depth (0 = embedding, L+1 = output of block L)")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("psi = F / N")
+    axes[0].legend(fontsize=8)
+    fig.suptitle("Gemma 3 270M, every layer, through three SAE recipes (hollow: failed the quality gate)")
+    fig.tight_layout()
+    for suffix in (".png", ".svg"):
+        fig.savefig(path_stem.with_suffix(suffix), dpi=130)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", type=Path, default=BASE_CONFIG, help="the validated recipe's run config")
+    parser.add_argument("--recipes", nargs="+", default=list(RECIPES), choices=list(RECIPES))
+    parser.add_argument("--sae-seeds", nargs="+", type=int, default=[0], help="SAE seeds of the other recipes")
+    parser.add_argument("--compare-only", action="store_true", help="only compare the run folders there are")
+    parser.add_argument("--out", type=Path, default=REPO_ROOT / "results" / "gemma3_270m_full_depth")
+    args = parser.parse_args(argv)
+    base = RunConfig.from_toml(args.config)
+
+    folders = {}
+    for name in args.recipes:
+        config = recipe_config(base, name, args.sae_seeds)
+        folder = Path(config.run.output)
+        if not args.compare_only and not (folder / "layerwise.csv").is_file():
+            from lm_superposition.runs import run
+
+            run(config, resume=folder.exists())
+        if (folder / "layerwise.csv").is_file():
+            folders[name] = folder
+    if len(folders) < 2:
+        raise SystemExit(f"need at least two finished runs to compare, have {sorted(folders)}")
+
+    runs = {name: psi_by_hook(folder) for name, folder in folders.items()}
+    correlations, statements = compare(runs)
+    args.out.mkdir(parents=True, exist_ok=True)
+    correlations.to_csv(args.out / "recipes_spearman.csv", index=False)
+    statements.to_csv(args.out / "recipes_statements.csv", index=False)
+    plot(runs, args.out / "recipes")
+    command = "python -m experiments.full_depth_recipes " + shlex.join(sys.argv[1:])
+    (args.out / "recipes.md").write_text(
+        f"# The full-depth curve through {len(runs)} recipes\n\nCommand: `{command.strip()}`\n"
+        f"Run folders: {', '.join(f'{name}: {folder}' for name, folder in folders.items())}\n"
+        f"Recipes: {RECIPES}\n\n![psi per recipe](recipes.png)\n\n"
+        f"## Spearman rank correlation of per-hook psi\n\n{markdown_table(correlations)}\n\n"
+        f"## What each recipe's curve says\n\n{markdown_table(statements)}\n"
+    )
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,49 @@
+"""The full-depth study's recipe comparison and config overlay, on small synthetic tables."""
+
+import pandas as pd
+import pytest
+
+from experiments.full_depth_recipes import BASE_CONFIG, compare, recipe_config
+from lm_superposition.config import RunConfig
+
+
+def _curve(psi_of_depth, kinds=("resid", "mlp_out", "attn_out"), n_blocks=18) -> pd.DataFrame:
+    rows = [
+        {
+            "hook": f"blocks.{layer}.{kind}",
+            "group": kind,
+            "layer": layer,
+            "depth": layer + 1.0,
+            "psi": psi_of_depth(kind, layer + 1.0),
+            "psi_low": 0.0,
+            "psi_high": 9.0,
+            "quality": "ok",
+        }
+        for layer in range(n_blocks)
+        for kind in kinds
+    ]
+    return pd.DataFrame(rows)
+
+
+def test_compare_reads_rank_agreement_and_the_curves_statements():
+    rising = _curve(lambda kind, depth: depth + {"resid": 100, "mlp_out": 50, "attn_out": 0}[kind])
+    falling = _curve(lambda kind, depth: -depth + {"resid": 0, "mlp_out": 50, "attn_out": 100}[kind])
+    correlations, statements = compare({"a": rising, "b": rising.copy(), "c": falling})
+    by_pair = correlations.set_index(["recipes", "hooks"])["spearman"]
+    assert by_pair["a vs b", "all"] == pytest.approx(1.0)
+    assert by_pair["a vs c", "resid"] == pytest.approx(-1.0)
+    statement = statements.set_index("recipe")
+    assert statement.loc["a", "mlp_out peak depth"] == 18.0 and statement.loc["c", "mlp_out peak depth"] == 1.0
+    assert statement.loc["a", "kinds by mean psi"] == "resid > mlp_out > attn_out"
+    assert statement.loc["c", "kinds by mean psi"] == "attn_out > mlp_out > resid"
+    assert bool(statement.loc["a", "resid late > early"]) and not bool(statement.loc["c", "resid late > early"])
+
+
+def test_recipe_config_changes_only_the_recipe_and_the_folder():
+    base = RunConfig.from_toml(BASE_CONFIG)
+    topk = recipe_config(base, "topk32", sae_seeds=[0])
+    assert (topk.saes.train.architecture, topk.saes.train.k, topk.saes.train.sae_seeds) == ("topk", 32, [0])
+    assert topk.saes.train.hooks == base.saes.train.hooks and len(base.saes.train.hooks) == 55
+    assert topk.run.output != base.run.output and topk.run.seeds == base.run.seeds
+    assert base.saes.train.recipe_verdict() == "validated" and topk.saes.train.recipe_verdict() != "validated"
+    assert recipe_config(base, "validated", sae_seeds=[0]) is base
