@@ -1,0 +1,152 @@
+"""Reduced precision where it is an option (issue 16), and the quality check of many SAEs from one forward.
+
+The bfloat16 encode must give the float32 F to within its documented price, keep the budget's
+sums in float64 and leave the default untouched; bfloat16 autocast of a forward pass must hand
+back activations in the model's dtype; `evaluate_saes` must give every SAE what `evaluate_sae`
+gives it alone, CE loss only where asked. Speed is the benchmarks' business, never asserted here.
+"""
+
+import math
+
+import pytest
+import torch
+from sae_lens import StandardSAE, StandardSAEConfig, TopKSAE, TopKSAEConfig
+from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+from lm_superposition.activations import stream_activations
+from lm_superposition.analyze import LayerwiseAnalyzer, sae_budget
+from lm_superposition.codes import LowPrecisionEncoder
+from lm_superposition.config import RunSettings, SAETrainingConfig
+from lm_superposition.metric import SUM_DTYPE, FeatureBudget, _entropies, entropy
+from lm_superposition.saes.quality import evaluate_sae, evaluate_saes
+
+HOOKS = ["blocks.0.hook_resid_post", "blocks.1.hook_mlp_out"]
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    config = HookedTransformerConfig(
+        n_layers=2,
+        d_model=32,
+        n_heads=2,
+        d_head=16,
+        d_mlp=64,
+        d_vocab=97,
+        n_ctx=32,
+        act_fn="gelu",
+        normalization_type="LN",
+        seed=0,
+        device="cpu",
+    )
+    return HookedTransformer(config).eval()
+
+
+def standard_sae(d_in: int, d_sae: int, seed: int, hook: str = "h") -> StandardSAE:
+    torch.manual_seed(seed)
+    sae = StandardSAE(StandardSAEConfig(d_in=d_in, d_sae=d_sae))
+    sae.cfg.metadata.hook_name = hook
+    with torch.no_grad():
+        sae.b_enc.fill_(-0.2)  # sparse codes, as trained SAEs have
+    return sae
+
+
+@pytest.mark.parametrize("kind", ["standard", "topk"])
+def test_bfloat16_encode_gives_the_float32_f_within_its_price(kind):
+    torch.manual_seed(0)
+    if kind == "standard":
+        sae = standard_sae(64, 512, seed=0)  # computed in place from bf16 copies of W_enc, b_enc
+    else:
+        sae = TopKSAE(TopKSAEConfig(d_in=64, d_sae=512, k=16))  # any other class: SAE-Lens encode under autocast
+    activations = torch.randn(20_000, 64)
+    exact = sae_budget(sae, activations, merge_duplicates=False)
+    reduced = sae_budget(sae, activations, merge_duplicates=False, encode_dtype="bfloat16")
+    assert reduced.block_sums.dtype == SUM_DTYPE  # the budget is summed in float64 either way
+    assert abs(reduced.effective_features() / exact.effective_features() - 1) < 1e-3
+    assert abs(reduced.mean_l0 / exact.mean_l0 - 1) < 0.01
+    # float32 (the default) is the SAE's own precision: bit for bit the plain measurement
+    same = sae_budget(sae, activations, merge_duplicates=False, encode_dtype="float32")
+    assert torch.equal(same.block_sums, exact.block_sums)
+
+
+def test_low_precision_encoder_refuses_a_full_precision_dtype():
+    with pytest.raises(ValueError, match="bfloat16 or float16"):
+        LowPrecisionEncoder(standard_sae(8, 16, seed=0), torch.float64)
+
+
+def test_analyzer_with_bfloat16_encode_measures_the_same_layers(tiny_model, make_windows):
+    saes = {hook: standard_sae(tiny_model.cfg.d_model, 256, seed=i, hook=hook) for i, hook in enumerate(HOOKS)}
+    windows = make_windows(16, 32, 97, bos=None, pad=None)
+    tables = {
+        dtype: LayerwiseAnalyzer(
+            tiny_model, saes, model_name="tiny", batch_size=4, n_blocks=8, merge_duplicates=False, encode_dtype=dtype
+        ).measure(windows, ce_windows=0, progress=False)
+        for dtype in (None, "bfloat16")
+    }
+    exact, reduced = (tables[d].set_index("hook") for d in (None, "bfloat16"))
+    assert (reduced.tokens == exact.tokens).all()
+    assert ((reduced.F / exact.F - 1).abs() < 0.02).all()  # 496 tokens: a loose bound
+    # random SAEs explain nothing (VE far below 0): compare the unexplained variance relative to itself
+    assert ((1 - reduced.variance_explained) / (1 - exact.variance_explained) - 1).abs().max() < 0.01
+
+
+def test_encode_dtype_is_a_checked_run_setting():
+    assert RunSettings().encode_dtype == "float32"
+    assert RunSettings(encode_dtype="bfloat16").encode_dtype == "bfloat16"
+    with pytest.raises(ValueError, match="encode_dtype"):
+        RunSettings(encode_dtype="int8")
+
+
+def test_autocast_training_is_off_by_default_and_not_the_validated_recipe():
+    assert SAETrainingConfig().autocast is False and SAETrainingConfig().autocast_lm is False
+    assert SAETrainingConfig().recipe_verdict() == "validated"
+    assert "autocast" in SAETrainingConfig(autocast=True).recipe_verdict()
+    assert SAETrainingConfig(autocast_lm=True).recipe_verdict() == "validated"  # the data's precision, not the recipe
+
+
+def test_autocast_forward_hands_back_activations_in_the_model_dtype(tiny_model, make_windows):
+    windows = make_windows(4, 32, 97)
+    exact, reduced = (
+        next(iter(stream_activations(tiny_model, windows, HOOKS, batch_size=4, progress=False, autocast_dtype=dtype)))
+        for dtype in (None, torch.bfloat16)
+    )
+    for hook in HOOKS:
+        assert reduced.activations[hook].dtype == torch.float32
+        relative = (reduced.activations[hook] - exact.activations[hook]).norm() / exact.activations[hook].norm()
+        assert 0 < relative < 0.05  # bfloat16 was used, and is close
+
+
+def test_evaluate_saes_gives_each_sae_what_evaluate_sae_gives_it(tiny_model, make_windows):
+    saes = {hook: standard_sae(tiny_model.cfg.d_model, 128, seed=i, hook=hook) for i, hook in enumerate(HOOKS)}
+    windows = make_windows(6, 32, 97)
+    together = evaluate_saes(tiny_model, saes, windows, batch_size=4, ce_hooks=[HOOKS[1]])
+    for hook, sae in saes.items():
+        alone = evaluate_sae(tiny_model, sae, hook, windows, batch_size=4)
+        assert together[hook].variance_explained == pytest.approx(alone.variance_explained, abs=1e-6)
+        assert together[hook].mean_l0 == pytest.approx(alone.mean_l0)
+        assert together[hook].n_tokens == alone.n_tokens
+    assert math.isnan(together[HOOKS[0]].ce_loss_recovered)  # not asked for
+    assert together[HOOKS[1]].ce_loss_recovered == pytest.approx(
+        evaluate_sae(tiny_model, saes[HOOKS[1]], HOOKS[1], windows, batch_size=4).ce_loss_recovered
+    )
+    by_seed = evaluate_saes(tiny_model, {HOOKS[0]: {7: saes[HOOKS[0]]}}, windows, batch_size=4)
+    assert by_seed[HOOKS[0]][7].variance_explained == pytest.approx(together[HOOKS[0]].variance_explained)
+    with pytest.raises(ValueError, match="ce_hooks"):
+        evaluate_saes(tiny_model, saes, windows, ce_hooks=["blocks.5.hook_resid_post"])
+
+
+def test_one_pass_entropies_equal_the_entropy_of_each_row():
+    budgets = torch.rand(5, 300, dtype=torch.float64) ** 3
+    budgets[1, :150] = 0  # zeros are 0 ln 0 = 0
+    expected = torch.tensor([entropy(row) for row in budgets], dtype=torch.float64)
+    assert torch.allclose(_entropies(budgets), expected, rtol=1e-12)
+
+
+def test_bootstrap_and_curve_are_read_off_the_same_budget():
+    budget = FeatureBudget(400, 10, n_blocks=16)
+    codes = torch.rand(3000, 400) ** 8
+    budget.update(codes, torch.arange(3000))
+    interval = budget.bootstrap_effective_features()
+    assert interval.low < budget.effective_features() < interval.high
+    curve = budget.sample_size_curve()
+    assert curve[-1]["blocks"] == 16 and curve[-1]["F"] == pytest.approx(budget.effective_features(), rel=1e-12)
+    assert [row["tokens"] for row in curve] == sorted(row["tokens"] for row in curve)
