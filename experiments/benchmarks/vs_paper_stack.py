@@ -302,18 +302,27 @@ class Ours:
         batch_size: int,
         backend: str | None,
         encode_dtype: str = "float32",
-        model=None,
+        like: Ours | None = None,
     ):
+        """like: another Ours whose model and SAEs to share (a second precision reads the same ones;
+        19 SAEs of 32,768 latents are 2.4 GiB)."""
         self.encode_dtype = encode_dtype
+        model = like.model if like else None
         self.model = model or load_model(str(folder), **({"backend": backend} if backend else {}))
         self.backend = type(self.model).__name__
         self.hooks = [hook.name for hook in paper_hooks(self.model)]
         by_hook = {tl_hook_name(name): name for name in paper_layer_names(self.model.cfg.n_layers)}
         assert set(by_hook) == set(self.hooks), (sorted(by_hook), self.hooks)
-        self.saes = {
-            hook: load_dictionary_learning_sae(ae_path(dictionaries, by_hook[hook], d_sae), hook, model_name=MODEL_NAME)
-            for hook in self.hooks
-        }
+        self.saes = (
+            like.saes
+            if like
+            else {
+                hook: load_dictionary_learning_sae(
+                    ae_path(dictionaries, by_hook[hook], d_sae), hook, model_name=MODEL_NAME
+                )
+                for hook in self.hooks
+            }
+        )
         self.batch_size = batch_size
 
     @staticmethod
@@ -556,7 +565,7 @@ def main(argv=None) -> int:
         )
         paper = PaperStack(folder, dictionaries, args.d_sae)
         ours = Ours(folder, dictionaries, args.d_sae, args.batch_size, args.backend)
-        ours_bf16 = Ours(folder, dictionaries, args.d_sae, args.batch_size, args.backend, "bfloat16", ours.model)
+        ours_bf16 = Ours(folder, dictionaries, args.d_sae, args.batch_size, args.backend, "bfloat16", like=ours)
         rooflines = {
             name: Roofline(config, args.d_sae, len(ours.hooks), args.batch_size, args.context, dtype)
             for name, dtype in zip(ROOFLINES, (torch.float32, torch.bfloat16))
