@@ -1,7 +1,9 @@
-"""The full-depth study's recipe comparison and config overlay, on small synthetic tables."""
+"""The Gemma studies' logic on small synthetic inputs: the recipe comparison, the config
+overlay, the width ladder's plateau rule."""
 
 import pandas as pd
 import pytest
+import torch
 
 from experiments.full_depth_recipes import BASE_CONFIG, compare, recipe_config
 from lm_superposition.config import RunConfig
@@ -47,3 +49,34 @@ def test_recipe_config_changes_only_the_recipe_and_the_folder():
     assert topk.run.output != base.run.output and topk.run.seeds == base.run.seeds
     assert base.saes.train.recipe_verdict() == "validated" and topk.saes.train.recipe_verdict() != "validated"
     assert recipe_config(base, "validated", sae_seeds=[0]) is base
+
+
+def test_width_ladder_trains_until_a_doubling_stops_helping(tmp_path):
+    """The plateau rule on random activations: every hook ends with one kept SAE, marked
+    plateaued only where the last doubling added less than the threshold."""
+    from argparse import Namespace
+
+    from experiments.gemma_width_ladder import _train_until_plateau
+    from lm_superposition.models import HookPoint
+
+    generator = torch.Generator().manual_seed(0)
+    points = [
+        HookPoint("blocks.0.hook_mlp_out", "mlp_out", 0, 16),
+        HookPoint("blocks.1.hook_resid_post", "resid_post", 1, 16),
+    ]
+    train = {point.name: torch.randn(2048, 16, generator=generator) for point in points}
+    heldout = {point.name: torch.randn(256, 16, generator=generator) for point in points}
+    args = Namespace(
+        start_training_tokens=512, max_training_tokens=2048, plateau=1.0, batch_size_tokens=128, work=tmp_path
+    )
+    rows, kept = _train_until_plateau(2, train, heldout, points, args)
+    # plateau = 1.0: any first doubling counts as a plateau, so each hook stops at 1,024 tokens.
+    assert set(kept) == {point.name for point in points}
+    assert all(sae.cfg.d_sae == 32 for sae in kept.values())
+    final = [row for row in rows if row["kept"]]
+    assert [row["training_tokens"] for row in final] == [1024, 1024] and all(row["plateaued"] for row in final)
+
+    args.plateau, args.work = -1.0, tmp_path / "never"  # never a plateau: trained up to the cap, marked so
+    rows, _ = _train_until_plateau(2, train, heldout, points[:1], args)
+    assert [row["training_tokens"] for row in rows] == [512, 1024, 2048]
+    assert rows[-1]["kept"] and not rows[-1]["plateaued"]

