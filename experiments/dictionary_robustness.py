@@ -13,11 +13,15 @@ Training rule ("until variance explained stops improving"): each width trains wi
 whose held-out variance explained (mean over the SAE seeds) is less than --ve-tolerance above
 the previous budget's, or at the last budget (then `ve_plateaued` is False).
 
+--setting toy runs the same sweep on toy models of superposition (m = 10, 40 features, S = 0.9),
+where the validated recipe counts the stored features: the contrast case with a known answer.
+
 Plateau of F: the smallest expansion from which the mean F stays within 10% of its value at
 every larger expansion of the sweep (`plateau_expansion`); none if only the widest qualifies.
 Writes table.csv, summary.csv, f_vs_width.png/.svg and README.md to --out.
 
     python -m experiments.dictionary_robustness            # 5 models x 6 widths x 3 SAE seeds: ~20 min, 1 thread
+    python -m experiments.dictionary_robustness --setting toy --out results/dictionary_robustness/toy
     python -m experiments.dictionary_robustness --quick    # tiny, seconds
 """
 
@@ -39,8 +43,11 @@ import torch
 from experiments import study_command, torch_threads
 from experiments.findings_stats import mean_interval, measure_default_sae, save_figure, train_default_saes
 from experiments.tasks import DisjointParityTask, PreActivationMLP, binary_accuracy, train_binary
+from experiments.toy import ToyConfig, hidden_activations, represented_features, train_toy_model
 
 DEFAULT_OUT = Path(__file__).resolve().parent.parent / "results" / "dictionary_robustness"
+SETTINGS = ("parity", "toy")
+TRAIN_SEED_OFFSET, TEST_SEED_OFFSET = 1_000, 2_000
 PLATEAU_TOLERANCE = 0.10
 QUICK = dict(model_seeds=[0, 1], sae_seeds=[0, 1], expansions=[0.5, 2.0, 8.0], hidden=16, epochs=3, budgets=[20, 40])
 
@@ -51,6 +58,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     parser.add_argument("--quick", action="store_true", help=f"tiny run for tests: {QUICK}")
+    parser.add_argument(
+        "--setting",
+        choices=SETTINGS,
+        default="parity",
+        help="parity: the paper's MLP; toy: a toy model of superposition with a known feature count",
+    )
     parser.add_argument("--model-seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     parser.add_argument("--sae-seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--expansions", type=float, nargs="+", default=[0.5, 1, 2, 4, 8, 16], help="d_sae / N")
@@ -58,12 +71,17 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--n-tasks", type=int, default=3)
     parser.add_argument("--bits-per-task", type=int, default=4)
     parser.add_argument("--epochs", type=int, default=100, help="model training epochs (the paper: 300)")
+    parser.add_argument("--toy-features", type=int, default=40, help="toy setting: n features (N = --hidden)")
+    parser.add_argument("--toy-sparsity", type=float, default=0.9, help="toy setting: feature sparsity S")
+    parser.add_argument("--toy-steps", type=int, default=4000)
     parser.add_argument("--budgets", type=int, nargs="+", default=[200, 400, 800], help="SAE steps tried in turn")
     parser.add_argument("--sae-batch", type=int, default=256)
     parser.add_argument("--ve-tolerance", type=float, default=0.005, help="VE gain under which training stops")
     parser.add_argument("--threads", type=int, default=1)
     if "--quick" in argv:
         parser.set_defaults(**QUICK)
+    if "--setting" in argv and argv[argv.index("--setting") + 1] == "toy" and "--hidden" not in argv:
+        parser.set_defaults(hidden=10)
     return parser.parse_args(argv)
 
 
@@ -95,7 +113,20 @@ def saes_until_ve_plateau(train_acts: torch.Tensor, test_acts: torch.Tensor, d_s
     return measured, {"sae_steps": budget, "ve_plateaued": plateaued}
 
 
-def measure_model(args: argparse.Namespace, model_seed: int) -> list[dict]:
+def layer_activations(args: argparse.Namespace, model_seed: int) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """(training activations, held-out activations, columns about the model) of the measured layer."""
+    if args.setting == "toy":
+        config = ToyConfig(
+            n_features=args.toy_features,
+            n_hidden=args.hidden,
+            sparsity=args.toy_sparsity,
+            steps=args.toy_steps,
+            seed=model_seed,
+        )
+        model = train_toy_model(config)
+        _, train_acts = hidden_activations(model, 100_000, TRAIN_SEED_OFFSET + model_seed)
+        _, test_acts = hidden_activations(model, 50_000, TEST_SEED_OFFSET + model_seed)
+        return train_acts, test_acts, {"ground_truth": represented_features(model)}
     task = DisjointParityTask(args.n_tasks, args.bits_per_task)
     inputs, labels, _ = task.all_inputs()
     train, test = task.split(model_seed)
@@ -106,7 +137,11 @@ def measure_model(args: argparse.Namespace, model_seed: int) -> list[dict]:
         "test_accuracy": binary_accuracy(model, inputs[test], labels[test]),
     }
     with torch.no_grad():
-        train_acts, test_acts = model.pre_activation(inputs[train]), model.pre_activation(inputs[test])
+        return model.pre_activation(inputs[train]), model.pre_activation(inputs[test]), scores
+
+
+def measure_model(args: argparse.Namespace, model_seed: int) -> list[dict]:
+    train_acts, test_acts, scores = layer_activations(args, model_seed)
     rows = []
     for expansion in args.expansions:
         d_sae = max(1, round(expansion * args.hidden))
@@ -157,12 +192,14 @@ def summarise(table: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def plot(summary: pd.DataFrame, hidden: int, path: Path) -> None:
+def plot(summary: pd.DataFrame, hidden: int, path: Path, ground_truth: float | None = None) -> None:
     figure, (ax_f, ax_ve) = plt.subplots(1, 2, figsize=(10, 4.2))
     errors = [(summary["F_mean"] - summary["F_low95"]).fillna(0), (summary["F_high95"] - summary["F_mean"]).fillna(0)]
     ax_f.errorbar(summary["d_sae"], summary["F_mean"], yerr=errors, marker="o", capsize=3, label="F (95% interval)")
     ax_f.plot(summary["d_sae"], summary["d_sae"], color="gray", linestyle=":", label="F = d_sae")
     ax_f.axhline(hidden, color="gray", linestyle="--", label=f"F = N = {hidden}")
+    if ground_truth is not None:
+        ax_f.axhline(ground_truth, color="green", linestyle="-.", label=f"stored features ({ground_truth:g})")
     ax_f.set_xscale("log", base=2)
     ax_f.set_yscale("log", base=2)
     ax_f.set_xlabel("SAE width d_sae")
@@ -172,7 +209,7 @@ def plot(summary: pd.DataFrame, hidden: int, path: Path) -> None:
     ax_ve.set_xscale("log", base=2)
     ax_ve.set_xlabel("SAE width d_sae")
     ax_ve.set_ylabel("held-out variance explained")
-    figure.suptitle("Dictionary scaling, the paper's sparse-parity MLP (pre-activation, default SAE recipe)")
+    figure.suptitle("Dictionary scaling through the default SAE recipe")
     figure.tight_layout()
     save_figure(figure, path)
     plt.close(figure)
@@ -187,8 +224,29 @@ def write_readme(path: Path, args, table, summary, command: str, seconds: float)
         else f"F does not plateau inside the sweep (no width after which F stays within {PLATEAU_TOLERANCE:.0%})"
     )
     widest = summary.iloc[-1]
-    accuracy = table.groupby("model_seed")["test_accuracy"].first()
-    text = f"""# Dictionary robustness in the paper's sparse-parity setting
+    if args.setting == "toy":
+        truth = table.groupby("model_seed")["ground_truth"].first()
+        models = f"Toy models store {truth.min()}-{truth.max()} features (||W_i|| > 0.5) over {len(truth)} seeds."
+        title = "a toy model of superposition with a known feature count"
+        setting = (
+            f"Setting: toy models of superposition (experiments/toy.py), m = N = {args.hidden} hidden dimensions, "
+            f"n = {args.toy_features}\nfeatures of importance 0.9^i, sparsity S = {args.toy_sparsity}, "
+            f"{args.toy_steps} Adam steps, seeds {args.model_seeds};\nSAEs train on 100,000 samples' "
+            "hidden activations, F on 50,000 fresh ones."
+        )
+    else:
+        accuracy = table.groupby("model_seed")["test_accuracy"].first()
+        models = f"Models: test accuracy {accuracy.min():.3f}-{accuracy.max():.3f} over {len(accuracy)} seeds."
+        title = "the paper's sparse-parity setting"
+        setting = f"""Setting (the paper's `experiments/interventions` code, read, not copied):
+{args.n_tasks} parity tasks of {args.bits_per_task} bits each, input [one-hot task |
+{args.n_tasks * args.bits_per_task} bits], every input enumerated, 80/20 split stratified by task and label
+(per model seed); one hidden layer of N = {args.hidden}
+(Linear -> ReLU -> one logit), Adam lr 1e-3, batch 64, {args.epochs} epochs (the paper: 300). Measured
+layer: the hidden pre-activation, as in the paper. SAEs train on the training inputs' activations and F
+is measured on the held-out inputs' (the paper took the first 1,000 training rows of an unshuffled
+loader, which its stratified split orders by task and label; we use every row)."""
+    text = f"""# Dictionary robustness in {title}
 
 Made by (from the repository root, {seconds / 60:.1f} min on {args.threads} CPU thread(s); load average
 {load[0]:.2f}, {load[1]:.2f}, {load[2]:.2f} at the end, shared machine):
@@ -199,7 +257,7 @@ Paper's direction: F plateaus once the SAE is wide enough.
 
 Ours: {where}. At the widest SAE ({widest["d_sae"]:.0f} latents) F = {widest["F_mean"]:.1f}
 [{widest["F_low95"]:.1f}, {widest["F_high95"]:.1f}] with held-out variance explained {widest["variance_explained"]:.3f}.
-Models: test accuracy {accuracy.min():.3f}-{accuracy.max():.3f} over {len(accuracy)} seeds.
+{models}
 
 F per width, mean over {len(args.model_seeds)} model seeds (each the mean of {len(args.sae_seeds)} SAE seeds) with its
 95% t interval over model seeds; `F_sae_seed_std` the spread between SAE seeds of one model:
@@ -208,13 +266,7 @@ F per width, mean over {len(args.model_seeds)} model seeds (each the mean of {le
 {summary.round(3).to_string(index=False)}
 ```
 
-Setting (the paper's `experiments/interventions` code, read, not copied): {args.n_tasks} parity tasks of
-{args.bits_per_task} bits each, input [one-hot task | {args.n_tasks * args.bits_per_task} bits], every input enumerated,
-80/20 split stratified by task and label (per model seed); one hidden layer of N = {args.hidden}
-(Linear -> ReLU -> one logit), Adam lr 1e-3, batch 64, {args.epochs} epochs (the paper: 300). Measured
-layer: the hidden pre-activation, as in the paper. SAEs train on the training inputs' activations and F
-is measured on the held-out inputs' (the paper took the first 1,000 training rows of an unshuffled
-loader, which its stratified split orders by task and label; we use every row).
+{setting}
 
 SAEs: the validated default recipe (`SAETrainingConfig()`, SAE-Lens standard ReLU SAE, L1 1 on
 |z| * ||W_dec|| in normalised units, lr 2e-4 * sqrt(16384 / d_sae)), batches of {args.sae_batch}; F by
@@ -241,7 +293,8 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     args.out.mkdir(parents=True, exist_ok=True)
     table.to_csv(args.out / "table.csv", index=False)
     summary.to_csv(args.out / "summary.csv", index=False)
-    plot(summary, args.hidden, args.out / "f_vs_width")
+    truth = table.groupby("model_seed")["ground_truth"].first().mean() if "ground_truth" in table else None
+    plot(summary, args.hidden, args.out / "f_vs_width", truth)
     command = study_command("experiments.dictionary_robustness", argv)
     write_readme(args.out / "README.md", args, table, summary, command, time.perf_counter() - started)
     print(summary.round(3).to_string(index=False))

@@ -50,6 +50,14 @@ def test_dictionary_robustness_quick_parity_sweep(tmp_path):
     assert "plateau" in readme
 
 
+def test_dictionary_robustness_quick_toy_setting_reports_the_ground_truth(tmp_path):
+    study = _load("dictionary_robustness")
+    table = study.main(["--quick", "--setting", "toy", "--toy-steps", "50", "--out", str(tmp_path)])
+    assert sorted(table["d_sae"].unique()) == [5, 20, 80]  # 0.5, 2, 8 x m = 10
+    assert table["ground_truth"].between(1, 40).all() and table["F"].notna().all()
+    assert "Toy models store" in (tmp_path / "README.md").read_text()
+
+
 def test_the_papers_parity_task_enumerates_every_input_with_the_right_label():
     tasks = _load("tasks")
     task = tasks.DisjointParityTask(n_tasks=3, bits_per_task=4)
