@@ -131,3 +131,12 @@ def test_grokking_quick_across_seeds(tmp_path):
     assert lags["seed"].tolist() == [0, 1] and lags["mlp_F_drop_step"].notna().all()  # the drop step is found
     readme = _check_outputs(tmp_path, "grokking", "grokking.svg", table)
     assert "lag_mean" in readme
+
+
+def test_gemma_stability_quick_on_synthetic_activations(tmp_path):
+    study = _load("gemma_stability")
+    table = study.main(["--quick", "--out", str(tmp_path)])
+    assert table["hook"].tolist() == ["a", "b"]
+    assert table["cross_seed_cosine"].between(-1, 1 + 1e-6).all() and table["variance_explained"].notna().all()
+    assert "python -m experiments.gemma_stability --quick" in (tmp_path / "README.md").read_text()
+    assert (tmp_path / "stability.svg").stat().st_size > 0
