@@ -9,7 +9,7 @@ the toy half of experiments.sparse_code_checks says what the number means (ident
 dense toys 0.68). F and variance explained on held-out documents are reported next to it, because a
 short CPU budget leaves these SAEs far from converged. Writes table.csv, stability.png/.svg, README.md.
 
-    python -m experiments.gemma_stability            # 6 hooks, ~15 min on 1 CPU thread
+    python -m experiments.gemma_stability            # 4 hooks, ~15 min on 1 CPU thread
     python -m experiments.gemma_stability --quick    # synthetic sparse activations, no model, seconds (tests)
 """
 
@@ -36,7 +36,7 @@ from lm_superposition.activations import stream_activations
 from lm_superposition.data import load_texts, token_windows
 
 DEFAULT_OUT = Path(__file__).resolve().parent.parent / "results" / "gemma_stability"
-DEFAULT_HOOKS = [f"blocks.{layer}.hook_resid_post" for layer in (0, 3, 6, 9, 12, 17)]
+DEFAULT_HOOKS = [f"blocks.{layer}.hook_resid_post" for layer in (0, 6, 12, 17)]
 QUICK = dict(tokens=3000, steps=30, batch=128, expansion=2, hooks=["a", "b"])
 
 
