@@ -83,9 +83,10 @@ class LowPrecisionEncoder:
     was: the |z| * ||W_dec|| budget is summed in float64 and the decode for variance explained
     runs in the SAE's own dtype. The price is in F's last digits (the benchmark reports it).
 
-    For a plain StandardSAE (`encodes_in_place`) the rounded W_enc and b_enc are kept once, so
-    the weights are not cast again on every call; any other SAE class runs its own `encode`
-    under torch.autocast, which casts its matmuls' inputs on the fly.
+    For a plain StandardSAE (`encodes_in_place`) the rounded W_enc (and b_enc, see below) are kept
+    once, so the weights are not cast again on every call; any other SAE class runs its own
+    `encode` under torch.autocast, which casts its matmuls' inputs on the fly and adds the bias
+    in float32.
     """
 
     def __init__(self, sae, dtype: torch.dtype):
@@ -94,15 +95,23 @@ class LowPrecisionEncoder:
         self.sae, self.dtype = sae, dtype
         self.in_place = encodes_in_place(sae)
         if self.in_place:
-            self.W_enc = sae.W_enc.detach().to(dtype)
-            self.b_enc = sae.b_enc.detach().to(dtype)
+            # The bias enters the matmul as two more rows of W_enc (its bfloat16 rounding and the
+            # rest), against two columns of ones: accumulated in float32 with the products, so
+            # only the output is rounded. A bias rounded to bfloat16 shifts every code of a latent
+            # by the same amount, which does not average out over tokens: near the ReLU threshold
+            # it moved F by 1.7e-3 on the peer benchmark (results/benchmarks/peers/).
+            bias = sae.b_enc.detach()
+            high = bias.to(dtype)
+            low = (bias - high.to(bias.dtype)).to(dtype)
+            self.W_enc = torch.cat([sae.W_enc.detach().to(dtype), high[None], low[None]])
 
     def encode(self, activations: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         if self.in_place:
-            sae_in = self.sae.process_sae_in(activations).to(self.dtype)
+            sae_in = self.sae.process_sae_in(activations)
+            sae_in = torch.cat([sae_in, sae_in.new_ones(len(sae_in), 2)], dim=1).to(self.dtype)
             if out is None:
-                return torch.addmm(self.b_enc, sae_in, self.W_enc).relu_()
-            return torch.addmm(self.b_enc, sae_in, self.W_enc, out=out[: activations.shape[0]]).relu_()
+                return torch.mm(sae_in, self.W_enc).relu_()
+            return torch.mm(sae_in, self.W_enc, out=out[: activations.shape[0]]).relu_()
         with torch.autocast(activations.device.type, dtype=self.dtype):
             return self.sae.encode(activations)
 
