@@ -150,3 +150,26 @@ def test_bootstrap_and_curve_are_read_off_the_same_budget():
     curve = budget.sample_size_curve()
     assert curve[-1]["blocks"] == 16 and curve[-1]["F"] == pytest.approx(budget.effective_features(), rel=1e-12)
     assert [row["tokens"] for row in curve] == sorted(row["tokens"] for row in curve)
+
+
+def test_sparse_decode_topk_training_sae_matches_sae_lens_dense_decode():
+    from sae_lens import TopKTrainingSAE, TopKTrainingSAEConfig
+
+    from lm_superposition.saes.training import SparseDecodeTopKTrainingSAE
+
+    torch.manual_seed(0)
+    config = TopKTrainingSAEConfig(d_in=32, d_sae=128, k=4)  # rescale_acts_by_decoder_norm: SAE-Lens's default
+    dense, sparse = TopKTrainingSAE(config), SparseDecodeTopKTrainingSAE(config)
+    sparse.load_state_dict(dense.state_dict())
+    with torch.no_grad():
+        dense.W_dec.mul_(torch.rand(128, 1) + 0.5)  # decoder rows of unequal norms
+        sparse.W_dec.copy_(dense.W_dec)
+    x = torch.randn(40, 32)
+    outputs = []
+    for sae in (dense, sparse):
+        out = sae.decode(sae.encode(x))
+        ((out - x) ** 2).sum().backward()
+        outputs.append(out.detach())
+    assert torch.allclose(outputs[0], outputs[1], atol=1e-6)
+    for name in ("W_enc", "W_dec", "b_enc", "b_dec"):
+        assert torch.allclose(getattr(dense, name).grad, getattr(sparse, name).grad, rtol=1e-4, atol=1e-6), name

@@ -7,7 +7,9 @@ step), side by side in one run, alternating:
 
   sae_lens_step    one `SAETrainer.step` of the project's trainer (`saes.training._new_trainer`:
                    SAE-Lens's loss, Adam, schedules, gradient clipping, dead-latent tracking),
-                   float32, and under SAE-Lens's bfloat16 autocast (`--autocast`);
+                   float32, and under SAE-Lens's bfloat16 autocast (`autocast`); with the
+                   project's SparseDecodeTopKTrainingSAE and with SAE-Lens's own TopKTrainingSAE
+                   (dense decode);
   bare_matmuls     the matmuls of that step alone: encode and decode forward, their backward
                    (4 more matmuls of the same sizes), no top-k, no optimiser, in float32 and
                    in bfloat16;
@@ -35,11 +37,14 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from unittest import mock
 
 import pandas as pd
 import torch
+from sae_lens import TopKTrainingSAE
 
 from lm_superposition.config import SAETrainingConfig
+from lm_superposition.saes import training
 from lm_superposition.saes.training import _initialise_from_data, _new_trainer
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -50,8 +55,11 @@ except ImportError:
     from experiments.benchmarks.vs_paper_stack import load_line, machine_line, markdown
 
 
-def trainer_step(d_in: int, d_sae: int, k: int, tokens: int, autocast: bool):
-    """A function running one SAE-Lens training step of a fresh trainer on random inputs."""
+def trainer_step(d_in: int, d_sae: int, k: int, tokens: int, autocast: bool, dense_decode: bool = False):
+    """A function running one SAE-Lens training step of a fresh trainer on random inputs.
+
+    dense_decode: SAE-Lens's own TopKTrainingSAE (dense decode) instead of the project's
+    SparseDecodeTopKTrainingSAE."""
     config = SAETrainingConfig(
         architecture="topk",
         k=k,
@@ -61,7 +69,9 @@ def trainer_step(d_in: int, d_sae: int, k: int, tokens: int, autocast: bool):
         training_tokens=1000 * tokens,
         autocast=autocast,
     )
-    trainer = _new_trainer("hook", d_in, config)
+    dense = mock.patch.object(training, "SparseDecodeTopKTrainingSAE", TopKTrainingSAE)
+    with dense if dense_decode else contextlib.nullcontext():
+        trainer = _new_trainer("hook", d_in, config)
     inputs = [torch.randn(tokens, d_in, generator=torch.Generator().manual_seed(i)) for i in range(8)]
     with contextlib.redirect_stderr(io.StringIO()):  # its norm-estimation progress bar
         _initialise_from_data(trainer, inputs, config)
@@ -109,6 +119,14 @@ def main(argv=None) -> int:
     load_before = os.getloadavg()
     shape = (args.d_in, args.d_sae)
     contenders = {
+        "sae_lens_step float32, SAE-Lens's dense TopK decode": (
+            trainer_step(*shape, args.k, args.tokens, autocast=False, dense_decode=True),
+            1,
+        ),
+        "sae_lens_step bfloat16 autocast, dense decode": (
+            trainer_step(*shape, args.k, args.tokens, autocast=True, dense_decode=True),
+            1,
+        ),
         "sae_lens_step float32": (trainer_step(*shape, args.k, args.tokens, autocast=False), 1),
         "sae_lens_step bfloat16 autocast": (trainer_step(*shape, args.k, args.tokens, autocast=True), 1),
         "bare_matmuls float32": (bare_matmuls(*shape, args.tokens, torch.float32), 1),
@@ -131,13 +149,13 @@ def main(argv=None) -> int:
             call()
             times[name].append(time.perf_counter() - start)
     load_after = os.getloadavg()
-    reference = statistics.median(times["sae_lens_step float32"])
+    reference = statistics.median(times["sae_lens_step float32, SAE-Lens's dense TopK decode"])
     table = pd.DataFrame(
         [
             {
                 "contender": name,
                 "ms_per_sae_step": 1000 * statistics.median(times[name]) / per,
-                "vs_sae_lens_step_float32": reference / (statistics.median(times[name]) / per),
+                "vs_dense_decode_float32": reference / (statistics.median(times[name]) / per),
             }
             for name, (_, per) in contenders.items()
         ]
