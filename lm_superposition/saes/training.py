@@ -44,12 +44,13 @@ from .quality import evaluate_saes
 # dead-feature tracking; this loop only routes each batch of tokens to every SAE.
 #
 # One trainer per SAE, not one batched trainer over stacked weights: measured on this project's
-# CPU (experiments/benchmarks/sae_step_profile.py, results/benchmarks/sae_step_profile.md), an
-# SAE-Lens step costs 1.6x the bare matmuls of its forward and backward in float32, and one
+# CPU (experiments/benchmarks/sae_step_profile.py, results/benchmarks/sae_step_profile.md), one
 # torch.bmm over 55 stacked SAEs is no faster per SAE than 55 separate matmuls (slower in
-# float32, equal in bfloat16). What is left of a step beyond its matmuls is per-element work
-# (top-k, Adam's update, decoder norms) that stacking would not shrink. The lever is precision
-# (`autocast`: 1.8x per step) and, with few hooks, the forward pass (`autocast_lm`).
+# float32 and in bfloat16), and what is left of a step beyond its matmuls is per-element work
+# (top-k, Adam's update, decoder norms) that stacking would not shrink. The levers are the
+# arithmetic itself: TopK decodes from its k active latents (`SparseDecodeTopKTrainingSAE`,
+# 1.45x per step), precision (`autocast`, 2.5x with it) and, with few hooks, the forward pass
+# (`autocast_lm`).
 
 
 class SparseDecodeTopKTrainingSAE(TopKTrainingSAE):
