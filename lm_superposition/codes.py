@@ -138,9 +138,31 @@ def decode(sae, codes: torch.Tensor) -> torch.Tensor:
         and not getattr(getattr(sae, "cfg", None), "rescale_acts_by_decoder_norm", False)
         and codes.dtype in (torch.float32, torch.float64)
     )
+    if codes.layout == torch.sparse_csr and sparse_ok and _decodes_by_rows(sae):
+        # codes @ W_dec as a weighted sum of each token's decoder rows: embedding_bag ran 2.3x
+        # faster than torch's CSR @ dense here (results/benchmarks/peers/)
+        row_starts = codes.crow_indices()[:-1]
+        weights = codes.values().to(sae.W_dec.dtype)
+        rows = torch.nn.functional.embedding_bag(
+            codes.col_indices(), sae.W_dec, row_starts, mode="sum", per_sample_weights=weights
+        )
+        return rows + sae.b_dec
     if codes.layout != torch.strided and not sparse_ok:
         codes = codes.to_dense()
     return sae.decode(codes)
+
+
+def _decodes_by_rows(sae) -> bool:
+    """True for a plain StandardSAE whose decode is exactly codes @ W_dec + b_dec: nothing hooked
+    to its reconstruction, no output normalisation, no reshaping to attention heads."""
+    from sae_lens import StandardSAE
+
+    return (
+        type(sae) is StandardSAE
+        and not sae.hook_sae_recons.fwd_hooks
+        and sae.cfg.normalize_activations == "none"
+        and not getattr(sae, "hook_z_reshaping_mode", False)
+    )
 
 
 # ---------------------------------------------------------------- what a code is worth
@@ -171,7 +193,7 @@ def decoder_rows(sae) -> torch.Tensor:
 
 def decoder_norms(sae) -> torch.Tensor:
     """||effective decoder row|| of every latent, float64 [d_sae]."""
-    return decoder_rows(sae).double().norm(dim=1).cpu()
+    return torch.linalg.vector_norm(decoder_rows(sae), dim=1, dtype=torch.float64).cpu()
 
 
 def duplicate_groups(directions: torch.Tensor, min_cosine: float, block_rows: int = 2048) -> torch.Tensor:
@@ -218,7 +240,8 @@ class CodeReader:
             raise ValueError(f"duplicate_cosine must lie in (0, 1], got {duplicate_cosine!r}")
         self.sae = sae
         rows = decoder_rows(sae)
-        self.norms = rows.double().norm(dim=1).to(rows.device)
+        # float64 norms without a float64 copy of the decoder (128 MiB for 32k x 512)
+        self.norms = torch.linalg.vector_norm(rows, dim=1, dtype=torch.float64)
         self.groups = duplicate_groups(rows, duplicate_cosine) if merge_duplicates else None
 
     @property

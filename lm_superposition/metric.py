@@ -51,6 +51,14 @@ def _entropies(budgets: torch.Tensor) -> torch.Tensor:
     in one pass over the matrix: H = ln T - sum_i a_i ln a_i / T with T = sum_i a_i, both sums in
     float64. The table reads ~1,000 resampled budgets per hook (bootstrap, sample-size curve);
     passes over them (normalise, mask, log, multiply) cost more than the measurement of a short run."""
+    if budgets.dtype == torch.float32:
+        # The bootstrap's resampled budgets: every entry positive (never-active latents dropped, every
+        # block weighted > 0), so a ln a needs no 0 ln 0 case; log + dot product run 2.7x faster than
+        # xlogy + a float64 sum. Each row's sums are float32 (relative error ~1e-7 on a resample's F).
+        totals = budgets.sum(1).to(SUM_DTYPE)
+        entropies = totals.log() - torch.linalg.vecdot(budgets, budgets.log()).to(SUM_DTYPE) / totals
+        if torch.isfinite(entropies).all():
+            return entropies
     totals = budgets.sum(1, dtype=SUM_DTYPE)
     return totals.log() - torch.special.xlogy(budgets, budgets).sum(1, dtype=SUM_DTYPE) / totals
 
@@ -282,8 +290,8 @@ class FeatureBudget:
         weights = torch.empty(n_resamples, sums.shape[0], dtype=SUM_DTYPE).exponential_(generator=generator)
         weights *= sums.shape[0] / weights.sum(1, keepdim=True)
         # Latents never active add nothing to any resample's entropy. The resampled budgets are
-        # float32 (their entropies still summed in float64): ~1e-7 relative noise on each resample's
-        # F, 1e-5 of the interval's width, for half the time of float64 (this is most of the table).
+        # float32: ~1e-7 relative noise on each resample's F, ~1e-5 of the interval's width, for a
+        # fraction of the time of float64 (this is most of the table).
         sums = sums[:, sums.sum(0) > 0].float()
         # [64, blocks] @ [blocks, d_sae] at a time keeps memory small
         resampled_f = [_entropies(chunk @ sums).exp() for chunk in weights.float().split(64)]
