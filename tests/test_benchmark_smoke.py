@@ -29,3 +29,35 @@ def test_benchmark_quick_writes_its_table(tmp_path):
         r"largest relative difference of F over the hooks (\S+)", (tmp_path / "layerwise_speed_quick.md").read_text()
     )
     assert difference and float(difference.group(1)) < 1e-5
+
+
+BENCHMARKS = SCRIPT.parent
+PEERS = BENCHMARKS.parent.parent / "results" / "benchmarks" / "peers"
+
+
+def test_sae_step_profile_runs_at_a_tiny_size(tmp_path):
+    result = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "sae_step_profile.py"), "--d-in", "16", "--d-sae", "64", "--k", "4",
+         "--tokens", "32", "--hooks", "3", "--repeats", "2", "--threads", "1", "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=300, cwd=BENCHMARKS,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [line for line in (tmp_path / "sae_step_profile.md").read_text().splitlines() if line.startswith("| ")]
+    assert len(rows) == 1 + 8  # header and the 8 contenders
+
+
+def test_scale_on_paper_turns_the_committed_rates_into_hours(tmp_path):
+    out = tmp_path / "scale.md"
+    result = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "scale_on_paper.py"), "--out", str(out)],
+        capture_output=True, text=True, timeout=120, cwd=BENCHMARKS,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    text = out.read_text()
+    assert "paper's Pythia-70M run" in text and "full-depth Gemma 3 270M" in text
+    # hours = tokens x CPU seconds per 1k tokens / 1000 / 3600: check one row against its source table
+    paper = pd.read_csv(PEERS / "vs_paper_stack.csv")
+    paper = paper[(paper["table"] == "speed") & paper.measurement.str.startswith("paper:")].iloc[0]
+    hours = 20_000 * 128 * 3 * paper.cpu_s_per_1k_tokens / 1000 / 3600
+    row = next(line for line in text.splitlines() if "paper's stack" in line)
+    assert f"{hours:.3g}" in row or f"{hours:,.0f}" in row, (hours, row)
