@@ -74,8 +74,11 @@ def gemma_training_flops_per_token(d_sae: int, hooks: int) -> float:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--paper-stack", type=Path, default=PEERS / "vs_paper_stack.csv")
-    parser.add_argument("--training", type=Path, default=PEERS / "gemma55" / "vs_sparsify_gemma.csv")
+    parser.add_argument("--paper-stack", type=Path, default=PEERS / "vs_paper_stack.csv", help="float32 rows")
+    parser.add_argument(
+        "--paper-stack-bf16", type=Path, default=PEERS / "bf16" / "vs_paper_stack.csv", help="bfloat16 rows"
+    )
+    parser.add_argument("--training", type=Path, default=PEERS / "gemma55_sparse_decode" / "vs_sparsify_gemma.csv")
     parser.add_argument("--documents", type=int, default=20_000, help="documents per seed (the paper's 20,000)")
     parser.add_argument("--document-tokens", type=int, default=128, help="tokens per document (the benchmark's)")
     parser.add_argument("--seeds", type=int, default=3, help="data seeds (the paper's 3)")
@@ -86,10 +89,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     measure = speed_rows(args.paper_stack, "measurement")
+    measure_bf16 = speed_rows(args.paper_stack_bf16, "measurement")
     train = speed_rows(args.training, "training")
-    roofline_cpu = {
-        precision: pick(measure, f"roofline: {precision}").cpu_s_per_1k_tokens for precision in H200_PEAK_FLOPS
-    }
     paper_tokens = args.documents * args.document_tokens * args.seeds
     paper_flops = paper_tokens * pythia_flops_per_token(32_768, 19)
     rows = []
@@ -110,12 +111,13 @@ def main(argv=None) -> int:
         )
 
     paper_run = f"paper's Pythia-70M run: 19 hooks x {args.documents:,} documents x {args.seeds} seeds"
-    for prefix, who, precision in (
-        ("paper:", "paper's stack (nnsight + dictionary_learning)", "float32"),
-        ("ours, measurement only", "ours (run_seed: per-token rate of a long run)", "float32"),
-        ("ours, bfloat16 encode, measurement only", "ours, bfloat16 encode (run_seed)", "bfloat16"),
+    for table, prefix, who, precision in (
+        (measure, "paper:", "paper's stack (nnsight + dictionary_learning)", "float32"),
+        (measure, "ours, measurement only", "ours (run_seed: per-token rate of a long run)", "float32"),
+        (measure_bf16, "ours, bfloat16 encode, measurement only", "ours, bfloat16 encode (run_seed)", "bfloat16"),
     ):
-        row = pick(measure, prefix)
+        row = pick(table, prefix)
+        roofline = pick(table, f"roofline: {precision}").cpu_s_per_1k_tokens
         add(
             paper_run,
             who,
@@ -123,7 +125,7 @@ def main(argv=None) -> int:
             paper_tokens,
             row.cpu_s_per_1k_tokens,
             paper_flops,
-            roofline_cpu[precision] / row.cpu_s_per_1k_tokens,
+            roofline / row.cpu_s_per_1k_tokens,
         )
     training_tokens = args.training_tokens * args.sae_seeds  # each SAE seed trains from its own pass here
     training_flops = training_tokens * gemma_training_flops_per_token(args.d_sae, 55)
@@ -148,7 +150,8 @@ def main(argv=None) -> int:
         [
             "# Scale on paper: expected wall time of the full runs",
             f"Command: `{command}`  \n"
-            f"From: `{args.paper_stack.relative_to(REPO_ROOT)}` and `{args.training.relative_to(REPO_ROOT)}` "
+            f"From: `{args.paper_stack.relative_to(REPO_ROOT)}`, `{args.paper_stack_bf16.relative_to(REPO_ROOT)}` "
+            f"and `{args.training.relative_to(REPO_ROOT)}` "
             "(their own commands, machine load and versions are in their .md files)  \n"
             f"Paper's run: {args.documents:,} documents of {args.document_tokens} tokens per seed (the benchmark's "
             f"document length; the paper's Pile documents vary), {paper_tokens:,} tokens; matmul FLOPs per token "
