@@ -75,9 +75,7 @@ def gemma_training_flops_per_token(d_sae: int, hooks: int) -> float:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--paper-stack", type=Path, default=PEERS / "vs_paper_stack.csv", help="float32 rows")
-    parser.add_argument(
-        "--paper-stack-bf16", type=Path, default=PEERS / "bf16" / "vs_paper_stack.csv", help="bfloat16 rows"
-    )
+    parser.add_argument("--paper-stack-bf16", type=Path, default=PEERS / "vs_paper_stack.csv", help="bfloat16 rows")
     parser.add_argument("--training", type=Path, default=PEERS / "gemma55_sparse_decode" / "vs_sparsify_gemma.csv")
     parser.add_argument("--documents", type=int, default=20_000, help="documents per seed (the paper's 20,000)")
     parser.add_argument("--document-tokens", type=int, default=128, help="tokens per document (the benchmark's)")
