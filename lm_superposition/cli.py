@@ -50,6 +50,7 @@ EXAMPLES = {
 LAYERWISE_OPTIONS = {
     "run": [
         "output",
+        "encode_dtype",
         "seeds",
         "token_budget",
         "batch_size",
@@ -109,6 +110,8 @@ def add_config_options(
                 kwargs["choices"] = cfg.DTYPES
             if name == "backend":
                 kwargs["choices"] = cfg.BACKENDS
+            if name == "encode_dtype":
+                kwargs["choices"] = cfg.ENCODE_DTYPES
             group.add_argument(field.metadata.get("flag") or "--" + name.replace("_", "-"), **kwargs)
 
 

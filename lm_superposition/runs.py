@@ -228,6 +228,7 @@ def _run_item(config: RunConfig, item: SweepItem, output: Path, progress: bool, 
         allow_hook_mismatch=config.saes.allow_hook_mismatch,
         merge_duplicates=settings.merge_duplicates,
         duplicate_cosine=settings.duplicate_cosine,
+        encode_dtype=settings.encode_dtype,
         gate=config.gate,
     )
     # Each seed reads its own shuffle of the corpus, exactly token_budget tokens of it.
