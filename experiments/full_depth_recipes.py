@@ -30,7 +30,7 @@ import pandas as pd  # noqa: E402
 from scipy.stats import spearmanr  # noqa: E402
 
 from lm_superposition.config import RunConfig  # noqa: E402
-from lm_superposition.report import markdown_table, per_hook_summary  # noqa: E402
+from lm_superposition.report import markdown_table, per_hook_summary, save_figure  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 BASE_CONFIG = REPO_ROOT / "experiments" / "gemma3_270m_full_depth.toml"
@@ -102,9 +102,7 @@ def plot(runs: dict[str, pd.DataFrame], path_stem: Path) -> None:
     axes[0].legend(fontsize=8)
     fig.suptitle("Gemma 3 270M, every layer, through three SAE recipes (hollow: failed the quality gate)")
     fig.tight_layout()
-    for suffix in (".png", ".svg"):
-        fig.savefig(path_stem.with_suffix(suffix), dpi=130)
-    plt.close(fig)
+    save_figure(fig, path_stem)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -24,7 +24,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
+import os
 import shlex
 import sys
 import time
@@ -42,7 +44,7 @@ from lm_superposition.analyze import measure_layers  # noqa: E402
 from lm_superposition.codes import decode, encode  # noqa: E402
 from lm_superposition.data import load_texts, token_windows  # noqa: E402
 from lm_superposition.models import hook_point, load_model  # noqa: E402
-from lm_superposition.report import markdown_table, per_hook_summary  # noqa: E402
+from lm_superposition.report import markdown_table, per_hook_summary, save_figure  # noqa: E402
 from lm_superposition.saes import SAETrainingConfig, load_sae_from_disk, train_saes  # noqa: E402
 from lm_superposition.saes.loading import save_sae  # noqa: E402
 from lm_superposition.saes.quality import variance_explained  # noqa: E402
@@ -96,7 +98,8 @@ def main(argv: list[str] | None = None) -> None:
     measure_pool = windows[n_train_windows + n_heldout_windows :]
     print(f"windows: {len(train)} training, {len(heldout)} held out for VE, {len(measure_pool)} to measure on")
 
-    train_acts = _activations(model, train, args.hooks)
+    # The 100k-token forward pass only if some SAE is still to train (a finished run reuses every one).
+    train_acts = functools.cache(lambda: _activations(model, train, args.hooks))
     heldout_acts = _activations(model, heldout, args.hooks)
 
     ladder, chosen = [], {}
@@ -138,7 +141,6 @@ def main(argv: list[str] | None = None) -> None:
             ce_windows=args.ce_windows,
             progress=False,
         ),
-        convergence_path=args.work / f"curve_x{widest}_convergence.csv",
     )
     curve_table.to_csv(args.out / "sample_size_layerwise.csv", index=False)
     convergence = curve_table.attrs["convergence"]
@@ -176,7 +178,8 @@ def _shuffled_epochs(acts: dict[str, torch.Tensor], seed: int):
 
 def _train_until_plateau(multiple, train_acts, heldout_acts, points, args):
     """Train the hooks' SAEs of width multiple x N for T, 2T, ... tokens until the plateau rule
-    holds for each hook; returns the training rows and {hook: the SAE kept}."""
+    holds for each hook; returns the training rows and {hook: the SAE kept}. train_acts: a function
+    returning the cached training activations {hook: [tokens, d_in]}, called only if an SAE is missing."""
     rows, kept, previous = [], {}, {}
     active = [point.name for point in points]
     training_tokens = args.start_training_tokens
@@ -191,8 +194,9 @@ def _train_until_plateau(multiple, train_acts, heldout_acts, points, args):
         missing = [hook for hook in active if not (folders[hook] / "cfg.json").is_file()]
         if missing:
             tick = time.time()
-            widths = {hook: train_acts[hook].shape[1] for hook in missing}
-            stream = _shuffled_epochs({hook: train_acts[hook] for hook in missing}, seed=training_tokens)
+            acts = train_acts()
+            widths = {hook: acts[hook].shape[1] for hook in missing}
+            stream = _shuffled_epochs({hook: acts[hook] for hook in missing}, seed=training_tokens)
             trained = train_saes(stream, widths, config, progress=False)
             seconds_each = (time.time() - tick) / len(missing)
             for hook, sae in trained.items():
@@ -227,9 +231,9 @@ def _train_until_plateau(multiple, train_acts, heldout_acts, points, args):
     return rows, {hook: kept[hook] for hook in (point.name for point in points)}
 
 
-def _measured(path: Path, measure, convergence_path: Path | None = None) -> pd.DataFrame:
+def _measured(path: Path, measure) -> pd.DataFrame:
     """measure() once; its table (and convergence curve) cached at `path` for a rerun."""
-    convergence_path = convergence_path or path.with_name(path.stem + "_convergence.csv")
+    convergence_path = path.with_name(path.stem + "_convergence.csv")
     if path.is_file() and convergence_path.is_file():
         table = pd.read_csv(path)
         table.attrs["convergence"] = pd.read_csv(convergence_path)
@@ -327,7 +331,7 @@ def _plot_ladder(summary: pd.DataFrame, path_stem: Path) -> None:
     ax_f.legend(fontsize=7)
     fig.suptitle("Gemma 3 270M: F against SAE width (validated recipe, each SAE trained to its VE plateau)")
     fig.tight_layout()
-    _save(fig, path_stem)
+    save_figure(fig, path_stem)
 
 
 def _plot_sample_size(convergence: pd.DataFrame, saturation: pd.DataFrame, multiple: int, path_stem: Path) -> None:
@@ -351,18 +355,10 @@ def _plot_sample_size(convergence: pd.DataFrame, saturation: pd.DataFrame, multi
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    _save(fig, path_stem)
-
-
-def _save(fig, path_stem: Path) -> None:
-    for suffix in (".png", ".svg"):
-        fig.savefig(path_stem.with_suffix(suffix), dpi=130)
-    plt.close(fig)
+    save_figure(fig, path_stem)
 
 
 def _load() -> str:
-    import os
-
     return ", ".join(f"{value:.2f}" for value in os.getloadavg())
 
 

@@ -140,7 +140,7 @@ def plot_compression_curve(table: pd.DataFrame, path_stem: str | Path, title: st
         or f"Superposition per layer ({tokens:,} tokens per seed; bars: 95% over {summary['interval_over'].iloc[0]})"
     )
     fig.tight_layout()
-    return _save(fig, path_stem)
+    return save_figure(fig, path_stem)
 
 
 def plot_convergence(convergence: pd.DataFrame, path_stem: str | Path) -> list[Path]:
@@ -163,10 +163,11 @@ def plot_convergence(convergence: pd.DataFrame, path_stem: str | Path) -> list[P
     if len(hooks) <= 24:
         ax.legend(fontsize=6, ncol=2)
     fig.tight_layout()
-    return _save(fig, path_stem)
+    return save_figure(fig, path_stem)
 
 
-def _save(fig, path_stem) -> list[Path]:
+def save_figure(fig, path_stem) -> list[Path]:
+    """Write `fig` as PATH_STEM.png and PATH_STEM.svg (each whole or not at all) and close it."""
     path_stem = Path(path_stem)
     path_stem.parent.mkdir(parents=True, exist_ok=True)
     paths = [path_stem.with_suffix(".png"), path_stem.with_suffix(".svg")]

@@ -69,7 +69,7 @@ def test_width_ladder_trains_until_a_doubling_stops_helping(tmp_path):
     args = Namespace(
         start_training_tokens=512, max_training_tokens=2048, plateau=1.0, batch_size_tokens=128, work=tmp_path
     )
-    rows, kept = _train_until_plateau(2, train, heldout, points, args)
+    rows, kept = _train_until_plateau(2, lambda: train, heldout, points, args)
     # plateau = 1.0: any first doubling counts as a plateau, so each hook stops at 1,024 tokens.
     assert set(kept) == {point.name for point in points}
     assert all(sae.cfg.d_sae == 32 for sae in kept.values())
@@ -77,6 +77,6 @@ def test_width_ladder_trains_until_a_doubling_stops_helping(tmp_path):
     assert [row["training_tokens"] for row in final] == [1024, 1024] and all(row["plateaued"] for row in final)
 
     args.plateau, args.work = -1.0, tmp_path / "never"  # never a plateau: trained up to the cap, marked so
-    rows, _ = _train_until_plateau(2, train, heldout, points[:1], args)
+    rows, _ = _train_until_plateau(2, lambda: train, heldout, points[:1], args)
     assert [row["training_tokens"] for row in rows] == [512, 1024, 2048]
     assert rows[-1]["kept"] and not rows[-1]["plateaued"]

@@ -75,6 +75,7 @@ import torch
 
 from lm_superposition import LayerwiseAnalyzer, effective_features, load_model, measure_layers, paper_hooks
 from lm_superposition.data import TokenWindows
+from lm_superposition.report import markdown_table as markdown  # also imported by the other benchmarks
 from lm_superposition.saes import load_dictionary_learning_sae  # the project's ae.pt loader (not a top-level name)
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -439,21 +440,6 @@ def f_differences(table: pd.DataFrame, paper_sums: dict[str, torch.Tensor], pape
 
 
 # ---- the report ----------------------------------------------------------------------------------
-
-
-def markdown(table: pd.DataFrame) -> str:
-    """A GitHub table (pandas' to_markdown needs tabulate, which is not a dependency)."""
-
-    def cell(value) -> str:
-        if isinstance(value, float):
-            if math.isnan(value):
-                return ""
-            return f"{value:.2e}" if 0 < abs(value) < 1e-3 else f"{value:,.3g}" if abs(value) < 100 else f"{value:,.0f}"
-        return str(value)
-
-    lines = ["| " + " | ".join(table.columns) + " |", "|" + "---|" * len(table.columns)]
-    lines += ["| " + " | ".join(cell(value) for value in row) + " |" for row in table.itertuples(index=False)]
-    return "\n".join(lines)
 
 
 def machine_line() -> str:

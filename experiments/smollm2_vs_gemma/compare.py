@@ -16,6 +16,7 @@ Depth of a hook: the fraction of the model's blocks that ran before it; the embe
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import shlex
 import shutil
@@ -67,6 +68,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     return summary
 
 
+@functools.cache  # read once per model, not once per table row
 def _n_layers(model: str) -> int:
     from transformers import AutoConfig
 
