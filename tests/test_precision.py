@@ -11,6 +11,8 @@ import math
 import pytest
 import torch
 from sae_lens import StandardSAE, StandardSAEConfig, TopKSAE, TopKSAEConfig
+from sae_lens.evals import get_recons_loss
+from sae_lens.training.activation_scaler import ActivationScaler
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 from lm_superposition.activations import stream_activations
@@ -132,6 +134,26 @@ def test_evaluate_saes_gives_each_sae_what_evaluate_sae_gives_it(tiny_model, mak
     assert by_seed[HOOKS[0]][7].variance_explained == pytest.approx(together[HOOKS[0]].variance_explained)
     with pytest.raises(ValueError, match="ce_hooks"):
         evaluate_saes(tiny_model, saes, windows, ce_hooks=["blocks.5.hook_resid_post"])
+
+
+def test_ce_with_shared_passes_equals_sae_lens_get_recons_loss(tiny_model, make_windows):
+    """evaluate_saes runs the clean pass once per batch and the zero-ablated pass once per hook;
+    each SAE's CE losses must still be what SAE-Lens's get_recons_loss gives it alone."""
+    windows = make_windows(4, 32, 97, n_pad_last=5)
+    hook = HOOKS[1]
+    saes = {seed: standard_sae(tiny_model.cfg.d_model, 128, seed=seed, hook=hook) for seed in (3, 4)}
+    shared = evaluate_saes(tiny_model, {hook: saes}, windows, batch_size=4, ce_hooks=[hook])[hook]
+    special = [windows.bos_token_id, windows.pad_token_id]
+    predicts_text = windows.measured_mask[:, 1:]
+    for seed, sae in saes.items():
+        losses = get_recons_loss(
+            sae, tiny_model, ActivationScaler(), windows.tokens, False, True, ignore_tokens=special, hook_name=hook
+        )
+        mean = {key: losses[key][predicts_text].mean().item() for key in losses}
+        assert shared[seed].ce_loss_clean == pytest.approx(mean["ce_loss_without_sae"], rel=1e-5)
+        assert shared[seed].ce_loss_reconstructed == pytest.approx(mean["ce_loss_with_sae"], rel=1e-5)
+        assert shared[seed].ce_loss_zero_ablated == pytest.approx(mean["ce_loss_with_ablation"], rel=1e-5)
+    assert shared[3].ce_loss_reconstructed != pytest.approx(shared[4].ce_loss_reconstructed, rel=1e-5)
 
 
 def test_one_pass_entropies_equal_the_entropy_of_each_row():

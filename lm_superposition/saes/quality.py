@@ -12,8 +12,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 from sae_lens import SAE
-from sae_lens.evals import ExplainedVarianceCalculator, get_recons_loss
-from sae_lens.training.activation_scaler import ActivationScaler
+from sae_lens.evals import ExplainedVarianceCalculator
 from sae_lens.util import extract_stop_at_layer_from_tlens_hook_name, get_special_token_ids
 from tqdm.auto import tqdm
 
@@ -121,17 +120,18 @@ def evaluate_saes(
 
     Variance explained, L0 and dead features of every SAE come from ONE forward pass per batch
     of windows (up to the deepest hook): the check after training many SAEs costs about one
-    forward over the held-out windows, not one per hook. CE loss recovered costs three forward
-    passes with the unembedding per hook and batch, so it is measured only for the hooks in
-    `ce_hooks` (NaN for the others).
+    forward over the held-out windows, not one per hook. CE loss recovered costs forward passes
+    with the unembedding (one per SAE, one per hook, one clean pass per batch: `_ce_losses`),
+    so it is measured only for the hooks in `ce_hooks` (NaN for the others).
 
     BOS and padding positions are left out of the statistics and left untouched when the
     reconstruction replaces the hook (as SAE-Lens's evals do); CE losses average over the
-    positions whose next token is text. CE losses come from SAE-Lens's `get_recons_loss`; the
-    rest from `VarianceExplained` and a `FeatureBudget`, since SAE-Lens's sparsity/variance eval needs its own
-    ActivationsStore rather than a given token tensor.
+    positions whose next token is text. CE losses are SAE-Lens's `get_recons_loss` definition
+    with its shared passes done once (`_ce_losses`); the rest come from `VarianceExplained` and a
+    `FeatureBudget`, since SAE-Lens's sparsity/variance eval needs its own ActivationsStore
+    rather than a given token tensor.
     """
-    token_ids, keep, special_ids = _tokens_and_mask(model, tokens)
+    token_ids, keep, _ = _tokens_and_mask(model, tokens)
     if batch_size < 1:
         raise ValueError(f"batch_size must be a positive number of windows, got {batch_size}")
     slots = {
@@ -163,25 +163,13 @@ def evaluate_saes(
             budgets[hook, seed].update(codes)
         del cache
         predicts_text = batch_keep[:, 1:]
-        for (hook, seed), sae in slots.items():
-            if hook not in ce_hooks:
-                continue
-            losses = get_recons_loss(
-                sae,
-                model,
-                ActivationScaler(),
-                batch,
-                compute_kl=False,
-                compute_ce_loss=True,
-                ignore_tokens=special_ids,
-                hook_name=hook,
+        if ce_hooks:
+            losses = _ce_losses(
+                model, batch, batch_keep, {key: sae for key, sae in slots.items() if key[0] in ce_hooks}
             )
-            for name, key in (
-                ("clean", "ce_loss_without_sae"),
-                ("reconstructed", "ce_loss_with_sae"),
-                ("zero_ablated", "ce_loss_with_ablation"),
-            ):
-                loss_sums[hook, seed][name] += losses[key][predicts_text.to(losses[key].device)].sum().item()
+            for key, by_name in losses.items():
+                for name, per_token in by_name.items():
+                    loss_sums[key][name] += per_token[predicts_text.to(per_token.device)].sum().item()
         n_predictions += int(predicts_text.sum())
     result: dict = {}
     for hook, seed in slots:
@@ -202,6 +190,47 @@ def evaluate_saes(
         else:
             result.setdefault(hook, {})[seed] = quality
     return result
+
+
+def _ce_losses(model: Model, batch: torch.Tensor, keep: torch.Tensor, saes: Mapping[tuple, SAE]) -> dict:
+    """{(hook, seed): {"clean", "reconstructed", "zero_ablated": per-token loss [batch, pos - 1]}}.
+
+    The definitions of SAE-Lens's `get_recons_loss` (the hook's activations replaced by the SAE's
+    reconstruction at text positions, or by zeros everywhere), written out because it runs the
+    clean and the zero-ablated pass again for every SAE: with two SAE seeds on each of 55 hooks
+    that is 330 full forwards per batch where 166 give the same numbers (one clean pass, one
+    zero-ablated pass per hook, one reconstruction per SAE).
+    """
+    clean = model(batch, return_type="loss", loss_per_token=True)
+    zero_ablated = {}
+    losses = {}
+    for (hook, seed), sae in saes.items():
+        if hook not in zero_ablated:
+            zero_ablated[hook] = model.run_with_hooks(
+                batch, return_type="loss", loss_per_token=True, fwd_hooks=[(hook, _zero_ablation)]
+            )
+        reconstructed = model.run_with_hooks(
+            batch, return_type="loss", loss_per_token=True, fwd_hooks=[(hook, _reconstruction(sae, keep))]
+        )
+        losses[hook, seed] = {"clean": clean, "reconstructed": reconstructed, "zero_ablated": zero_ablated[hook]}
+    return losses
+
+
+def _zero_ablation(activations: torch.Tensor, hook) -> torch.Tensor:  # noqa: ARG001 (TransformerLens hook signature)
+    return torch.zeros_like(activations)
+
+
+def _reconstruction(sae: SAE, keep: torch.Tensor):
+    """A hook replacing the activations at the `keep` positions [batch, pos] by the SAE's
+    reconstruction (attention hooks with a head axis are flattened to the SAE's d_in and back)."""
+
+    def hook(activations: torch.Tensor, hook) -> torch.Tensor:  # noqa: ARG001
+        flat = activations.flatten(2) if activations.ndim == 4 else activations
+        reconstruction = sae.decode(sae.encode(flat.to(sae.device))).to(flat.device, flat.dtype)
+        replaced = torch.where(keep.to(flat.device)[..., None], reconstruction, flat)
+        return replaced.reshape(activations.shape)
+
+    return hook
 
 
 def _tokens_and_mask(model: Model, tokens) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
