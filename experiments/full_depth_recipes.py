@@ -6,7 +6,9 @@ experiments/gemma3_270m_full_depth.toml repeated through other recipes, and what
     python -m experiments.full_depth_recipes --compare-only              # only the comparison, from the run folders
 
 Each other recipe runs the base config with its [saes.train] fields replaced (RECIPES below) into
-its own run folder (resumable), with one SAE seed (--sae-seeds) to fit the budget. Then:
+its own run folder (resumable); to fit the budget, with one SAE seed (--sae-seeds), one data seed
+(--data-seeds) and CE loss recovered on one held-out window (--ce-windows): the comparison is of
+per-hook psi, which the validated run gives with all its seeds. Then:
 Spearman rank correlation of per-hook psi between every pair of recipes (all hooks, and per hook
 kind over depth), and for each recipe the statements a reader would take from the curve: where
 psi peaks per kind, the order of the kinds by mean psi, and whether the late half of the blocks
@@ -43,13 +45,15 @@ RECIPES = {
 KINDS = ("resid", "mlp_out", "attn_out")
 
 
-def recipe_config(base: RunConfig, name: str, sae_seeds: list[int]) -> RunConfig:
+def recipe_config(
+    base: RunConfig, name: str, sae_seeds: list[int], data_seeds: list[int], ce_windows: int
+) -> RunConfig:
     """The base config through recipe `name`, into its own run folder."""
     if name == "validated":
         return base
     values = base.to_dict()
     values["saes"]["train"].update(RECIPES[name], sae_seeds=sae_seeds)
-    values["run"]["output"] = f"{base.run.output}_{name}"
+    values["run"].update(output=f"{base.run.output}_{name}", seeds=data_seeds, ce_windows=ce_windows)
     return RunConfig.from_dict(values)
 
 
@@ -110,14 +114,23 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--config", type=Path, default=BASE_CONFIG, help="the validated recipe's run config")
     parser.add_argument("--recipes", nargs="+", default=list(RECIPES), choices=list(RECIPES))
     parser.add_argument("--sae-seeds", nargs="+", type=int, default=[0], help="SAE seeds of the other recipes")
+    parser.add_argument(
+        "--data-seeds",
+        nargs="+",
+        type=int,
+        help="data seeds of the other recipes (default: the base run's last; a run trains on the text of its "
+        "largest seed + 1000, so this keeps every recipe's training text the same)",
+    )
+    parser.add_argument("--ce-windows", type=int, default=1, help="CE recovered windows of the other recipes")
     parser.add_argument("--compare-only", action="store_true", help="only compare the run folders there are")
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "results" / "gemma3_270m_full_depth")
     args = parser.parse_args(argv)
     base = RunConfig.from_toml(args.config)
+    data_seeds = args.data_seeds or [max(base.run.seeds)]
 
     folders = {}
     for name in args.recipes:
-        config = recipe_config(base, name, args.sae_seeds)
+        config = recipe_config(base, name, args.sae_seeds, data_seeds, args.ce_windows)
         folder = Path(config.run.output)
         if not args.compare_only and not (folder / "layerwise.csv").is_file():
             from lm_superposition.runs import run

@@ -41,14 +41,16 @@ def test_compare_reads_rank_agreement_and_the_curves_statements():
     assert bool(statement.loc["a", "resid late > early"]) and not bool(statement.loc["c", "resid late > early"])
 
 
-def test_recipe_config_changes_only_the_recipe_and_the_folder():
+def test_recipe_config_changes_only_the_recipe_the_seeds_and_the_folder():
     base = RunConfig.from_toml(BASE_CONFIG)
-    topk = recipe_config(base, "topk32", sae_seeds=[0])
+    topk = recipe_config(base, "topk32", sae_seeds=[0], data_seeds=[5], ce_windows=1)
     assert (topk.saes.train.architecture, topk.saes.train.k, topk.saes.train.sae_seeds) == ("topk", 32, [0])
     assert topk.saes.train.hooks == base.saes.train.hooks and len(base.saes.train.hooks) == 55
-    assert topk.run.output != base.run.output and topk.run.seeds == base.run.seeds
+    assert topk.saes.train.training_tokens == base.saes.train.training_tokens
+    assert topk.run.output != base.run.output and (topk.run.seeds, topk.run.ce_windows) == ([5], 1)
+    assert topk.run.token_budget == base.run.token_budget
     assert base.saes.train.recipe_verdict() == "validated" and topk.saes.train.recipe_verdict() != "validated"
-    assert recipe_config(base, "validated", sae_seeds=[0]) is base
+    assert recipe_config(base, "validated", sae_seeds=[0], data_seeds=[5], ce_windows=1) is base
 
 
 def test_width_ladder_trains_until_a_doubling_stops_helping(tmp_path):
