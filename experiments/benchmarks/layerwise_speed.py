@@ -53,6 +53,7 @@ from lm_superposition.codes import CodeReader
 from lm_superposition.data import TokenWindows
 from lm_superposition.metric import effective_features
 from lm_superposition.models import paper_hooks
+from lm_superposition.report import markdown_table as markdown
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 MODEL_NAME = "pythia-70m-deduped"
@@ -403,19 +404,6 @@ def memory_table(runs: list[dict]) -> pd.DataFrame:
             table.peak_memory_mib[ours] / table.peak_memory_mib[ours].iloc[0] - 1
         )
     return table
-
-
-def markdown(table: pd.DataFrame) -> str:
-    """A GitHub table (pandas' to_markdown needs tabulate, which is not a dependency)."""
-
-    def cell(value) -> str:
-        if isinstance(value, float):
-            return "" if math.isnan(value) else f"{value:,.3g}" if abs(value) < 100 else f"{value:,.0f}"
-        return str(value)
-
-    lines = ["| " + " | ".join(table.columns) + " |", "|" + "---|" * len(table.columns)]
-    lines += ["| " + " | ".join(cell(value) for value in row) + " |" for row in table.itertuples(index=False)]
-    return "\n".join(lines)
 
 
 def report(args, command: str, speed_run: dict, tables: dict[str, pd.DataFrame], load: tuple) -> str:
