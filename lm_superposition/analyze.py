@@ -28,7 +28,7 @@ from .codes import CodeReader, LowPrecisionEncoder, decode, encode, encodes_in_p
 from .data import PAD_DOC_ID, TokenWindows
 from .distributed import world_size_and_rank
 from .gate import QualityGate
-from .metric import FeatureBudget
+from .metric import FeatureBudget, last_doubling_growth
 from .models import HookPoint, hook_point
 from .saes.loading import check_sae_fits
 from .saes.quality import VarianceExplained, evaluate_sae
@@ -417,7 +417,7 @@ class LayerwiseAnalyzer:
                 curve = budget.sample_size_curve()
                 curves += [{"seed": state.seed, "hook": slot.hook, "sae_seed": slot.sae_seed, **r} for r in curve]
                 saturated, note = saturated_features([r["tokens"] for r in curve], [r["F"] for r in curve])
-                growth = curve[-1]["F"] / curve[-2]["F"] - 1 if len(curve) >= 2 else math.nan
+                growth = last_doubling_growth(curve)
                 ce, ce_tokens = (ce_recovered or {}).get(key, (math.nan, 0))
                 variance_explained = state.variance[key].compute()
                 rows.append(

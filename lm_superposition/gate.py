@@ -56,20 +56,29 @@ class QualityGate:
         effective_features: float,
         d_sae: int,
         last_doubling_growth: float,
+        language_model: bool = True,
     ) -> str:
-        """'ok', or the problems separated by '; ' (NaN inputs count as not measured)."""
+        """'ok', or the problems separated by '; ' (NaN inputs count as not measured).
+
+        language_model False: the layer belongs to a network without a next-token loss (a toy
+        model, a classifier), so CE loss recovered does not apply and is not checked (ce_recovered
+        and ce_tokens are ignored). F NaN: no latent ever fired, so there is no F to judge.
+        """
         problems = []
         if not variance_explained >= self.min_variance_explained:
             problems.append(f"variance explained {variance_explained:.3f} < {self.min_variance_explained}")
-        if math.isnan(ce_recovered):
+        if language_model and math.isnan(ce_recovered):
             problems.append("CE recovered not measured")
-        else:
+        elif language_model:
             if ce_recovered < self.min_ce_recovered:
                 problems.append(f"CE recovered {ce_recovered:.3f} < {self.min_ce_recovered}")
             if ce_tokens < self.min_ce_tokens:
                 problems.append(f"CE on {ce_tokens:,} tokens < {self.min_ce_tokens:,}")
         if dead_fraction > self.max_dead_fraction:
             problems.append(f"dead fraction {dead_fraction:.2f} > {self.max_dead_fraction}")
+        if math.isnan(effective_features):
+            problems.append("no latent fires (F undefined)")
+            return "; ".join(problems)
         if effective_features / d_sae > self.max_width_usage:
             problems.append(
                 f"dictionary too narrow to tell (F/d_sae {effective_features / d_sae:.2f} > {self.max_width_usage})"

@@ -74,6 +74,12 @@ def superposition_ratio(budget: torch.Tensor, width: int) -> float:
     return effective_features(budget) / width
 
 
+def last_doubling_growth(curve: list[dict]) -> float:
+    """F's relative growth over the last doubling of tokens of a `FeatureBudget.sample_size_curve`
+    (its last point over the one before, minus 1); NaN for a curve of fewer than 2 points."""
+    return curve[-1]["F"] / curve[-2]["F"] - 1 if len(curve) >= 2 else math.nan
+
+
 @dataclass(frozen=True)
 class Interval:
     low: float
@@ -357,16 +363,24 @@ class FeatureBudget:
         return Interval(f.low / self.width, f.high / self.width)
 
     def summary(self) -> dict:
-        """The numbers a results table needs, as plain Python values."""
+        """The numbers a results table needs, as plain Python values.
+
+        A budget whose latents never fired (alive_features 0, e.g. an L1 too strong for the
+        layer) has no distribution to take the entropy of: entropy, F and psi are NaN there."""
+        self._check_has_tokens()
+        fired = self.alive_features > 0
         f_interval = (
-            self.bootstrap_effective_features() if (self.block_tokens > 0).sum() >= 2 else Interval(math.nan, math.nan)
+            self.bootstrap_effective_features()
+            if fired and (self.block_tokens > 0).sum() >= 2
+            else Interval(math.nan, math.nan)
         )
-        f = self.effective_features()
+        h = self.entropy() if fired else math.nan
+        f = math.exp(h)
         return {
             "tokens": self.tokens,
             "d_sae": self.d_sae,
             "N": self.width,
-            "entropy": self.entropy(),
+            "entropy": h,
             "F": f,
             "F_low": f_interval.low,
             "F_high": f_interval.high,

@@ -287,6 +287,33 @@ def test_the_quality_column_is_the_gates_verdict(pythia_shaped_model, saes, wind
         assert reason in verdict
 
 
+def test_the_gate_skips_ce_where_there_is_no_language_model_and_names_an_sae_that_never_fires():
+    measured = dict(
+        variance_explained=0.95,
+        ce_recovered=math.nan,
+        ce_tokens=0,
+        dead_fraction=0.1,
+        effective_features=10,
+        d_sae=100,
+        last_doubling_growth=0.01,
+    )
+    gate = QualityGate()
+    assert gate.verdict(**measured) == "CE recovered not measured"  # a language model's hook: CE is owed
+    assert gate.verdict(**measured, language_model=False) == "ok"  # a toy: CE does not apply
+    # without a language model, CE is not read at all, even a bad one
+    assert gate.verdict(**(measured | {"ce_recovered": 0.1, "ce_tokens": 5}), language_model=False) == "ok"
+    assert "CE recovered 0.100 < 0.9" in gate.verdict(**(measured | {"ce_recovered": 0.1, "ce_tokens": 5}))
+    # the other tests still apply without a language model
+    low_ve = gate.verdict(**(measured | {"variance_explained": 0.5}), language_model=False)
+    assert low_ve == "variance explained 0.500 < 0.9"
+    # no latent fires: F is NaN, and the verdict says why instead of judging its width or convergence
+    dead = gate.verdict(
+        **(measured | {"effective_features": math.nan, "dead_fraction": 1.0, "last_doubling_growth": math.nan}),
+        language_model=False,
+    )
+    assert dead == "dead fraction 1.00 > 0.5; no latent fires (F undefined)"
+
+
 def test_a_hook_read_through_several_saes_gives_one_row_per_sae_seed(pythia_shaped_model, saes, windows):
     hook = HOOKS[2]
     several = {hook: {0: random_sae(hook, seed=10), 1: random_sae(hook, seed=11)}}

@@ -208,6 +208,11 @@ def test_all_zero_codes_have_no_result():
     budget.update(torch.zeros(8, 4))
     with pytest.raises(ValueError, match="all zero"):
         budget.effective_features()
+    # the summary of an SAE whose latents never fire: no F, said by NaN and alive_features 0, not an exception
+    summary = budget.summary()
+    assert summary["alive_features"] == 0 and summary["dead_fraction"] == 1.0 and summary["tokens"] == 8
+    for key in ("entropy", "F", "F_low", "F_high", "psi", "psi_low", "psi_high"):
+        assert math.isnan(summary[key]), key
 
 
 def test_wrong_code_width_names_both():
