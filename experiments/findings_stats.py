@@ -4,14 +4,17 @@ statistics (intervals over seeds, slopes, Holm's correction) their READMEs repor
 Every study reads a layer the way `lm_superposition` reads a hook: SAE-Lens standard SAEs trained by
 `saes.train_saes` with `SAETrainingConfig`'s defaults (the recipe results/toy_validation/ validated;
 only the width, the L1 coefficient of a sweep and the token budget are set here), and F measured by
-`analyze.sae_budget` (|z_i| * ||W_dec,i||, latents with decoder cosine >= 0.9 merged).
+`analyze.sae_budget` (|z_i| * ||W_dec,i||, latents with decoder cosine >= 0.9 merged), judged by
+`gate.QualityGate.verdict` (the `quality` column).
 """
 
 from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Sequence
+import re
+from collections import Counter
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 import torch
@@ -19,6 +22,8 @@ from scipy import stats
 
 from lm_superposition.analyze import sae_budget
 from lm_superposition.config import SAETrainingConfig
+from lm_superposition.gate import QualityGate
+from lm_superposition.metric import last_doubling_growth
 from lm_superposition.saes import train_saes, variance_explained
 
 
@@ -49,23 +54,65 @@ def train_default_saes(
 
 @torch.no_grad()
 def measure_default_sae(
-    sae, activations: torch.Tensor, width: int | None = None, doc_ids: torch.Tensor | None = None
+    sae,
+    activations: torch.Tensor,
+    width: int | None = None,
+    doc_ids: torch.Tensor | None = None,
+    language_model: bool = False,
 ) -> dict:
-    """F (merged duplicates), its bootstrap interval, psi, L0, merged latents and variance explained on activations.
+    """F (merged duplicates), its bootstrap interval, psi, L0, merged latents, variance explained and
+    the quality gate's verdict on activations.
 
-    An SAE whose latents never fire on these activations (an L1 too strong for the layer) has no
-    budget: F and psi are nan there, and `dead_sae` says so.
+    `quality` is `QualityGate().verdict` (the one verdict every output of the project shows) on the
+    variance explained, dead fraction, F, d_sae and F's growth over the last doubling of samples
+    (`last_doubling_growth`, from the budget's sample-size curve). language_model False (the toy
+    networks): CE loss recovered does not apply and is not checked; True (a language model's hook):
+    it is not measured here, and the verdict says so. An SAE whose latents never fire on these
+    activations (an L1 too strong for the layer) has no budget: F and psi are NaN, `dead_sae` is
+    True and the verdict says "no latent fires".
     """
     budget = sae_budget(sae, activations, width=width, doc_ids=doc_ids)
-    if budget.tokens > 0 and float(budget.block_sums.sum()) == 0:
-        nan = math.nan
-        summary = {"tokens": budget.tokens, "d_sae": budget.d_sae, "N": budget.width, "mean_l0": 0.0}
-        summary |= dict.fromkeys(["F", "F_low", "F_high", "psi", "psi_low", "psi_high", "merged_latents"], nan)
-        summary["dead_sae"] = True
-    else:
-        summary = budget.summary() | {"dead_sae": False}
+    summary = budget.summary()
+    summary["dead_sae"] = summary["alive_features"] == 0
+    growth = last_doubling_growth(budget.sample_size_curve()) if not summary["dead_sae"] else math.nan
     reconstruction = sae.decode(sae.encode(activations))
-    return {**summary, "variance_explained": variance_explained(activations, reconstruction)}
+    ve = variance_explained(activations, reconstruction)
+    quality = QualityGate().verdict(
+        variance_explained=ve,
+        ce_recovered=math.nan,
+        ce_tokens=0,
+        dead_fraction=summary["dead_fraction"],
+        effective_features=summary["F"],
+        d_sae=summary["d_sae"],
+        last_doubling_growth=growth,
+        language_model=language_model,
+    )
+    return {**summary, "variance_explained": ve, "last_doubling_growth": growth, "quality": quality}
+
+
+def quality_reason(problem: str) -> str:
+    """One reason of a verdict without its measured value:
+    "variance explained 0.80 < 0.9" -> "variance explained < 0.9"."""
+    reason = problem.split(" (")[0]
+    return re.sub(r" [-+]?[\d.,]+(?= [<>])", "", reason)
+
+
+def gate_pass(verdicts: Iterable[str]) -> str:
+    """How many of n verdicts are "ok", as "k/n" (a summary table's `gate_pass` column)."""
+    verdicts = list(verdicts)
+    return f"{sum(verdict == 'ok' for verdict in verdicts)}/{len(verdicts)}"
+
+
+def gate_summary(verdicts: Iterable[str], what: str = "SAEs") -> str:
+    """How many verdicts are "ok", and the reasons of the rest with their counts, most common first:
+    "12 of 15 SAEs pass the quality gate; the rest: dictionary too narrow to tell (3)"."""
+    verdicts = list(verdicts)
+    passed = sum(verdict == "ok" for verdict in verdicts)
+    text = f"{passed} of {len(verdicts)} {what} pass the quality gate"
+    reasons = Counter(quality_reason(p) for verdict in verdicts if verdict != "ok" for p in verdict.split("; "))
+    if reasons:
+        text += "; the rest: " + ", ".join(f"{reason} ({count})" for reason, count in reasons.most_common())
+    return text
 
 
 def mean_interval(values: Sequence[float], level: float = 0.95) -> tuple[float, float, float]:

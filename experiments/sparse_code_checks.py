@@ -42,7 +42,14 @@ from scipy.optimize import linear_sum_assignment
 
 from experiments import study_command, torch_threads
 from experiments.algorithmic import train_detection
-from experiments.findings_stats import mean_interval, measure_default_sae, save_figure, train_default_saes
+from experiments.findings_stats import (
+    gate_pass,
+    gate_summary,
+    mean_interval,
+    measure_default_sae,
+    save_figure,
+    train_default_saes,
+)
 from experiments.tasks import ClassifierTraining, MLPClassifier
 from experiments.toy import ToyConfig, hidden_activations, represented_features, sample_features, train_toy_model
 from lm_superposition.codes import decoder_rows, duplicate_groups, encode
@@ -151,15 +158,31 @@ def stability_rows(args: argparse.Namespace) -> list[dict]:
                         measured[seed_a]["variance_explained"] + measured[seed_b]["variance_explained"]
                     )
                     / 2,
+                    "quality_a": measured[seed_a]["quality"],
+                    "quality_b": measured[seed_b]["quality"],
                 }
             )
         print(f"n {n_features} S {sparsity}: {rows[-1]}", flush=True)
     return rows
 
 
+def sae_verdicts(table: pd.DataFrame) -> pd.DataFrame:
+    """One row per (config, SAE seed) with the gate's verdict on that SAE (the pair rows hold each SAE
+    in several pairs)."""
+    sides = [
+        table[["n_features", "sparsity", f"sae_seed_{side}", f"quality_{side}"]].set_axis(
+            ["n_features", "sparsity", "sae_seed", "quality"], axis=1
+        )
+        for side in ("a", "b")
+    ]
+    keys = ["n_features", "sparsity", "sae_seed"]
+    return pd.concat(sides).drop_duplicates(keys).sort_values(keys).reset_index(drop=True)
+
+
 def stability_summary(table: pd.DataFrame) -> pd.DataFrame:
+    """Per config: the means over seed pairs, and `gate_pass` (SAEs whose verdict is "ok" / SAEs)."""
     table = table.assign(truth_cosine=(table["truth_cosine_a"] + table["truth_cosine_b"]) / 2)
-    return (
+    summary = (
         table.groupby(["n_features", "sparsity"])
         .agg(
             ground_truth=("ground_truth", "first"),
@@ -171,6 +194,9 @@ def stability_summary(table: pd.DataFrame) -> pd.DataFrame:
         )
         .reset_index()
     )
+    verdicts = sae_verdicts(table).groupby(["n_features", "sparsity"])["quality"]
+    passed = verdicts.agg(gate_pass).rename("gate_pass")
+    return summary.merge(passed.reset_index(), on=["n_features", "sparsity"])
 
 
 # ---- 2. concept additivity --------------------------------------------------------------
@@ -261,8 +287,9 @@ def plot(stability: pd.DataFrame, additivity: pd.DataFrame, path: Path) -> None:
     plt.close(figure)
 
 
-def write_readme(path: Path, args, stability, additivity, command: str, seconds: float) -> None:
+def write_readme(path: Path, args, stability_table, stability, additivity, command: str, seconds: float) -> None:
     load = os.getloadavg()
+    verdicts = sae_verdicts(stability_table)
     identifiable = stability[stability["sparsity"] >= 0.8]
     dense = stability[stability["sparsity"] < 0.8]
     correlation = stability["cross_seed_cosine"].corr(stability["truth_cosine"])
@@ -277,7 +304,9 @@ Made by (from the repository root, {seconds / 60:.1f} min on {args.threads} CPU 
 
 Mean matched cosine between two SAE seeds' dictionaries (`cross_seed_cosine`) and between an SAE's
 dictionary and the toy's true feature directions (`truth_cosine`), per config (mean over the
-{len(args.sae_seeds) * (len(args.sae_seeds) - 1) // 2} seed pairs):
+{len(args.sae_seeds) * (len(args.sae_seeds) - 1) // 2} seed pairs); `F` is the first seed's, and `gate_pass` how many of
+the config's SAEs pass the quality gate (`gate.QualityGate.verdict`; CE loss recovered does not apply
+to a toy):
 
 ```
 {stability.round(3).to_string(index=False)}
@@ -289,6 +318,13 @@ Identifiable configs (S >= 0.8): cross-seed cosine {identifiable["cross_seed_cos
 ({identifiable["truth_cosine"].min():.3f}-{identifiable["truth_cosine"].max():.3f}).
 Dense configs (S < 0.8): cross-seed {dense["cross_seed_cosine"].mean():.3f}, truth {dense["truth_cosine"].mean():.3f}.
 Pearson r between stability and correctness over the {len(stability)} configs: {correlation:.3f}.
+
+Quality gate: {gate_summary(verdicts["quality"])}. Every SAE's verdict is in
+`stability.csv` (`quality_a`, `quality_b`); per config and SAE seed:
+
+```
+{verdicts.to_string(index=False)}
+```
 
 ## 2. Additivity of concepts (sparse-feature MLP) next to additivity of whole samples
 
@@ -331,7 +367,9 @@ def main(argv: list[str] | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
     additivity_table.to_csv(args.out / "additivity.csv", index=False)
     plot(stability, additivity, args.out / "sparse_code_checks")
     command = study_command("experiments.sparse_code_checks", argv)
-    write_readme(args.out / "README.md", args, stability, additivity, command, time.perf_counter() - started)
+    write_readme(
+        args.out / "README.md", args, stability_table, stability, additivity, command, time.perf_counter() - started
+    )
     print(stability.round(3).to_string(index=False))
     print(additivity.round(3).to_string(index=False))
     return stability_table, additivity_table
