@@ -41,7 +41,14 @@ import pandas as pd
 import torch
 
 from experiments import study_command, torch_threads
-from experiments.findings_stats import mean_interval, measure_default_sae, save_figure, train_default_saes
+from experiments.findings_stats import (
+    gate_pass,
+    gate_summary,
+    mean_interval,
+    measure_default_sae,
+    save_figure,
+    train_default_saes,
+)
 from experiments.tasks import DisjointParityTask, PreActivationMLP, binary_accuracy, train_binary
 from experiments.toy import ToyConfig, hidden_activations, represented_features, train_toy_model
 
@@ -160,6 +167,8 @@ def measure_model(args: argparse.Namespace, model_seed: int) -> list[dict]:
                     "merged_latents": m["merged_latents"],
                     "dead_sae": m["dead_sae"],
                     "measured_samples": m["tokens"],
+                    "last_doubling_growth": m["last_doubling_growth"],
+                    "quality": m["quality"],
                 }
             )
         f_values = [round(m["F"], 1) for m in measured.values()]
@@ -187,12 +196,15 @@ def summarise(table: pd.DataFrame) -> pd.DataFrame:
                 "sae_steps": group["steps"].median(),
                 "ve_plateaued_share": table.loc[table["expansion"] == expansion, "ve_plateaued"].mean(),
                 "model_seeds": len(group),
+                "gate_pass": gate_pass(table.loc[table["expansion"] == expansion, "quality"]),
             }
         )
     return pd.DataFrame(rows)
 
 
-def plot(summary: pd.DataFrame, hidden: int, path: Path, ground_truth: float | None = None) -> None:
+def plot(
+    summary: pd.DataFrame, hidden: int, path: Path, verdicts: pd.Series, ground_truth: float | None = None
+) -> None:
     figure, (ax_f, ax_ve) = plt.subplots(1, 2, figsize=(10, 4.2))
     errors = [(summary["F_mean"] - summary["F_low95"]).fillna(0), (summary["F_high95"] - summary["F_mean"]).fillna(0)]
     ax_f.errorbar(summary["d_sae"], summary["F_mean"], yerr=errors, marker="o", capsize=3, label="F (95% interval)")
@@ -210,7 +222,8 @@ def plot(summary: pd.DataFrame, hidden: int, path: Path, ground_truth: float | N
     ax_ve.set_xlabel("SAE width d_sae")
     ax_ve.set_ylabel("held-out variance explained")
     figure.suptitle("Dictionary scaling through the default SAE recipe")
-    figure.tight_layout()
+    figure.text(0.5, 0.01, f"Means over every SAE. {gate_summary(verdicts)}.", ha="center", fontsize=7, wrap=True)
+    figure.tight_layout(rect=(0, 0.05, 1, 1))
     save_figure(figure, path)
     plt.close(figure)
 
@@ -224,6 +237,10 @@ def write_readme(path: Path, args, table, summary, command: str, seconds: float)
         else f"F does not plateau inside the sweep (no width after which F stays within {PLATEAU_TOLERANCE:.0%})"
     )
     widest = summary.iloc[-1]
+    per_width = "\n".join(
+        f"- {row['expansion']:g}x ({row['d_sae']:.0f} latents): {gate_summary(part['quality'])}"
+        for (_, row), (_, part) in zip(summary.iterrows(), table.groupby("expansion"))
+    )
     if args.setting == "toy":
         truth = table.groupby("model_seed")["ground_truth"].first()
         models = f"Toy models store {truth.min()}-{truth.max()} features (||W_i|| > 0.5) over {len(truth)} seeds."
@@ -260,11 +277,19 @@ Ours: {where}. At the widest SAE ({widest["d_sae"]:.0f} latents) F = {widest["F_
 {models}
 
 F per width, mean over {len(args.model_seeds)} model seeds (each the mean of {len(args.sae_seeds)} SAE seeds) with its
-95% t interval over model seeds; `F_sae_seed_std` the spread between SAE seeds of one model:
+95% t interval over model seeds; `F_sae_seed_std` the spread between SAE seeds of one model;
+`gate_pass` how many of the width's SAEs pass the quality gate (`gate.QualityGate.verdict`, CE loss
+recovered not applicable to this network):
 
 ```
 {summary.round(3).to_string(index=False)}
 ```
+
+Quality gate, all widths: {gate_summary(table["quality"])}. Per width:
+
+{per_width}
+
+Every SAE's verdict is the `quality` column of `table.csv`.
 
 {setting}
 
@@ -294,7 +319,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     table.to_csv(args.out / "table.csv", index=False)
     summary.to_csv(args.out / "summary.csv", index=False)
     truth = table.groupby("model_seed")["ground_truth"].first().mean() if "ground_truth" in table else None
-    plot(summary, args.hidden, args.out / "f_vs_width", truth)
+    plot(summary, args.hidden, args.out / "f_vs_width", table["quality"], truth)
     command = study_command("experiments.dictionary_robustness", argv)
     write_readme(args.out / "README.md", args, table, summary, command, time.perf_counter() - started)
     print(summary.round(3).to_string(index=False))
