@@ -34,6 +34,8 @@ import torch
 
 from experiments import study_command, torch_threads
 from experiments.findings_stats import (
+    gate_pass,
+    gate_summary,
     holm,
     mean_interval,
     measure_default_sae,
@@ -147,10 +149,13 @@ def plot(table: pd.DataFrame, path: Path) -> None:
     axes[0].set_ylabel("F (mean, 95% interval over seeds; x: rate excluded)")
     axes[0].set_yscale("log", base=2)
     axes[0].legend(fontsize=8)
+    figure.text(
+        0.5, 0.01, f"F: means over seeds. {gate_summary(table['quality'])}.", ha="center", fontsize=7, wrap=True
+    )
     axes[1].set_xlabel("dropout rate")
     axes[1].set_ylabel("test accuracy (mean over seeds)")
     figure.suptitle("Dropout and F, the paper's layer and placement")
-    figure.tight_layout()
+    figure.tight_layout(rect=(0, 0.05, 1, 1))
     save_figure(figure, path)
     plt.close(figure)
 
@@ -167,12 +172,18 @@ def write_readme(path: Path, args, table, rates, slope_table, command: str, seco
             if row["slope_high"] < 0
             else ("positive" if row["slope_low"] > 0 else "not distinguishable from 0")
         )
+        points = table[(table["N"] == row["N"]) & table["eligible"]]["quality"]
         lines.append(
             f"- N = {row['N']}: slope {row['slope']:.1f} F per unit rate [{row['slope_low']:.1f}, "
-            f"{row['slope_high']:.1f}] ({sign}; Holm p {row['p_holm']:.3g}), rates {row['eligible_rates']}"
+            f"{row['slope_high']:.1f}] ({sign}; Holm p {row['p_holm']:.3g}), rates {row['eligible_rates']}; "
+            f"{gate_summary(points, 'SAEs of its points')}"
         )
     per_cell = table.groupby(["N", "dropout"]).agg(
-        F=("F", "mean"), F_std=("F", "std"), ve=("variance_explained", "mean"), test_accuracy=("test_accuracy", "mean")
+        F=("F", "mean"),
+        F_std=("F", "std"),
+        ve=("variance_explained", "mean"),
+        test_accuracy=("test_accuracy", "mean"),
+        gate_pass=("quality", gate_pass),
     )
     text = f"""# Dropout, as the paper measured it
 
@@ -195,7 +206,11 @@ before F):
 {rates.round(4).to_string(index=False)}
 ```
 
-F, its spread over seeds, variance explained and test accuracy per width and rate:
+Quality gate (`gate.QualityGate.verdict`; CE loss recovered does not apply to this network):
+{gate_summary(table["quality"])}. Every SAE's verdict is the `quality` column of `table.csv`.
+
+F, its spread over seeds, variance explained, test accuracy and how many of the cell's SAEs pass the
+gate (`gate_pass`) per width and rate:
 
 ```
 {per_cell.round(3).to_string()}
@@ -236,6 +251,8 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
                 variance_explained=measured["variance_explained"],
                 merged_latents=measured["merged_latents"],
                 d_sae=args.sae_expansion * row["N"],
+                last_doubling_growth=measured["last_doubling_growth"],
+                quality=measured["quality"],
             )
     table = pd.DataFrame(rows).merge(rates[["N", "dropout", "eligible"]], on=["N", "dropout"])
     slope_table = slopes(table)
