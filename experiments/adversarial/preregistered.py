@@ -35,7 +35,15 @@ from scipy import stats
 from experiments import study_command, torch_threads
 from experiments.adversarial.attacks import train_adversarially
 from experiments.adversarial.sweep import Run, activation_rows, data_and_model
-from experiments.findings_stats import holm, measure_default_sae, save_figure, slope_interval, train_default_saes
+from experiments.findings_stats import (
+    gate_pass,
+    gate_summary,
+    holm,
+    measure_default_sae,
+    save_figure,
+    slope_interval,
+    train_default_saes,
+)
 from experiments.tasks import ClassifierTraining, accuracy
 
 if sys.version_info >= (3, 11):
@@ -45,6 +53,7 @@ else:  # pragma: no cover - Python 3.10
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "preregistration.toml"
 DEFAULT_OUT = Path(__file__).resolve().parents[2] / "results" / "adversarial_preregistered"
+DEAD_LAYER = "dead layer: never active, no SAE trained (F undefined)"
 QUICK_COMMON = dict(
     seeds=[0, 1, 2], cnn_steps=20, n_train=256, n_test=64, sae_steps=20, sae_batch=256, image_size=6, n_features=8
 )
@@ -113,7 +122,7 @@ def measure_run(common: dict, run: Run, layers: set[int]) -> list[dict]:
             "clean_accuracy": accuracy(model, test_inputs, test_labels),
         }
         if not train_rows.abs().sum() > 0:  # a dead layer: F undefined, the accuracy still counts
-            rows.append(row | {"F": math.nan, "dead_layer": True})
+            rows.append(row | {"F": math.nan, "dead_layer": True, "quality": DEAD_LAYER})
             continue
         sae = train_default_saes(
             train_rows, common["sae_expansion"] * run.width, common["sae_steps"], [run.seed], common["sae_batch"]
@@ -123,6 +132,7 @@ def measure_run(common: dict, run: Run, layers: set[int]) -> list[dict]:
             row
             | {key: measured[key] for key in ("F", "F_low", "F_high", "psi", "variance_explained", "mean_l0")}
             | {"dead_layer": False, "dead_sae": measured["dead_sae"]}
+            | {"last_doubling_growth": measured["last_doubling_growth"], "quality": measured["quality"]}
         )
     return rows
 
@@ -149,6 +159,7 @@ def regime_tests(table: pd.DataFrame, registration: dict) -> list[dict]:
                 "high95": fit["slope_high"],
                 "p": fit["p"],
                 "n": len(part),
+                "gate_pass": gate_pass(part["quality"]),
             }
         )
     return tests
@@ -165,6 +176,7 @@ def capacity_tests(table: pd.DataFrame, registration: dict) -> list[dict]:
         ]
         clean = part[part["epsilon"] == 0].set_index("seed")["F"]
         attacked = part[(part["epsilon"] == capacity["epsilon"]) & (part["attack"] == capacity["attack"])]
+        used = pd.concat([part[part["epsilon"] == 0], attacked])
         log_ratio = (np.log(attacked.set_index("seed")["F"]) - np.log(clean)).dropna()
         mean = float(log_ratio.mean())
         if len(log_ratio) >= 2 and log_ratio.std() > 0:
@@ -185,6 +197,7 @@ def capacity_tests(table: pd.DataFrame, registration: dict) -> list[dict]:
                 "high95": mean + half,
                 "p": p_value,
                 "n": len(log_ratio),
+                "gate_pass": gate_pass(used["quality"]),
             }
         )
     return tests
@@ -214,7 +227,16 @@ def plot(table: pd.DataFrame, tests: pd.DataFrame, registration: dict, path: Pat
             & (table["channels"] == regime["channels"])
             & (table["layer"] == regime["layer"])
         ]
-        ax.scatter(part["epsilon"], part["F"], alpha=0.5, s=14, label="one seed")
+        ok = part["quality"] == "ok"
+        ax.scatter(part["epsilon"][ok], part["F"][ok], alpha=0.5, s=14, color="C0", label="one seed, gate ok")
+        ax.scatter(
+            part["epsilon"][~ok],
+            part["F"][~ok],
+            s=14,
+            facecolors="none",
+            edgecolors="C0",
+            label=f"one seed, fails the gate ({(~ok).sum()})",
+        )
         means = part.groupby("epsilon")["F"].mean()
         ax.plot(means.index, means.values, marker="o", color="black", label="mean")
         test = tests[tests["test"].str.startswith(regime["name"])].iloc[0]
@@ -231,7 +253,8 @@ def plot(table: pd.DataFrame, tests: pd.DataFrame, registration: dict, path: Pat
     axes[-1].set_xscale("log", base=2)
     axes[-1].set_xlabel("channels")
     axes[-1].set_ylabel(f"ln F(eps {registration['capacity']['epsilon']}) - ln F(0), 95% interval")
-    axes[-1].set_title("capacity sweep", fontsize=9)
+    used = tests.dropna(subset=["channels"])["gate_pass"] if "channels" in tests else []
+    axes[-1].set_title(f"capacity sweep (SAEs passing the gate per point: {', '.join(used)})", fontsize=8)
     figure.tight_layout()
     save_figure(figure, path)
     plt.close(figure)
@@ -242,7 +265,12 @@ def write_readme(path: Path, registration, table, tests, change: str, command: s
     alpha = registration["common"]["alpha"]
     accuracy_table = (
         table.groupby(["n_classes", "channels", "epsilon"])
-        .agg(clean_accuracy=("clean_accuracy", "mean"), F=("F", "mean"), F_std=("F", "std"))
+        .agg(
+            clean_accuracy=("clean_accuracy", "mean"),
+            F=("F", "mean"),
+            F_std=("F", "std"),
+            gate_pass=("quality", gate_pass),
+        )
         .reset_index()
     )
     verdicts = []
@@ -252,7 +280,7 @@ def write_readme(path: Path, registration, table, tests, change: str, command: s
         verdicts.append(
             f"- {test['test']} ({test['setting']}): {test['estimate']:.2f} "
             f"[{test['low95']:.2f}, {test['high95']:.2f}], Holm p {test['p_holm']:.3g}; predicted {test['predicted']}: "
-            f"{'confirmed' if confirmed else 'not confirmed'}"
+            f"{'confirmed' if confirmed else 'not confirmed'}; SAEs passing the quality gate: {test['gate_pass']}"
         )
     text = f"""# Adversarial training and F, pre-registered
 
@@ -269,13 +297,17 @@ committed before these models were trained. Family-wise alpha {alpha}, Holm-corr
 
 Capacity sweep: {change}.
 
+Quality gate (`gate.QualityGate.verdict`; CE loss recovered does not apply to a classifier):
+{gate_summary(table["quality"])}. `gate_pass` below: SAEs passing / SAEs behind each test or setting;
+every SAE's verdict is the `quality` column of `table.csv` (hollow points in the plot fail it).
+
 Every test (estimate with its 95% interval; p two-sided; p_holm adjusted over the family):
 
 ```
 {tests.drop(columns=["setting"]).round(4).to_string(index=False)}
 ```
 
-Clean accuracy and F per model setting (means over {len(registration["common"]["seeds"])} seeds):
+Clean accuracy, F and `gate_pass` per model setting (means over {len(registration["common"]["seeds"])} seeds):
 
 ```
 {accuracy_table.round(3).to_string(index=False)}
