@@ -62,31 +62,38 @@ def psi_by_hook(folder: Path) -> pd.DataFrame:
     return summary[["hook", "group", "layer", "depth", "psi", "psi_low", "psi_high", "quality"]]
 
 
-def compare(runs: dict[str, pd.DataFrame]) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(Spearman rank correlations between recipes, the statements each recipe's curve makes)."""
-    correlations = []
+def correlations(runs: dict[str, pd.DataFrame]) -> pd.DataFrame:
+    """Spearman rank correlation of per-hook psi between every pair of recipes, over all hooks
+    and per hook kind (the order over depth)."""
+    rows = []
     for (a, table_a), (b, table_b) in itertools.combinations(runs.items(), 2):
         both = table_a.merge(table_b, on=["hook", "group", "depth"], suffixes=("_a", "_b"))
         for group in ("all", *KINDS):
-            rows = both if group == "all" else both[both["group"] == group]
-            rho, p_value = spearmanr(rows["psi_a"], rows["psi_b"])
-            correlations.append(
-                {"recipes": f"{a} vs {b}", "hooks": group, "n": len(rows), "spearman": rho, "p_value": p_value}
+            pairs = both if group == "all" else both[both["group"] == group]
+            rho, p_value = spearmanr(pairs["psi_a"], pairs["psi_b"])
+            rows.append(
+                {"recipes": f"{a} vs {b}", "hooks": group, "n": len(pairs), "spearman": rho, "p_value": p_value}
             )
-    statements = []
+    return pd.DataFrame(rows)
+
+
+def statements(runs: dict[str, pd.DataFrame]) -> pd.DataFrame:
+    """The statements a reader would take from each recipe's curve: where psi peaks per kind,
+    whether the late half of the blocks sits above the early half, the kinds by mean psi."""
+    rows = []
     for name, table in runs.items():
         row = {"recipe": name}
         kind_means = {}
         for kind in KINDS:
-            rows = table[table["group"] == kind]
-            row[f"{kind} peak depth"] = float(rows.loc[rows["psi"].idxmax(), "depth"])
-            early, late = rows[rows["depth"] <= 9], rows[rows["depth"] > 9]
+            of_kind = table[table["group"] == kind]
+            row[f"{kind} peak depth"] = float(of_kind.loc[of_kind["psi"].idxmax(), "depth"])
+            early, late = of_kind[of_kind["depth"] <= 9], of_kind[of_kind["depth"] > 9]
             row[f"{kind} late > early"] = bool(late["psi"].mean() > early["psi"].mean())
-            kind_means[kind] = rows["psi"].mean()
+            kind_means[kind] = of_kind["psi"].mean()
         row["kinds by mean psi"] = " > ".join(sorted(kind_means, key=kind_means.get, reverse=True))
         row["hooks passing the gate"] = int((table["quality"] == "ok").sum())
-        statements.append(row)
-    return pd.DataFrame(correlations), pd.DataFrame(statements)
+        rows.append(row)
+    return pd.DataFrame(rows)
 
 
 def plot(runs: dict[str, pd.DataFrame], path_stem: Path) -> None:
@@ -142,18 +149,19 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"need at least two finished runs to compare, have {sorted(folders)}")
 
     runs = {name: psi_by_hook(folder) for name, folder in folders.items()}
-    correlations, statements = compare(runs)
     args.out.mkdir(parents=True, exist_ok=True)
-    correlations.to_csv(args.out / "recipes_spearman.csv", index=False)
-    statements.to_csv(args.out / "recipes_statements.csv", index=False)
+    spearman = correlations(runs)
+    spearman.to_csv(args.out / "recipes_spearman.csv", index=False)
+    what_they_say = statements(runs)
+    what_they_say.to_csv(args.out / "recipes_statements.csv", index=False)
     plot(runs, args.out / "recipes")
     command = "python -m experiments.full_depth_recipes " + shlex.join(sys.argv[1:])
     (args.out / "recipes.md").write_text(
         f"# The full-depth curve through {len(runs)} recipes\n\nCommand: `{command.strip()}`\n"
         f"Run folders: {', '.join(f'{name}: {folder}' for name, folder in folders.items())}\n"
         f"Recipes: {RECIPES}\n\n![psi per recipe](recipes.png)\n\n"
-        f"## Spearman rank correlation of per-hook psi\n\n{markdown_table(correlations)}\n\n"
-        f"## What each recipe's curve says\n\n{markdown_table(statements)}\n"
+        f"## Spearman rank correlation of per-hook psi\n\n{markdown_table(spearman)}\n\n"
+        f"## What each recipe's curve says\n\n{markdown_table(what_they_say)}\n"
     )
     print(f"wrote {args.out}")
 

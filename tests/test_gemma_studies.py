@@ -1,11 +1,15 @@
 """The Gemma studies' logic on small synthetic inputs: the recipe comparison, the config
 overlay, the width ladder's plateau rule."""
 
+import shutil
+from pathlib import Path
+
 import pandas as pd
 import pytest
 import torch
 
-from experiments.full_depth_recipes import BASE_CONFIG, compare, recipe_config
+from experiments.full_depth_recipes import BASE_CONFIG, correlations, recipe_config, statements
+from experiments.full_depth_report import per_layer_table
 from lm_superposition.config import RunConfig
 
 
@@ -27,18 +31,32 @@ def _curve(psi_of_depth, kinds=("resid", "mlp_out", "attn_out"), n_blocks=18) ->
     return pd.DataFrame(rows)
 
 
-def test_compare_reads_rank_agreement_and_the_curves_statements():
+def test_recipes_are_compared_by_rank_agreement_and_the_curves_statements():
     rising = _curve(lambda kind, depth: depth + {"resid": 100, "mlp_out": 50, "attn_out": 0}[kind])
     falling = _curve(lambda kind, depth: -depth + {"resid": 0, "mlp_out": 50, "attn_out": 100}[kind])
-    correlations, statements = compare({"a": rising, "b": rising.copy(), "c": falling})
-    by_pair = correlations.set_index(["recipes", "hooks"])["spearman"]
+    runs = {"a": rising, "b": rising.copy(), "c": falling}
+    by_pair = correlations(runs).set_index(["recipes", "hooks"])["spearman"]
     assert by_pair["a vs b", "all"] == pytest.approx(1.0)
     assert by_pair["a vs c", "resid"] == pytest.approx(-1.0)
-    statement = statements.set_index("recipe")
+    statement = statements(runs).set_index("recipe")
     assert statement.loc["a", "mlp_out peak depth"] == 18.0 and statement.loc["c", "mlp_out peak depth"] == 1.0
     assert statement.loc["a", "kinds by mean psi"] == "resid > mlp_out > attn_out"
     assert statement.loc["c", "kinds by mean psi"] == "attn_out > mlp_out > resid"
     assert bool(statement.loc["a", "resid late > early"]) and not bool(statement.loc["c", "resid late > early"])
+
+
+def test_per_layer_table_puts_each_kind_in_its_column_and_counts_the_gate():
+    curve = _curve(lambda kind, depth: depth / 10)
+    curve.loc[(curve["group"] == "attn_out") & (curve["depth"] == 3.0), "quality"] = "variance explained 0.5 < 0.9"
+    embedding = {"hook": "blocks.0.hook_resid_pre", "group": "embedding", "layer": 0, "depth": 0.0}
+    curve = pd.concat(
+        [pd.DataFrame([embedding | {"psi": 2.0, "psi_low": 1.5, "psi_high": 2.5, "quality": "ok"}]), curve]
+    )
+    table = per_layer_table(curve).set_index("depth")
+    assert len(table) == 19
+    assert table.loc[0, "resid psi [95%]"] == "2.00 [1.50, 2.50]" and table.loc[0, "mlp_out psi [95%]"] == ""
+    assert table.loc[3, "attn_out psi [95%]"] == "0.30 [0.00, 9.00]"
+    assert (table.loc[3, "pass the gate"], table.loc[4, "pass the gate"]) == ("2 of 3", "3 of 3")
 
 
 def test_recipe_config_changes_only_the_recipe_the_seeds_and_the_folder():
@@ -82,3 +100,22 @@ def test_width_ladder_trains_until_a_doubling_stops_helping(tmp_path):
     rows, _ = _train_until_plateau(2, lambda: train, heldout, points[:1], args)
     assert [row["training_tokens"] for row in rows] == [512, 1024, 2048]
     assert rows[-1]["kept"] and not rows[-1]["plateaued"]
+
+
+def test_full_depth_report_writes_the_results_folder_from_a_run_folder(tmp_path):
+    """The report on the committed demo run (a run folder of the same form, 10 hooks)."""
+    from experiments.full_depth_report import COPIED, main
+
+    demo = Path(__file__).resolve().parents[1] / "results" / "gemma3_270m_offline"
+    run_folder = tmp_path / "run"
+    run_folder.mkdir()
+    for name in COPIED:
+        shutil.copy2(demo / name, run_folder / name)
+    config = tmp_path / "config.toml"
+    text = (Path(__file__).resolve().parents[1] / "lm_superposition" / "configs" / "demo.toml").read_text()
+    config.write_text(text.replace('output = "runs/demo"', f'output = "{run_folder}"'))
+    main(["--config", str(config), "--conditions", "a test", "--out", str(tmp_path / "out")])
+    readme = (tmp_path / "out" / "README.md").read_text()
+    assert "0 of 20 rows (hook x data seed x SAE seed) pass the quality gate" in readme
+    assert "| blocks.3.hook_mlp_out | 2,032 |" in readme  # the demo's own per-hook table
+    assert (tmp_path / "out" / "compression_curve.png").is_file()
