@@ -337,12 +337,10 @@ def train_saes_for_model(
         progress=False,
         autocast_dtype=torch.bfloat16 if config.autocast_lm else None,
     )
-    batches = (batch.activations for batch in stream)
-    if config.epochs > 1:
-        one_pass = list(batches)
-        batches = (batch for _ in range(config.epochs) for batch in one_pass)
+    batches = _passes((batch.activations for batch in stream), config.epochs)
     seeds = [config.seed] if sae_seeds is None else list(sae_seeds)
     saes = train_saes(batches, {p.name: p.width for p in points}, config, progress=progress, sae_seeds=seeds)
+    del batches  # the cached pass (GBs for many hooks) is not kept through the evaluation
 
     ce_hooks = list(saes) if ce_recovered is True else [] if ce_recovered is False else list(ce_recovered)
     qualities = evaluate_saes(model, saes, eval_windows, batch_size=batch_size, ce_hooks=ce_hooks, progress=progress)
@@ -362,6 +360,14 @@ def train_saes_for_model(
                 sae, folder, {QUALITY_FILENAME: json.dumps(summary, indent=2) + "\n"}
             )
     return folders if sae_seeds is not None else {name: by_seed[config.seed] for name, by_seed in folders.items()}
+
+
+def _passes(batches: Iterator[dict[str, torch.Tensor]], epochs: int) -> Iterator[dict[str, torch.Tensor]]:
+    """The stream `epochs` times over: one pass cached in memory, held only by the generator returned."""
+    if epochs == 1:
+        return batches
+    one_pass = list(batches)
+    return (batch for _ in range(epochs) for batch in one_pass)
 
 
 def trained_sae_folder(out_dir: str | Path, hook_name: str, sae_seed: int | None = None) -> Path:
