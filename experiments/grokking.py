@@ -36,7 +36,14 @@ import pandas as pd
 import torch
 
 from experiments import study_command, torch_threads
-from experiments.findings_stats import mean_interval, measure_default_sae, save_figure, train_default_saes
+from experiments.findings_stats import (
+    gate_pass,
+    gate_summary,
+    mean_interval,
+    measure_default_sae,
+    save_figure,
+    train_default_saes,
+)
 from experiments.tasks import (
     GrokkingConfig,
     GrokkingRun,
@@ -49,6 +56,16 @@ from experiments.tasks import (
 DEFAULT_OUT = Path(__file__).resolve().parent.parent / "results" / "grokking"
 MLP_HOOK, RESID_HOOK = "blocks.0.mlp.hook_post", "blocks.0.hook_resid_post"
 GROKKED_ACCURACY = 0.9
+LABELS = ("mlp", "resid")  # the SAE-measured hooks' column prefixes
+QUALITY_SEPARATOR = " | "  # between the SAE seeds' verdicts in the mlp_quality / resid_quality columns
+
+
+def all_passed(gate_pass: str) -> bool:
+    """Whether a "k/n" gate_pass cell has every SAE passing."""
+    passed, total = gate_pass.split("/")
+    return passed == total
+
+
 QUICK = dict(
     p=11, d_model=16, n_heads=2, d_mlp=32, steps=40, checkpoint_every=10, sae_steps=20, seeds=[0, 1], sae_batch=64
 )
@@ -110,6 +127,8 @@ def measure_checkpoints(run: GrokkingRun, args: argparse.Namespace) -> pd.DataFr
                 f"{label}_F_sae_max": max(values["F"]),
                 f"{label}_variance_explained": min(values["variance_explained"]),
                 f"{label}_mean_l0": sum(values["mean_l0"]) / len(measured),
+                f"{label}_gate_pass": gate_pass(m["quality"] for m in measured),
+                f"{label}_quality": QUALITY_SEPARATOR.join(m["quality"] for m in measured),
             }
         row["mlp_neuron_F"] = neuron_basis_measure(cache[MLP_HOOK][:, -1, :])["F"]
         rows.append(row)
@@ -176,19 +195,31 @@ def plot(table: pd.DataFrame, lag_table: pd.DataFrame, path: Path) -> None:
         top.plot(part["step"], part["test_accuracy"], marker=".", label="test")
         top.set_title(f"seed {seed}")
         for column, label in (("mlp_F", "MLP, SAE"), ("resid_F", "residual, SAE"), ("mlp_neuron_F", "MLP neurons")):
-            bottom.plot(part["step"], part[column], marker=".", label=label)
+            line = bottom.plot(part["step"], part[column], marker=".", label=label)[0]
             if f"{column}_sae_min" in part:
                 bottom.fill_between(part["step"], part[f"{column}_sae_min"], part[f"{column}_sae_max"], alpha=0.25)
+                failed = ~part[column.replace("_F", "_gate_pass")].map(all_passed)
+                bottom.scatter(
+                    part["step"][failed],
+                    part[column][failed],
+                    s=30,
+                    facecolors="white",
+                    edgecolors=line.get_color(),
+                    zorder=3,
+                )
         grokked = lag_table.loc[lag_table["seed"] == seed, "grokked_step"].iloc[0]
         for ax in (top, bottom):
             if pd.notna(grokked):
                 ax.axvline(grokked, color="gray", linestyle="--")
         bottom.set_xlabel("training step")
     axes[0][0].set_ylabel("accuracy")
-    axes[1][0].set_ylabel("F (band: the 2 SAE seeds)")
+    axes[1][0].set_ylabel("F (band: the SAE seeds)")
     axes[0][0].legend(fontsize=7)
     axes[1][0].legend(fontsize=7)
-    figure.suptitle(f"Grokking modular addition (dashed: test accuracy >= {GROKKED_ACCURACY})")
+    figure.suptitle(
+        f"Grokking modular addition (dashed: test accuracy >= {GROKKED_ACCURACY}; "
+        "hollow: an SAE of the checkpoint fails the quality gate)"
+    )
     figure.tight_layout()
     save_figure(figure, path)
     plt.close(figure)
@@ -198,7 +229,12 @@ def write_readme(path: Path, args, config, table, lag_table, summary, command: s
     load = os.getloadavg()
     low_ve = table[(table["mlp_variance_explained"] < 0.9) | (table["resid_variance_explained"] < 0.9)]
     columns = ["seed", "step", "train_accuracy", "test_accuracy", "mlp_F", "mlp_F_sae_min", "mlp_F_sae_max"]
-    columns += ["mlp_variance_explained", "mlp_neuron_F", "resid_F", "resid_variance_explained"]
+    columns += ["mlp_variance_explained", "mlp_gate_pass", "mlp_neuron_F", "resid_F", "resid_variance_explained"]
+    columns += ["resid_gate_pass"]
+    per_sae = {
+        label: [v for cell in table[f"{label}_quality"] for v in cell.split(QUALITY_SEPARATOR)] for label in LABELS
+    }
+    gate_lines = "\n".join(f"- {label}: {gate_summary(per_sae[label])}" for label in LABELS)
     text = f"""# Grokking across seeds: when F falls, next to when test accuracy jumps
 
 Made by (from the repository root, {seconds / 60:.1f} min on {args.threads} CPU thread(s); load average
@@ -225,6 +261,15 @@ Per seed:
 
 Checkpoints where an SAE explains less than 0.9 of the variance (its F is not to be read): {len(low_ve)} of
 {len(table)}.
+
+Quality gate (`gate.QualityGate.verdict` on each SAE; CE loss recovered is not checked, this toy
+transformer is not a language model over a corpus):
+
+{gate_lines}
+
+`mlp_gate_pass` / `resid_gate_pass`: SAEs of the checkpoint that pass; `mlp_quality` / `resid_quality` in
+`table.csv`: each SAE's verdict, in SAE-seed order, separated by "{QUALITY_SEPARATOR.strip()}". Hollow points in the
+plot: an SAE of that checkpoint fails the gate.
 
 Setup: {dataclasses.replace(config, seed=-1)} (seed: each of {args.seeds}); a one-layer `HookedTransformer`
 without LayerNorm on inputs "a b =", loss at "=", full-batch AdamW (betas 0.9, 0.98). At each checkpoint,
