@@ -29,7 +29,7 @@ import pandas as pd
 import torch
 
 from experiments import study_command, torch_threads
-from experiments.findings_stats import measure_default_sae, save_figure, train_default_saes
+from experiments.findings_stats import gate_pass, gate_summary, measure_default_sae, save_figure, train_default_saes
 from experiments.sparse_code_checks import dictionary, matched_cosine
 from experiments.toy import sample_features
 from lm_superposition.activations import stream_activations
@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
             d_sae = args.expansion * train.shape[1]
             saes = train_default_saes(train, d_sae, args.steps, args.sae_seeds, args.batch)
             dictionaries = {seed: dictionary(sae, test) for seed, sae in saes.items()}
-            measured = {seed: measure_default_sae(sae, test) for seed, sae in saes.items()}
+            measured = {seed: measure_default_sae(sae, test, language_model=True) for seed, sae in saes.items()}
             seed_a, seed_b = args.sae_seeds
             rows.append(
                 {
@@ -109,6 +109,9 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
                     "F_b": measured[seed_b]["F"],
                     "variance_explained": min(m["variance_explained"] for m in measured.values()),
                     "mean_l0": measured[seed_a]["mean_l0"],
+                    "gate_pass": gate_pass(m["quality"] for m in measured.values()),
+                    "quality_a": measured[seed_a]["quality"],
+                    "quality_b": measured[seed_b]["quality"],
                 }
             )
             print(rows[-1], flush=True)
@@ -121,7 +124,8 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     ax.set_xticks(range(len(table)), table["hook"], rotation=30, ha="right", fontsize=7)
     ax.set_ylim(0, 1.05)
     ax.legend(fontsize=8)
-    ax.set_title("Solution stability across SAE seeds, per hook")
+    verdicts = [*table["quality_a"], *table["quality_b"]]
+    ax.set_title(f"Solution stability across SAE seeds, per hook\n({gate_summary(verdicts)})", fontsize=8)
     figure.tight_layout()
     save_figure(figure, args.out / "stability")
     plt.close(figure)
@@ -135,7 +139,14 @@ average {load[0]:.2f}, {load[1]:.2f}, {load[2]:.2f} at the end, shared machine):
     {command}
 
 ```
-{table.round(3).to_string(index=False)}
+{table.drop(columns=["quality_a", "quality_b"]).round(3).to_string(index=False)}
+```
+
+Quality gate (`gate.QualityGate.verdict` on each SAE; CE loss recovered is not measured by this study, and
+the gate says so): {gate_summary(verdicts)}. Each SAE's verdict (`quality_a`, `quality_b` in `table.csv`):
+
+```
+{table[["hook", "quality_a", "quality_b"]].to_string(index=False)}
 ```
 
 Two SAEs of the default recipe per hook (seeds {args.sae_seeds}, the same {args.steps} batches of {args.batch} tokens
