@@ -36,7 +36,14 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from experiments import study_command, torch_threads
-from experiments.findings_stats import mean_interval, measure_default_sae, save_figure, train_default_saes
+from experiments.findings_stats import (
+    gate_pass,
+    gate_summary,
+    mean_interval,
+    measure_default_sae,
+    save_figure,
+    train_default_saes,
+)
 from experiments.tasks import (
     ClassifierTraining,
     MLPClassifier,
@@ -243,6 +250,8 @@ def measure_model(args: argparse.Namespace, task: str, seed: int) -> list[dict]:
                     "d_sae": args.sae_expansion * width,
                     "neuron_psi": neuron_psi,
                     "measured_samples": measured["tokens"],
+                    "last_doubling_growth": measured["last_doubling_growth"],
+                    "quality": measured["quality"],
                 }
             )
     return rows
@@ -266,12 +275,13 @@ def summarise(table: pd.DataFrame) -> pd.DataFrame:
                 "mean_l0": group["mean_l0"].mean(),
                 "neuron_psi": group["neuron_psi"].mean(),
                 "test_score": group["test_score"].mean(),
+                "gate_pass": gate_pass(group["quality"]),
             }
         )
     return pd.DataFrame(rows)
 
 
-def plot(summary: pd.DataFrame, path: Path) -> None:
+def plot(summary: pd.DataFrame, path: Path, verdicts: pd.Series) -> None:
     layers = sorted(summary["layer"].unique())
     figure, axes = plt.subplots(1, len(layers), figsize=(5.5 * len(layers), 4.3), sharey=True, squeeze=False)
     for ax, layer in zip(axes[0], layers):
@@ -290,7 +300,8 @@ def plot(summary: pd.DataFrame, path: Path) -> None:
     axes[0][0].set_ylabel("psi = F / N (mean, 95% interval over seeds)")
     axes[0][0].legend(fontsize=8)
     figure.suptitle("Algorithmic tasks vs a sparse-feature positive control, same MLP and SAE recipe")
-    figure.tight_layout()
+    figure.text(0.5, 0.01, f"psi: means over seeds. {gate_summary(verdicts)}.", ha="center", fontsize=7, wrap=True)
+    figure.tight_layout(rect=(0, 0.05, 1, 1))
     save_figure(figure, path)
     plt.close(figure)
 
@@ -301,7 +312,8 @@ def verdict_lines(summary: pd.DataFrame) -> list[str]:
     for _, row in at_default.iterrows():
         lines.append(
             f"- {row['task']}, layer {row['layer']}: psi {row['psi_mean']:.2f} "
-            f"[{row['psi_low95']:.2f}, {row['psi_high95']:.2f}] (VE {row['variance_explained']:.3f})"
+            f"[{row['psi_low95']:.2f}, {row['psi_high95']:.2f}] (VE {row['variance_explained']:.3f}; "
+            f"SAEs passing the quality gate: {row['gate_pass']})"
         )
     return lines
 
@@ -319,6 +331,9 @@ def write_readme(path: Path, args, table, summary, descriptions: dict, command: 
         else "No positive control in this run."
     )
     pivot = summary.pivot_table(index=["task", "layer"], columns="l1", values="psi_mean", sort=False)
+    gate_pivot = summary.pivot_table(
+        index=["task", "layer"], columns="l1", values="gate_pass", aggfunc="first", sort=False
+    )
     load = os.getloadavg()
     text = f"""# Algorithmic tasks, with a positive control and an L1 sweep
 
@@ -336,13 +351,23 @@ psi at L1 {DEFAULT_L1}, mean over seeds with its 95% t interval:
 
 {chr(10).join(verdict_lines(summary))}
 
+Quality gate (`gate.QualityGate.verdict` on each SAE; CE loss recovered does not apply to these networks):
+{gate_summary(at_default["quality"])} at L1 {DEFAULT_L1}; over the whole sweep, {gate_summary(table["quality"])}.
+Every SAE's verdict is the `quality` column of `table.csv`.
+
 Mean psi over seeds by L1 coefficient (columns):
 
 ```
 {pivot.round(3).to_string()}
 ```
 
-Every row (mean, 95% interval, variance explained, L0, neuron-basis psi, test score):
+SAEs passing the quality gate, of the seeds, by L1 coefficient (columns):
+
+```
+{gate_pivot.to_string()}
+```
+
+Every row (mean, 95% interval, variance explained, L0, neuron-basis psi, test score, SAEs passing the gate):
 
 ```
 {summary.round(3).to_string(index=False)}
@@ -381,7 +406,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     args.out.mkdir(parents=True, exist_ok=True)
     table.to_csv(args.out / "table.csv", index=False)
     summary.to_csv(args.out / "summary.csv", index=False)
-    plot(summary, args.out / "psi_per_layer")
+    plot(summary, args.out / "psi_per_layer", table["quality"])
     command = study_command("experiments.algorithmic", argv)
     write_readme(args.out / "README.md", args, table, summary, descriptions, command, time.perf_counter() - started)
     print(summary.round(3).to_string(index=False))
