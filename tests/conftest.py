@@ -5,6 +5,7 @@ huggingface_hub, so a missing file fails at once instead of after minutes of ret
 """
 
 import os
+import re
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -73,3 +74,36 @@ def random_windows(
         tokens[-1, -n_pad_last:] = pad
         doc_ids[-1, -n_pad_last:] = PAD_DOC_ID
     return TokenWindows(tokens, doc_ids, bos, pad)
+
+
+# Each reason QualityGate.verdict can give a network without a language model (no CE reason).
+_GATE_REASON = re.compile(
+    r"variance explained (nan|-?[\d.]+) < [\d.]+"
+    r"|dead fraction [\d.]+ > [\d.]+"
+    r"|no latent fires \(F undefined\)"
+    r"|dictionary too narrow to tell \(F/d_sae [\d.]+ > [\d.]+\)"
+    r"|convergence unknown \(too few documents\)"
+    r"|not converged \(F \+\d+% over the last doubling of tokens\)"
+)
+
+
+def _check_gate_verdicts(verdicts, variance_explained=None, effective_features=None, d_sae=None) -> None:
+    """Every verdict is the quality gate's: "ok" or its reasons joined by "; ", with no CE reason (the
+    studies' networks are not language models); where the measurements are given, the variance and
+    width reasons appear exactly when the default gate's thresholds are crossed."""
+    verdicts = list(verdicts)
+    assert verdicts, "no verdicts"
+    for index, verdict in enumerate(verdicts):
+        assert isinstance(verdict, str) and verdict, verdict
+        assert verdict == "ok" or all(_GATE_REASON.fullmatch(part) for part in verdict.split("; ")), verdict
+        if variance_explained is not None:
+            assert (list(variance_explained)[index] < 0.9) == ("variance explained" in verdict), verdict
+        if effective_features is not None and d_sae is not None:
+            f, width = list(effective_features)[index], list(d_sae)[index]
+            assert (f / width > 0.5) == ("dictionary too narrow" in verdict), (f, width, verdict)
+
+
+@pytest.fixture
+def check_gate_verdicts():
+    """The checker of a study's `quality` column (see _check_gate_verdicts)."""
+    return _check_gate_verdicts

@@ -182,11 +182,15 @@ def test_regime_parsing_rejects_malformed_text():
         sweep.parse_regime("16-8")
 
 
-def test_preregistered_quick_computes_every_registered_test(tmp_path):
+def test_preregistered_quick_computes_every_registered_test(tmp_path, check_gate_verdicts):
     from experiments.adversarial import preregistered
 
     table = preregistered.main(["--quick", "--out", str(tmp_path)])
     registration = preregistered.load_registration(preregistered.DEFAULT_CONFIG, quick=True)
+    measured = table[~table["dead_layer"]]
+    d_sae = measured["channels"] * registration["common"]["sae_expansion"]
+    check_gate_verdicts(measured["quality"], measured["variance_explained"], measured["F"], d_sae)
+    assert (table.loc[table["dead_layer"], "quality"] == preregistered.DEAD_LAYER).all()
     assert set(table["seed"]) == set(registration["common"]["seeds"])
     tests = pd.read_csv(tmp_path / "tests.csv")
     assert len(tests) == len(registration["regime"]) + len(registration["capacity"]["channels"])
@@ -194,6 +198,8 @@ def test_preregistered_quick_computes_every_registered_test(tmp_path):
     assert (tests["p_holm"] >= tests["p"] - 1e-12).all()  # Holm never lowers a p-value
     readme = (tmp_path / "README.md").read_text()
     assert "Holm" in readme and "python -m experiments.adversarial.preregistered --quick" in readme
+    assert f"{(table['quality'] == 'ok').sum()} of {len(table)} SAEs pass the quality gate" in readme
+    assert tests["gate_pass"].str.fullmatch(r"\d+/\d+").all()
     assert (tmp_path / "preregistered.svg").stat().st_size > 0
 
 
