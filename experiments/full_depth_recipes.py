@@ -29,6 +29,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 from scipy.stats import spearmanr  # noqa: E402
 
 from lm_superposition.config import RunConfig  # noqa: E402
@@ -108,6 +109,7 @@ def plot(runs: dict[str, pd.DataFrame], path_stem: Path) -> None:
             ax.scatter(rows["depth"][passed], rows["psi"][passed], color=f"C{index}")
         ax.set_title(kind)
         ax.set_xlabel("depth (0 = embedding, L+1 = output of block L)")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("psi = F / N")
     axes[0].legend(fontsize=8)

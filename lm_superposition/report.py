@@ -12,6 +12,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only: runs on machines without a display
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from .atomic import atomic_file, write_text  # noqa: E402
 
@@ -131,6 +132,7 @@ def plot_compression_curve(table: pd.DataFrame, path_stem: str | Path, title: st
     ax_usage.set_ylabel("F / d_sae (above 0.5: dictionary too narrow to tell)")
     for ax in (ax_psi, ax_usage):
         ax.set_xlabel("depth (0 = embedding, L+1 = output of block L)")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
     ax_psi.scatter([], [], facecolors="white", edgecolors="grey", label="failed the quality gate")
     ax_psi.legend(fontsize=8)
