@@ -15,6 +15,8 @@ offline Gemma 3 270M: an early MLP output, a middle residual stream, a late atte
 2. The sample-size curve. The widest ladder SAEs are measured again on --curve-tokens tokens
    per data seed (three seeds); F against tokens seen is the analyzer's own convergence curve,
    and F_saturated its saturation fit, given per seed and as the mean with the seeds' range.
+   The curve's first point is one of --curve-blocks document blocks, so enough blocks take it
+   down to ~10^3 tokens (two decades below 10^5).
 
 Trained SAEs are saved under --work (SAE-Lens folders), and each measurement as a CSV there:
 a killed run, started again with the same options, picks up where it stopped.
@@ -66,6 +68,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--heldout-tokens", type=int, default=8_192, help="tokens the plateau rule's VE is read on")
     parser.add_argument("--measure-tokens", type=int, default=8_192, help="tokens per data seed for F per width")
     parser.add_argument("--curve-tokens", type=int, default=100_000, help="tokens per data seed, sample-size curve")
+    parser.add_argument(
+        "--curve-blocks", type=int, default=256, help="document blocks of the curve (its first point: one block)"
+    )
     parser.add_argument("--ce-windows", type=int, default=16, help="held-out windows of 128 tokens for CE recovered")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--work", type=Path, default=REPO_ROOT / "runs" / "gemma_width_ladder")
@@ -78,6 +83,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     started, load_before = time.time(), _load()
+    reused = _work_found(args.work)
     args.work.mkdir(parents=True, exist_ok=True)
     args.out.mkdir(parents=True, exist_ok=True)
 
@@ -131,7 +137,7 @@ def main(argv: list[str] | None = None) -> None:
 
     widest = max(chosen)
     curve_table = _measured(
-        args.work / f"curve_x{widest}.csv",
+        args.work / f"curve_x{widest}_blocks{args.curve_blocks}.csv",
         lambda: measure_layers(
             model,
             chosen[widest],
@@ -140,6 +146,7 @@ def main(argv: list[str] | None = None) -> None:
             token_budget=args.curve_tokens,
             ce_windows=args.ce_windows,
             progress=False,
+            n_blocks=args.curve_blocks,
         ),
     )
     curve_table.to_csv(args.out / "sample_size_layerwise.csv", index=False)
@@ -152,7 +159,7 @@ def main(argv: list[str] | None = None) -> None:
     saturation.to_csv(args.out / "saturation.csv", index=False)
     _plot_ladder(summary, args.out / "width_ladder")
     _plot_sample_size(convergence, saturation, widest, args.out / "sample_size")
-    _write_readme(args, summary, saturation, widest, started, load_before)
+    _write_readme(args, summary, saturation, widest, started, load_before, reused)
     print(f"wrote {args.out}")
 
 
@@ -362,14 +369,21 @@ def _load() -> str:
     return ", ".join(f"{value:.2f}" for value in os.getloadavg())
 
 
-def _write_readme(args, summary, saturation, widest, started, load_before) -> None:
+def _work_found(work: Path) -> str:
+    """What a rerun will reuse instead of redoing, for the wall time to be read right."""
+    saes = len(list(work.glob("saes/*/*/*/cfg.json")))
+    measurements = len([path for path in work.glob("*.csv") if not path.stem.endswith("_convergence")])
+    return f"{saes} trained SAEs and {measurements} measurements were already under {work} and reused"
+
+
+def _write_readme(args, summary, saturation, widest, started, load_before, reused) -> None:
     command = "python -m experiments.gemma_width_ladder " + shlex.join(sys.argv[1:])
     minutes = (time.time() - started) / 60
     defaults = dataclasses.asdict(SAETrainingConfig())
     text = f"""# Gemma 3 270M: F against SAE width and against tokens seen
 
 Command: `{command.strip()}`
-Wall time: {minutes:.0f} min on this project's 2-core CPU (torch threads: {torch.get_num_threads()});
+Wall time: {minutes:.0f} min on this project's 2-core CPU (torch threads: {torch.get_num_threads()}; {reused});
 load average (1, 5, 15 min) before: {load_before}; after: {_load()}
 
 Hooks: {", ".join(args.hooks)} of the offline Gemma 3 270M (N = 640), the offline corpus.
@@ -389,7 +403,8 @@ duplicates merged, CE recovered on {args.ce_windows} windows; interval: 95% over
 
 ## F against tokens seen (d_sae = {widest}N)
 
-{len(MEASURE_SEEDS)} data seeds x {args.curve_tokens:,} tokens; F_saturated is the analyzer's saturation fit
+{len(MEASURE_SEEDS)} data seeds x {args.curve_tokens:,} tokens in {args.curve_blocks} document blocks (the curve's
+first point: one block, the mean over 16 random orders); F_saturated is the analyzer's saturation fit
 (F(T) = F_inf T / (T + T_half)) per seed: mean and the seeds' range.
 
 ![F against tokens](sample_size.png)
