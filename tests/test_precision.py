@@ -174,24 +174,93 @@ def test_bootstrap_and_curve_are_read_off_the_same_budget():
     assert [row["tokens"] for row in curve] == sorted(row["tokens"] for row in curve)
 
 
-def test_sparse_decode_topk_training_sae_matches_sae_lens_dense_decode():
+@pytest.mark.parametrize("rescale_acts_by_decoder_norm", [False, True])
+@pytest.mark.parametrize("n_dead", [0, 4, 40])  # 4: aux loss, encoder gradient still sparse; 40: dense
+def test_sparse_topk_training_sae_matches_sae_lens_dense_topk(rescale_acts_by_decoder_norm, n_dead):
     from sae_lens import TopKTrainingSAE, TopKTrainingSAEConfig
+    from sae_lens.saes.sae import TrainStepInput
 
-    from lm_superposition.saes.training import SparseDecodeTopKTrainingSAE
+    from lm_superposition.saes.training import SparseTopKTrainingSAE
 
     torch.manual_seed(0)
-    config = TopKTrainingSAEConfig(d_in=32, d_sae=128, k=4)  # rescale_acts_by_decoder_norm: SAE-Lens's default
-    dense, sparse = TopKTrainingSAE(config), SparseDecodeTopKTrainingSAE(config)
-    sparse.load_state_dict(dense.state_dict())
+    config = TopKTrainingSAEConfig(d_in=32, d_sae=128, k=4, rescale_acts_by_decoder_norm=rescale_acts_by_decoder_norm)
+    dense, sparse = TopKTrainingSAE(config), SparseTopKTrainingSAE(config)
     with torch.no_grad():
         dense.W_dec.mul_(torch.rand(128, 1) + 0.5)  # decoder rows of unequal norms
-        sparse.W_dec.copy_(dense.W_dec)
-    x = torch.randn(40, 32)
-    outputs = []
-    for sae in (dense, sparse):
-        out = sae.decode(sae.encode(x))
-        ((out - x) ** 2).sum().backward()
-        outputs.append(out.detach())
-    assert torch.allclose(outputs[0], outputs[1], atol=1e-6)
+        dense.b_enc.normal_(0, 0.1)
+        dense.b_dec.normal_(0, 0.1)  # the encoder's input gradient reaches b_dec through process_sae_in
+    sparse.load_state_dict(dense.state_dict())
+    dead = torch.zeros(128, dtype=torch.bool)
+    dead[torch.randperm(128)[:n_dead]] = True
+    step_input = TrainStepInput(
+        sae_in=torch.randn(40, 32), coefficients={}, dead_neuron_mask=dead, n_training_steps=0, is_logging_step=False
+    )
+    outputs = [sae.training_forward_pass(step_input) for sae in (dense, sparse)]
+    for output in outputs:
+        output.loss.backward()
+    assert (outputs[1].losses["auxiliary_reconstruction_loss"] > 0) == (n_dead > 0)
+    for name in ("mse_loss", "auxiliary_reconstruction_loss"):
+        assert torch.allclose(outputs[0].losses[name], outputs[1].losses[name], rtol=1e-6), name
+    assert torch.allclose(outputs[0].sae_out, outputs[1].sae_out, atol=1e-6)
     for name in ("W_enc", "W_dec", "b_enc", "b_dec"):
-        assert torch.allclose(getattr(dense, name).grad, getattr(sparse, name).grad, rtol=1e-4, atol=1e-6), name
+        assert torch.allclose(getattr(dense, name).grad, getattr(sparse, name).grad, rtol=1e-5, atol=1e-7), name
+
+
+def test_sparse_topk_training_sae_under_autocast_encodes_as_sae_lens():
+    from sae_lens import TopKTrainingSAE, TopKTrainingSAEConfig
+
+    from lm_superposition.saes.training import SparseTopKTrainingSAE
+
+    torch.manual_seed(0)
+    config = TopKTrainingSAEConfig(d_in=32, d_sae=128, k=2)  # gradient density 1/64: the sparse sums
+    dense, sparse = TopKTrainingSAE(config), SparseTopKTrainingSAE(config)
+    sparse.load_state_dict(dense.state_dict())
+    x = torch.randn(40, 32)
+    encoded = []
+    for sae in (dense, sparse):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            feature_acts, hidden_pre = sae.encode_with_hidden_pre(x)
+        ((sae.decode(feature_acts) - x) ** 2).sum().backward()
+        encoded.append(hidden_pre)
+    assert encoded[1].dtype == encoded[0].dtype and torch.equal(encoded[0], encoded[1])
+    # SAE-Lens's W_enc gradient comes from bfloat16 matmuls, ours from float32 sums: equal to bfloat16's precision
+    assert sparse.W_enc.grad.dtype == torch.float32
+    assert torch.allclose(dense.W_enc.grad, sparse.W_enc.grad, rtol=2e-2, atol=2e-2 * dense.W_enc.grad.abs().max())
+
+
+def _gradient_with_density(tokens: int, width: int, per_token: int, dtype=torch.float32) -> torch.Tensor:
+    grad = torch.zeros(tokens, width, dtype=dtype)
+    latents = torch.rand(tokens, width).topk(per_token, dim=-1).indices
+    return grad.scatter_(-1, latents, torch.randn(tokens, per_token, dtype=dtype))
+
+
+@pytest.mark.parametrize("per_token", [2, 48])  # densities 1/32 (sparse backward) and 1/2 (dense matmuls)
+def test_linear_with_sparse_grad_has_the_gradients_of_a_matmul(per_token):
+    from lm_superposition.saes.training import _LinearWithSparseGrad
+
+    torch.manual_seed(0)
+    x, W, b = torch.randn(40, 24), torch.randn(24, 64), torch.randn(64)
+    grad = _gradient_with_density(40, 64, per_token)
+    expected = torch.autograd.grad(x.requires_grad_() @ W.requires_grad_() + b.requires_grad_(), (x, W, b), grad)
+    got = torch.autograd.grad(_LinearWithSparseGrad.apply(x, W, b), (x, W, b), grad)
+    for name, want, have in zip("xWb", expected, got, strict=True):
+        assert torch.allclose(want, have, rtol=1e-5, atol=1e-6), name
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        product_autocast = _LinearWithSparseGrad.apply(x, W, b)
+        plain_autocast = x @ W + b
+    assert torch.equal(product_autocast, plain_autocast)
+    got = torch.autograd.grad(product_autocast, (x, W, b), grad)
+    if per_token == 2:  # summed in float32 (below the half-precision threshold 1/32): float32's gradient
+        for name, want, have in zip("xWb", expected, got, strict=True):
+            assert have.dtype == torch.float32 and torch.allclose(want, have, rtol=1e-5, atol=1e-6), name
+    else:  # the dense matmuls in bfloat16, as autocast runs them
+        for name, want, have in zip("xWb", torch.autograd.grad(plain_autocast, (x, W, b), grad), got, strict=True):
+            assert have.dtype == torch.float32 and torch.equal(want, have), name
+
+
+def test_linear_with_sparse_grad_passes_gradcheck():
+    from lm_superposition.saes.training import _LinearWithSparseGrad
+
+    torch.manual_seed(0)
+    inputs = [torch.randn(*shape, dtype=torch.float64, requires_grad=True) for shape in ((5, 4), (4, 7), (7,))]
+    assert torch.autograd.gradcheck(_LinearWithSparseGrad.apply, inputs)  # one-hot output gradients: the sparse sums

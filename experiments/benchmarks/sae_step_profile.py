@@ -7,9 +7,10 @@ step), side by side in one run, alternating:
 
   sae_lens_step    one `SAETrainer.step` of the project's trainer (`saes.training._new_trainer`:
                    SAE-Lens's loss, Adam, schedules, gradient clipping, dead-latent tracking),
-                   float32, and under SAE-Lens's bfloat16 autocast (`autocast`); with the
-                   project's SparseDecodeTopKTrainingSAE and with SAE-Lens's own TopKTrainingSAE
-                   (dense decode);
+                   float32, and under SAE-Lens's bfloat16 autocast (`autocast`); with SAE-Lens's
+                   own TopKTrainingSAE (dense decode, dense W_enc gradient), with the sparse
+                   decode alone, and with the project's SparseTopKTrainingSAE (sparse decode and
+                   sparse encoder gradient);
   bare_matmuls     the matmuls of that step alone: encode and decode forward, their backward
                    (4 more matmuls of the same sizes), no top-k, no optimiser, in float32 and
                    in bfloat16;
@@ -45,7 +46,7 @@ from sae_lens import TopKTrainingSAE
 
 from lm_superposition.config import SAETrainingConfig
 from lm_superposition.saes import training
-from lm_superposition.saes.training import _initialise_from_data, _new_trainer
+from lm_superposition.saes.training import SparseTopKTrainingSAE, _initialise_from_data, _new_trainer
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -55,11 +56,18 @@ except ImportError:
     from experiments.benchmarks.vs_paper_stack import load_line, machine_line, markdown
 
 
-def trainer_step(d_in: int, d_sae: int, k: int, tokens: int, autocast: bool, dense_decode: bool = False):
+class SparseDecodeTopKTrainingSAE(SparseTopKTrainingSAE):
+    """The project's sparse decode with SAE-Lens's encoder (dense W_enc gradient)."""
+
+    encode_with_hidden_pre = TopKTrainingSAE.encode_with_hidden_pre
+
+
+def trainer_step(
+    d_in: int, d_sae: int, k: int, tokens: int, autocast: bool, sae_class: type[TopKTrainingSAE] = SparseTopKTrainingSAE
+):
     """A function running one SAE-Lens training step of a fresh trainer on random inputs.
 
-    dense_decode: SAE-Lens's own TopKTrainingSAE (dense decode) instead of the project's
-    SparseDecodeTopKTrainingSAE."""
+    sae_class: the TopK training SAE the trainer gets in place of the project's SparseTopKTrainingSAE."""
     config = SAETrainingConfig(
         architecture="topk",
         k=k,
@@ -69,8 +77,7 @@ def trainer_step(d_in: int, d_sae: int, k: int, tokens: int, autocast: bool, den
         training_tokens=1000 * tokens,
         autocast=autocast,
     )
-    dense = mock.patch.object(training, "SparseDecodeTopKTrainingSAE", TopKTrainingSAE)
-    with dense if dense_decode else contextlib.nullcontext():
+    with mock.patch.object(training, "SparseTopKTrainingSAE", sae_class):
         trainer = _new_trainer("hook", d_in, config)
     inputs = [torch.randn(tokens, d_in, generator=torch.Generator().manual_seed(i)) for i in range(8)]
     with contextlib.redirect_stderr(io.StringIO()):  # its norm-estimation progress bar
@@ -118,17 +125,20 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     load_before = os.getloadavg()
     shape = (args.d_in, args.d_sae)
+    step_variants = {
+        "SAE-Lens's dense TopK": TopKTrainingSAE,
+        "sparse decode": SparseDecodeTopKTrainingSAE,
+        "sparse decode + sparse encoder grad": SparseTopKTrainingSAE,
+    }
     contenders = {
-        "sae_lens_step float32, SAE-Lens's dense TopK decode": (
-            trainer_step(*shape, args.k, args.tokens, autocast=False, dense_decode=True),
+        f"sae_lens_step {precision}, {variant}": (
+            trainer_step(*shape, args.k, args.tokens, autocast=autocast, sae_class=sae_class),
             1,
-        ),
-        "sae_lens_step bfloat16 autocast, dense decode": (
-            trainer_step(*shape, args.k, args.tokens, autocast=True, dense_decode=True),
-            1,
-        ),
-        "sae_lens_step float32": (trainer_step(*shape, args.k, args.tokens, autocast=False), 1),
-        "sae_lens_step bfloat16 autocast": (trainer_step(*shape, args.k, args.tokens, autocast=True), 1),
+        )
+        for variant, sae_class in step_variants.items()
+        for precision, autocast in (("float32", False), ("bfloat16 autocast", True))
+    }
+    contenders |= {
         "bare_matmuls float32": (bare_matmuls(*shape, args.tokens, torch.float32), 1),
         "bare_matmuls bfloat16": (bare_matmuls(*shape, args.tokens, torch.bfloat16), 1),
         f"stacked_bmm float32, {args.hooks} SAEs": (
@@ -149,13 +159,13 @@ def main(argv=None) -> int:
             call()
             times[name].append(time.perf_counter() - start)
     load_after = os.getloadavg()
-    reference = statistics.median(times["sae_lens_step float32, SAE-Lens's dense TopK decode"])
+    reference = statistics.median(times["sae_lens_step float32, SAE-Lens's dense TopK"])
     table = pd.DataFrame(
         [
             {
                 "contender": name,
                 "ms_per_sae_step": 1000 * statistics.median(times[name]) / per,
-                "vs_dense_decode_float32": reference / (statistics.median(times[name]) / per),
+                "vs_sae_lens_float32": reference / (statistics.median(times[name]) / per),
             }
             for name, (_, per) in contenders.items()
         ]

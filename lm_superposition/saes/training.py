@@ -48,23 +48,39 @@ from .quality import evaluate_saes
 # torch.bmm over 55 stacked SAEs is no faster per SAE than 55 separate matmuls (slower in
 # float32 and in bfloat16), and what is left of a step beyond its matmuls is per-element work
 # (top-k, Adam's update, decoder norms) that stacking would not shrink. The levers are the
-# arithmetic itself: TopK decodes from its k active latents (`SparseDecodeTopKTrainingSAE`,
-# 1.45x per step), precision (`autocast`, 2.5x with it) and, with few hooks, the forward pass
-# (`autocast_lm`).
+# arithmetic itself: TopK decodes from its k active latents and sums its encoder's gradients
+# over them (`SparseTopKTrainingSAE`: 2.1x per float32 step at the peer benchmark's shape, 1.3x
+# of it from the encoder), precision (`autocast`, 2.4x; on top of the sparse TopK only 1.2x, as
+# bfloat16 matmuls are cheap on this CPU) and, with few hooks, the forward pass (`autocast_lm`).
 
 
-class SparseDecodeTopKTrainingSAE(TopKTrainingSAE):
-    """SAE-Lens's TopK training SAE, decoding from the k active latents of each token only.
+class SparseTopKTrainingSAE(TopKTrainingSAE):
+    """SAE-Lens's TopK training SAE, computing only what its k active latents per token need.
 
-    SAE-Lens decodes TopK codes as a dense [tokens, d_sae] @ [d_sae, d_in] matmul, so its decode
-    and the two gradients behind it cost as much as the encode although k of d_sae latents are
-    on (32 of 1,280 in the peer benchmark: 3 of a step's 5 matmuls spent on zeros). Its sparse
-    option (`use_sparse_activations`) fails in the backward pass on CPU (aten::view has no
-    SparseCPU kernel). Here the decode is an `embedding_bag` over the active latents weighted by
-    their codes, the way eai-sparsify's decoder works: the same reconstruction up to summation
-    order, the same gradients, and everything else (loss, auxiliary loss, optimiser, saving as
-    an SAE-Lens TopKSAE) is SAE-Lens's.
+    k of d_sae latents are on (32 of 1,280 in the peer benchmark), yet SAE-Lens runs TopK
+    training as dense matmuls: its decode is a [tokens, d_sae] @ [d_sae, d_in] matmul with the
+    two gradients behind it, and its encoder's W_enc gradient is a full [d_in, tokens] @
+    [tokens, d_sae] matmul (its input gradient another) over a gradient that TopK leaves zero
+    outside k latents a token: 5 of a step's 6 matmuls, all but the encoder's forward, spent
+    mostly on zeros. Its sparse option (`use_sparse_activations`) fails in the backward pass on
+    CPU (aten::view has no SparseCPU kernel). Here, the way eai-sparsify's fused encoder and
+    decoder work, the decode is an `embedding_bag` over the active latents weighted by their
+    codes, and the encoder's backward sums over the nonzeros of its output gradient
+    (`_LinearWithSparseGrad`; the dense matmuls where the auxiliary loss on dead latents makes
+    that gradient dense): the same reconstruction and gradients up to summation order, and
+    everything else (encoder forward, loss, auxiliary loss, optimiser, saving as an SAE-Lens
+    TopKSAE) is SAE-Lens's.
     """
+
+    def encode_with_hidden_pre(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # TopKTrainingSAE.encode_with_hidden_pre, with the encoder matmul as _LinearWithSparseGrad
+        sae_in = self.process_sae_in(x)
+        hidden_pre = _LinearWithSparseGrad.apply(sae_in.reshape(-1, sae_in.shape[-1]), self.W_enc, self.b_enc)
+        hidden_pre = self.hook_sae_acts_pre(hidden_pre.reshape(*sae_in.shape[:-1], -1))
+        if self.cfg.rescale_acts_by_decoder_norm:
+            hidden_pre = hidden_pre * self.W_dec.norm(dim=-1)
+        feature_acts = self.hook_sae_acts_post(self.activation_fn(hidden_pre))
+        return feature_acts, hidden_pre
 
     def decode(self, feature_acts: torch.Tensor) -> torch.Tensor:
         if feature_acts.is_sparse or feature_acts.ndim != 2:
@@ -73,15 +89,85 @@ class SparseDecodeTopKTrainingSAE(TopKTrainingSAE):
         values = feature_acts[rows, latents]
         if self.cfg.rescale_acts_by_decoder_norm:
             values = values / self.W_dec.norm(dim=-1)[latents]
-        per_token = torch.bincount(rows, minlength=feature_acts.shape[0])
-        offsets = per_token.cumsum(0) - per_token
-        reconstruction = torch.nn.functional.embedding_bag(
-            latents, self.W_dec, offsets, mode="sum", per_sample_weights=values.to(self.W_dec.dtype)
-        )
+        reconstruction = _weighted_row_sums(self.W_dec, latents, rows, feature_acts.shape[0], values)
         # the rest as TopKTrainingSAE.decode does it
         sae_out_pre = self.hook_sae_recons(reconstruction + self.b_dec)
         sae_out_pre = self.run_time_activation_norm_fn_out(sae_out_pre)
         return self.reshape_fn_out(sae_out_pre, self.d_head)
+
+
+# The largest share of nonzeros in its output gradient at which _LinearWithSparseGrad's backward
+# sums over the nonzeros rather than running the dense matmuls: the sums grow with the nonzeros,
+# the matmuls do not. Measured on this project's CPU (1 thread, d_in 640, 1,280 latents, 254 and
+# 4,096 tokens; no GPU measured): the two break even at a density of 0.2-0.27 against float32
+# matmuls and 0.04-0.05 against bfloat16 ones (autocast; 3.5x faster than float32 here), so the
+# thresholds keep a margin below both. TopK's gradient has k of d_sae latents a token (32 of
+# 1,280: 0.025; the encoder's backward in a training step then takes 2.3 ms instead of 8.2 in
+# float32 and 2.5 instead of 2.8 in bfloat16 at 254 tokens, 24 instead of 126 and 37 at 4,096);
+# the auxiliary loss adds up to d_in / 2 dead latents (320 of 1,280: 0.28, dense).
+SPARSE_GRAD_MAX_DENSITY = 1 / 8
+SPARSE_GRAD_MAX_DENSITY_HALF_PRECISION = 1 / 32
+
+
+class _LinearWithSparseGrad(torch.autograd.Function):
+    """x @ W + b, whose backward sums over the nonzeros of the output gradient only.
+
+    Behind TopK, the gradient of the pre-activations is zero outside each token's k latents
+    (and the auxiliary loss's dead ones), so the dense W gradient x.T @ grad spends nearly all
+    its tokens x d_in x d_sae multiply-adds on zeros. The forward is the plain `x @ W + b`
+    (under autocast the matmul runs in bfloat16, as in SAE-Lens). The backward sums a sparse
+    output gradient in the inputs' own dtypes (float32 under autocast: more precise than the
+    bfloat16 matmuls at no extra cost, as the sums touch the nonzeros only) and runs a dense
+    one through the matmuls as autograd would, in the forward matmul's dtype.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, W: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        product = x @ W
+        ctx.save_for_backward(x, W)
+        ctx.matmul_dtype = product.dtype
+        return product + b
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, W = ctx.saved_tensors
+        needs_grad_x, needs_grad_W, needs_grad_b = ctx.needs_input_grad
+        grad_x = grad_W = None
+        grad_b = grad.sum(0) if needs_grad_b else None
+        half_precision = ctx.matmul_dtype.itemsize < 4
+        max_density = SPARSE_GRAD_MAX_DENSITY_HALF_PRECISION if half_precision else SPARSE_GRAD_MAX_DENSITY
+        if grad.count_nonzero() > max_density * grad.numel():
+            dense_grad = grad.to(ctx.matmul_dtype)
+            if needs_grad_x:
+                grad_x = (dense_grad @ W.to(ctx.matmul_dtype).T).to(x.dtype)
+            if needs_grad_W:
+                grad_W = (x.to(ctx.matmul_dtype).T @ dense_grad).to(W.dtype)
+            return grad_x, grad_W, grad_b
+        rows, latents = grad.nonzero(as_tuple=True)  # row-major: each token's latents together
+        values = grad[rows, latents]
+        if needs_grad_x:  # row t: sum over its latents l of grad[t, l] * W[:, l]
+            grad_x = _weighted_row_sums(W.T, latents, rows, len(x), values).to(x.dtype)
+        if needs_grad_W:  # column l: sum over the tokens t using it of grad[t, l] * x[t]
+            by_latent = latents.argsort()
+            grad_W = _weighted_row_sums(x, rows[by_latent], latents[by_latent], W.shape[1], values[by_latent])
+            grad_W = grad_W.T.to(W.dtype)
+        return grad_x, grad_W, grad_b
+
+
+def _weighted_row_sums(
+    table: torch.Tensor, indices: torch.Tensor, groups: torch.Tensor, n_groups: int, weights: torch.Tensor
+) -> torch.Tensor:
+    """[n_groups, table width]: row g is the sum of weights[i] * table[indices[i]] over the i with
+    groups[i] == g; `groups` must be sorted (each group's entries together)."""
+    per_group = torch.bincount(groups, minlength=n_groups)
+    offsets = per_group.cumsum(0) - per_group
+    return torch.nn.functional.embedding_bag(
+        indices,
+        table.contiguous(),  # on a strided table (W.T) embedding_bag is ~30x slower than the copy
+        offsets,
+        mode="sum",
+        per_sample_weights=weights.to(table.dtype),
+    )
 
 
 def train_saes(
@@ -181,7 +267,7 @@ def _new_trainer(hook_name: str, d_in: int, config: SAETrainingConfig) -> SAETra
             StandardTrainingSAEConfig(l1_coefficient=config.l1_coefficient, l1_warm_up_steps=steps // 20, **common)
         )
     else:
-        sae = SparseDecodeTopKTrainingSAE(TopKTrainingSAEConfig(k=config.k, **common))
+        sae = SparseTopKTrainingSAE(TopKTrainingSAEConfig(k=config.k, **common))
     trainer_config = SAETrainerConfig(
         total_training_samples=config.training_tokens,
         train_batch_size_samples=config.batch_size_tokens,
