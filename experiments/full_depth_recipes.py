@@ -60,7 +60,9 @@ def recipe_config(
 
 def psi_by_hook(folder: Path) -> pd.DataFrame:
     summary = per_hook_summary(pd.read_csv(folder / "layerwise.csv"))
-    return summary[["hook", "group", "layer", "depth", "psi", "psi_low", "psi_high", "quality"]]
+    summary["F_per_d_sae"] = summary["F"] / summary["d_sae"]
+    columns = ["hook", "group", "layer", "depth", "psi", "psi_low", "psi_high", "F_per_d_sae", "mean_l0"]
+    return summary[[*columns, "variance_explained", "ce_recovered", "quality"]]
 
 
 def correlations(runs: dict[str, pd.DataFrame]) -> pd.DataFrame:
@@ -152,6 +154,10 @@ def main(argv: list[str] | None = None) -> None:
 
     runs = {name: psi_by_hook(folder) for name, folder in folders.items()}
     args.out.mkdir(parents=True, exist_ok=True)
+    # every recipe's per-hook numbers beside the comparison, so results/ holds what it rests on
+    pd.concat([table.assign(recipe=name) for name, table in runs.items()]).to_csv(
+        args.out / "recipes_per_hook.csv", index=False
+    )
     spearman = correlations(runs)
     spearman.to_csv(args.out / "recipes_spearman.csv", index=False)
     what_they_say = statements(runs)
@@ -163,7 +169,8 @@ def main(argv: list[str] | None = None) -> None:
         f"Run folders: {', '.join(f'{name}: {folder}' for name, folder in folders.items())}\n"
         f"Recipes: {RECIPES}\n\n![psi per recipe](recipes.png)\n\n"
         f"## Spearman rank correlation of per-hook psi\n\n{markdown_table(spearman)}\n\n"
-        f"## What each recipe's curve says\n\n{markdown_table(what_they_say)}\n"
+        f"## What each recipe's curve says\n\n{markdown_table(what_they_say)}\n\n"
+        "Every recipe's psi, F / d_sae, L0, VE, CE recovered and verdict per hook: recipes_per_hook.csv.\n"
     )
     print(f"wrote {args.out}")
 

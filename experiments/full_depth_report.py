@@ -73,6 +73,7 @@ def main(argv: list[str] | None = None) -> None:
     config_path = args.config.resolve()
     shown_config = config_path.relative_to(REPO_ROOT) if config_path.is_relative_to(REPO_ROOT) else config_path
     recipes = "recipes.md" if (args.out / "recipes.md").is_file() else None
+    anisotropy = "anisotropy.md" if (args.out / "anisotropy.md").is_file() else None
     text = f"""# Gemma 3 270M, every layer: per-layer psi through the validated recipe
 
 Made by (from the repository root):
@@ -111,6 +112,7 @@ Depth 0 is the embedding output (shown in the resid column), depth L + 1 the out
 {markdown_table(statements({"validated": summary}))}
 
 {f"Through other SAE recipes, and which of these statements survive: [{recipes}]({recipes})." if recipes else ""}
+{f"How much of each hook lies on one direction (no SAE): [{anisotropy}]({anisotropy})." if anisotropy else ""}
 
 ## Every hook
 
