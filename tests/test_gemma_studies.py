@@ -119,3 +119,20 @@ def test_full_depth_report_writes_the_results_folder_from_a_run_folder(tmp_path)
     assert "0 of 20 rows (hook x data seed x SAE seed) pass the quality gate" in readme
     assert "| blocks.3.hook_mlp_out | 2,032 |" in readme  # the demo's own per-hook table
     assert (tmp_path / "out" / "compression_curve.png").is_file()
+
+
+def test_anisotropy_share_sees_one_dominant_direction_and_an_isotropic_cloud():
+    from experiments.hook_anisotropy import top_direction_shares
+
+    generator = torch.Generator().manual_seed(0)
+    noise = torch.randn(2000, 16, generator=generator)
+    direction = torch.zeros(16)
+    direction[3] = 1.0
+    # Along one direction a mean of 20 and a spread of 10, beside unit noise in 16 dimensions: the
+    # raw share counts the mean, (400 + 100) / (400 + 100 + 16), the centered one only the spread,
+    # 100 / (100 + 16).
+    scale = 20 + 10 * torch.randn(2000, 1, generator=generator)
+    raw, centered = top_direction_shares(noise + scale * direction)
+    assert raw == pytest.approx(500 / 516, abs=0.01) and centered == pytest.approx(100 / 116, abs=0.02)
+    raw, centered = top_direction_shares(noise)
+    assert raw < 0.15 and centered < 0.15
