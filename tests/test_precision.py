@@ -175,7 +175,7 @@ def test_bootstrap_and_curve_are_read_off_the_same_budget():
 
 
 @pytest.mark.parametrize("rescale_acts_by_decoder_norm", [False, True])
-@pytest.mark.parametrize("n_dead", [0, 4, 40])  # 4: aux loss, encoder gradient still sparse; 40: dense
+@pytest.mark.parametrize("n_dead", [0, 4, 40])  # 4, 40: sparse aux decode; encoder gradient sparse at 4, dense at 40
 def test_sparse_topk_training_sae_matches_sae_lens_dense_topk(rescale_acts_by_decoder_norm, n_dead):
     from sae_lens import TopKTrainingSAE, TopKTrainingSAEConfig
     from sae_lens.saes.sae import TrainStepInput

@@ -49,8 +49,11 @@ from .quality import evaluate_saes
 # float32 and in bfloat16), and what is left of a step beyond its matmuls is per-element work
 # (top-k, Adam's update, decoder norms) that stacking would not shrink. The levers are the
 # arithmetic itself: TopK decodes from its k active latents and sums its encoder's gradients
-# over them (`SparseTopKTrainingSAE`: 2.1x per float32 step at the peer benchmark's shape, 1.3x
-# of it from the encoder), precision (`autocast`, 2.4x; on top of the sparse TopK only 1.2x, as
+# over them (`SparseTopKTrainingSAE`: 1.9-2.1x per float32 step at the peer benchmark's shape, 1.3x
+# of it from the encoder), and decodes its auxiliary loss from the k_aux dead latents it uses
+# (1.36x more over 12 float32 steps of 55 such SAEs on random data, 31.0 -> 22.9 ms an SAE step:
+# about 4/5 of those steps had 1-6 dead latents, for which SAE-Lens ran the full dense decode
+# and its gradients), precision (`autocast`, 2.4x; on top of the sparse TopK only 1.2x, as
 # bfloat16 matmuls are cheap on this CPU) and, with few hooks, the forward pass (`autocast_lm`).
 
 
@@ -67,9 +70,9 @@ class SparseTopKTrainingSAE(TopKTrainingSAE):
     decoder work, the decode is an `embedding_bag` over the active latents weighted by their
     codes, and the encoder's backward sums over the nonzeros of its output gradient
     (`_LinearWithSparseGrad`; the dense matmuls where the auxiliary loss on dead latents makes
-    that gradient dense): the same reconstruction and gradients up to summation order, and
-    everything else (encoder forward, loss, auxiliary loss, optimiser, saving as an SAE-Lens
-    TopKSAE) is SAE-Lens's.
+    that gradient dense), and the auxiliary loss decodes its k_aux dead latents a token the same
+    way: the same reconstruction and gradients up to summation order, and everything else
+    (encoder forward, losses, optimiser, saving as an SAE-Lens TopKSAE) is SAE-Lens's.
     """
 
     def encode_with_hidden_pre(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -95,6 +98,37 @@ class SparseTopKTrainingSAE(TopKTrainingSAE):
         sae_out_pre = self.run_time_activation_norm_fn_out(sae_out_pre)
         return self.reshape_fn_out(sae_out_pre, self.d_head)
 
+    def calculate_topk_aux_loss(
+        self,
+        sae_in: torch.Tensor,
+        sae_out: torch.Tensor,
+        hidden_pre: torch.Tensor,
+        dead_neuron_mask: torch.Tensor | None,
+    ) -> torch.Tensor:
+        # SAE-Lens 6.54's TopKTrainingSAE.calculate_topk_aux_loss, re-written because it decodes
+        # the auxiliary reconstruction densely (the module-level act_times_W_dec, not self.decode:
+        # a [tokens, d_sae] @ [d_sae, d_in] matmul over the k_aux = d_in / 2 dead latents a
+        # token, and its two gradients); here, as eai-sparsify does, from those k_aux latents
+        # only. The same k_aux, scale, selection and loss; the checks and the reshaping as there.
+        if hidden_pre.ndim != 2 or dead_neuron_mask is None or (num_dead := int(dead_neuron_mask.sum())) == 0:
+            return super().calculate_topk_aux_loss(sae_in, sae_out, hidden_pre, dead_neuron_mask)
+        if self.cfg.normalize_activations in ("constant_norm_rescale", "layer_norm"):
+            return super().calculate_topk_aux_loss(sae_in, sae_out, hidden_pre, dead_neuron_mask)  # raises
+        residual = (sae_in - sae_out).detach()
+        k_aux = sae_in.shape[-1] // 2
+        scale = min(num_dead / k_aux, 1.0)
+        k_aux = min(k_aux, num_dead)
+        # calculate_topk_aux_acts without scattering into a dense [tokens, d_sae] tensor
+        values, latents = torch.where(dead_neuron_mask[None], hidden_pre, -torch.inf).topk(k_aux, sorted=False)
+        values, latents = values.flatten(), latents.flatten()
+        if self.cfg.rescale_acts_by_decoder_norm:
+            values = values * (1 / self.W_dec.norm(dim=-1))[latents]
+        rows = torch.arange(len(hidden_pre), device=latents.device).repeat_interleave(k_aux)
+        recons = _weighted_row_sums(self.W_dec, latents, rows, len(hidden_pre), values)
+        recons = self.reshape_fn_out(recons, self.d_head)
+        auxk_loss = (recons - residual).pow(2).sum(dim=-1).mean()
+        return self.cfg.aux_loss_coefficient * scale * auxk_loss
+
 
 # The largest share of nonzeros in its output gradient at which _LinearWithSparseGrad's backward
 # sums over the nonzeros rather than running the dense matmuls: the sums grow with the nonzeros,
@@ -104,7 +138,9 @@ class SparseTopKTrainingSAE(TopKTrainingSAE):
 # thresholds keep a margin below both. TopK's gradient has k of d_sae latents a token (32 of
 # 1,280: 0.025; the encoder's backward in a training step then takes 2.3 ms instead of 8.2 in
 # float32 and 2.5 instead of 2.8 in bfloat16 at 254 tokens, 24 instead of 126 and 37 at 4,096);
-# the auxiliary loss adds up to d_in / 2 dead latents (320 of 1,280: 0.28, dense).
+# the auxiliary loss adds up to d_in / 2 dead latents (320 of 1,280: 0.28, dense; there, re-
+# measured, the sums take 7.7 ms against the matmuls' 8.0 at 254 tokens but 180 against 132 at
+# 4,096, and raising the threshold to 0.3 left 55 SAEs' training steps no faster).
 SPARSE_GRAD_MAX_DENSITY = 1 / 8
 SPARSE_GRAD_MAX_DENSITY_HALF_PRECISION = 1 / 32
 
