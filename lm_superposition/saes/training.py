@@ -50,11 +50,11 @@ from .quality import evaluate_saes
 # (top-k, Adam's update, decoder norms) that stacking would not shrink. The levers are the
 # arithmetic itself: TopK decodes from its k active latents and sums its encoder's gradients
 # over them (`SparseTopKTrainingSAE`: 1.9-2.1x per float32 step at the peer benchmark's shape, 1.3x
-# of it from the encoder), and decodes its auxiliary loss from the k_aux dead latents it uses
-# (1.36x more over 12 float32 steps of 55 such SAEs on random data, 31.0 -> 22.9 ms an SAE step:
-# about 4/5 of those steps had 1-6 dead latents, for which SAE-Lens ran the full dense decode
-# and its gradients), precision (`autocast`, 2.4x; on top of the sparse TopK only 1.2x, as
-# bfloat16 matmuls are cheap on this CPU) and, with few hooks, the forward pass (`autocast_lm`).
+# of it from the encoder), and in float32 decodes its auxiliary loss from the k_aux dead latents
+# it uses (SAE-Lens runs the full dense decode and its gradients even for a handful of dead
+# latents; 55 hooks of the peer benchmark: 0.57x -> 0.61x sparsify), precision (`autocast`,
+# 2.2-2.4x; on top of the sparse TopK only 1.2x, as bfloat16 matmuls are cheap on this CPU) and,
+# with few hooks, the forward pass (`autocast_lm`).
 
 
 class SparseTopKTrainingSAE(TopKTrainingSAE):
@@ -110,7 +110,16 @@ class SparseTopKTrainingSAE(TopKTrainingSAE):
         # a [tokens, d_sae] @ [d_sae, d_in] matmul over the k_aux = d_in / 2 dead latents a
         # token, and its two gradients); here, as eai-sparsify does, from those k_aux latents
         # only. The same k_aux, scale, selection and loss; the checks and the reshaping as there.
-        if hidden_pre.ndim != 2 or dead_neuron_mask is None or (num_dead := int(dead_neuron_mask.sum())) == 0:
+        # Under autocast SAE-Lens's dense bfloat16 matmul is the faster one on this CPU: 55 hooks of
+        # experiments/benchmarks/vs_sparsify.py in bfloat16 ran at 1.01x sparsify with it, 0.87x
+        # with the sparse decode (float32: 0.57x dense, 0.61x sparse).
+        dense_is_faster = torch.is_autocast_enabled(hidden_pre.device.type)
+        if (
+            dense_is_faster
+            or hidden_pre.ndim != 2
+            or dead_neuron_mask is None
+            or (num_dead := int(dead_neuron_mask.sum())) == 0
+        ):
             return super().calculate_topk_aux_loss(sae_in, sae_out, hidden_pre, dead_neuron_mask)
         if self.cfg.normalize_activations in ("constant_norm_rescale", "layer_norm"):
             return super().calculate_topk_aux_loss(sae_in, sae_out, hidden_pre, dead_neuron_mask)  # raises
