@@ -52,7 +52,8 @@ from .quality import evaluate_saes
 # over them (`SparseTopKTrainingSAE`: 1.9-2.1x per float32 step at the peer benchmark's shape, 1.3x
 # of it from the encoder), and in float32 decodes its auxiliary loss from the k_aux dead latents
 # it uses (SAE-Lens runs the full dense decode and its gradients even for a handful of dead
-# latents; 55 hooks of the peer benchmark: 0.57x -> 0.61x sparsify), precision (`autocast`,
+# latents: 1.36x a step for 55 SAEs on random data; on the 55-hook peer benchmark 0.58-0.61x
+# sparsify against 0.57x before, within run-to-run noise), precision (`autocast`,
 # 2.2-2.4x; on top of the sparse TopK only 1.2x, as bfloat16 matmuls are cheap on this CPU) and,
 # with few hooks, the forward pass (`autocast_lm`).
 
@@ -112,7 +113,7 @@ class SparseTopKTrainingSAE(TopKTrainingSAE):
         # only. The same k_aux, scale, selection and loss; the checks and the reshaping as there.
         # Under autocast SAE-Lens's dense bfloat16 matmul is the faster one on this CPU: 55 hooks of
         # experiments/benchmarks/vs_sparsify.py in bfloat16 ran at 1.01x sparsify with it, 0.87x
-        # with the sparse decode (float32: 0.57x dense, 0.61x sparse).
+        # with the sparse decode (float32: 0.57x dense, 0.58-0.61x sparse).
         dense_is_faster = torch.is_autocast_enabled(hidden_pre.device.type)
         if (
             dense_is_faster
