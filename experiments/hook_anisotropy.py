@@ -20,7 +20,7 @@ import torch
 from lm_superposition.activations import stream_activations
 from lm_superposition.data import offline_corpus, token_windows
 from lm_superposition.models import load_model, paper_hooks
-from lm_superposition.report import markdown_table
+from lm_superposition.report import markdown_table, per_hook_summary
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -43,20 +43,13 @@ def main(argv: list[str] | None = None) -> None:
     windows = token_windows(offline_corpus(0), model.tokenizer, token_budget=args.tokens, seed=0)
     batches = list(stream_activations(model, windows, hooks, progress=False))
 
-    layerwise = pd.read_csv(args.run / "layerwise.csv").groupby("hook")
-    rows = []
-    for hook in hooks:
-        raw, centered = top_direction_shares(torch.cat([batch.activations[hook] for batch in batches]))
-        rows.append(
-            {
-                "hook": hook,
-                "top_direction_share": raw,
-                "top_direction_share_centered": centered,
-                "psi": layerwise["psi"].mean()[hook],
-                "merged_latents": layerwise["merged_latents"].mean()[hook],
-            }
-        )
-    table = pd.DataFrame(rows)
+    shares = pd.DataFrame(
+        [(hook, *top_direction_shares(torch.cat([batch.activations[hook] for batch in batches]))) for hook in hooks],
+        columns=["hook", "top_direction_share", "top_direction_share_centered"],
+    )
+    # psi as the run reports it: seeds pooled, its interval and the gate's pooled verdict
+    run = per_hook_summary(pd.read_csv(args.run / "layerwise.csv"))
+    table = shares.merge(run[["hook", "psi", "psi_low", "psi_high", "merged_latents", "quality"]], on="hook")
     table.to_csv(args.run / "anisotropy.csv", index=False)
     rank_correlation = table["top_direction_share_centered"].corr(table["psi"], method="spearman")
     text = (
@@ -65,10 +58,10 @@ def main(argv: list[str] | None = None) -> None:
         f"Activations of the offline Gemma 3 270M on {args.tokens:,} tokens of the offline corpus (seed 0, BOS\n"
         "and padding left out, as in every measurement); per hook the share of the sum of squares on the\n"
         "top singular direction, of the raw activations and after removing their mean, beside the\n"
-        "full-depth run's psi and merged latents (mean over its rows). Spearman rank correlation of the\n"
-        f"centered share with psi over the {len(table)} hooks: {rank_correlation:.2f}.\n\n"
-        + markdown_table(table)
-        + "\n"
+        "full-depth run's psi (validated recipe; mean over its data and SAE seeds, 95% over documents,\n"
+        "data seeds and SAE seeds), merged latents and the gate's pooled verdict. Spearman rank\n"
+        "correlation of the centered share with psi over the "
+        f"{len(table)} hooks: {rank_correlation:.2f}.\n\n" + markdown_table(table) + "\n"
     )
     (args.run / "anisotropy.md").write_text(text)
     print(text)
