@@ -60,7 +60,6 @@ def recipe_config(
 
 def psi_by_hook(folder: Path) -> pd.DataFrame:
     summary = per_hook_summary(pd.read_csv(folder / "layerwise.csv"))
-    summary["F_per_d_sae"] = summary["F"] / summary["d_sae"]
     columns = ["hook", "group", "layer", "depth", "psi", "psi_low", "psi_high", "F_per_d_sae", "mean_l0"]
     return summary[[*columns, "variance_explained", "ce_recovered", "quality"]]
 

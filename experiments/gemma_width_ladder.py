@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     started, load_before = time.time(), _load()
-    reused = _work_found(args.work)
+    reused = _work_found(args)
     args.work.mkdir(parents=True, exist_ok=True)
     args.out.mkdir(parents=True, exist_ok=True)
 
@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> None:
     widths = []
     for multiple, saes in chosen.items():
         table = _measured(
-            args.work / f"measure_x{multiple}.csv",
+            _measure_path(args, multiple),
             lambda saes=saes: measure_layers(
                 model,
                 saes,
@@ -137,7 +137,7 @@ def main(argv: list[str] | None = None) -> None:
 
     widest = max(chosen)
     curve_table = _measured(
-        args.work / f"curve_x{widest}_blocks{args.curve_blocks}.csv",
+        _curve_path(args),
         lambda: measure_layers(
             model,
             chosen[widest],
@@ -262,7 +262,6 @@ def _width_summary(widths: pd.DataFrame, ladder: pd.DataFrame) -> pd.DataFrame:
     kept = ladder[ladder["kept"]].set_index(["hook", "multiple"])
     summary["training_tokens"] = [kept.loc[(h, m), "training_tokens"] for h, m in zip(summary.hook, summary.multiple)]
     summary["plateaued"] = [bool(kept.loc[(h, m), "plateaued"]) for h, m in zip(summary.hook, summary.multiple)]
-    summary["F_per_d_sae"] = summary["F"] / summary["d_sae"]
     columns = [
         "hook",
         "multiple",
@@ -369,11 +368,23 @@ def _load() -> str:
     return ", ".join(f"{value:.2f}" for value in os.getloadavg())
 
 
-def _work_found(work: Path) -> str:
-    """What a rerun will reuse instead of redoing, for the wall time to be read right."""
-    saes = len(list(work.glob("saes/*/*/*/cfg.json")))
-    measurements = len([path for path in work.glob("*.csv") if not path.stem.endswith("_convergence")])
-    return f"{saes} trained SAEs and {measurements} measurements were already under {work} and reused"
+def _measure_path(args, multiple: int) -> Path:
+    """The cached F-per-width measurement of the SAEs of width multiple x N."""
+    return args.work / f"measure_x{multiple}.csv"
+
+
+def _curve_path(args) -> Path:
+    """The cached sample-size measurement of the widest SAEs, in --curve-blocks blocks."""
+    return args.work / f"curve_x{max(args.multiples)}_blocks{args.curve_blocks}.csv"
+
+
+def _work_found(args) -> str:
+    """What this run will reuse instead of redoing (its SAEs and measurements already under
+    --work), for the wall time to be read right."""
+    saes = sum(len(list((args.work / "saes" / f"x{multiple}").glob("*/*/cfg.json"))) for multiple in args.multiples)
+    measurements = [_measure_path(args, multiple) for multiple in args.multiples] + [_curve_path(args)]
+    found = sum(path.is_file() for path in measurements)
+    return f"{saes} trained SAEs and {found} measurements were already under {args.work} and reused"
 
 
 def _write_readme(args, summary, saturation, widest, started, load_before, reused) -> None:

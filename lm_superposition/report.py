@@ -80,6 +80,8 @@ def per_hook_summary(table: pd.DataFrame) -> pd.DataFrame:
     ]
     summary["group"] = [curve_group(kind, layer) for kind, layer in zip(summary["kind"], summary["layer"])]
     summary["depth"] = [depth(kind, layer) for kind, layer in zip(summary["kind"], summary["layer"])]
+    # the share of the dictionary F uses (the gate tests it per row: "too narrow to tell")
+    summary["F_per_d_sae"] = summary["F"] / summary["d_sae"]
     return summary
 
 
@@ -107,7 +109,6 @@ def plot_compression_curve(table: pd.DataFrame, path_stem: str | Path, title: st
     """psi and F / d_sae against depth, one line per hook group (and per model), 95% error bars;
     rows the gate did not pass are drawn hollow. Writes PATH_STEM.png and PATH_STEM.svg."""
     summary = per_hook_summary(table)
-    summary["F_per_d_sae"] = summary["F"] / summary["d_sae"]
     summary["F_per_d_sae_low"], summary["F_per_d_sae_high"] = (
         summary["F_low"] / summary["d_sae"],
         summary["F_high"] / summary["d_sae"],
