@@ -90,14 +90,20 @@ class SparseTopKTrainingSAE(TopKTrainingSAE):
         if feature_acts.is_sparse or feature_acts.ndim != 2:
             return super().decode(feature_acts)
         rows, latents = feature_acts.detach().nonzero(as_tuple=True)  # row-major: each token's latents together
-        values = feature_acts[rows, latents]
-        if self.cfg.rescale_acts_by_decoder_norm:
-            values = values / self.W_dec.norm(dim=-1)[latents]
-        reconstruction = _weighted_row_sums(self.W_dec, latents, rows, feature_acts.shape[0], values)
+        reconstruction = self._decode_active(rows, latents, feature_acts[rows, latents], feature_acts.shape[0])
         # the rest as TopKTrainingSAE.decode does it
         sae_out_pre = self.hook_sae_recons(reconstruction + self.b_dec)
         sae_out_pre = self.run_time_activation_norm_fn_out(sae_out_pre)
         return self.reshape_fn_out(sae_out_pre, self.d_head)
+
+    def _decode_active(
+        self, rows: torch.Tensor, latents: torch.Tensor, values: torch.Tensor, n_rows: int
+    ) -> torch.Tensor:
+        """[n_rows, d_in]: row r is the sum of values[i] * W_dec[latents[i]] over the i with
+        rows[i] == r (rows sorted), codes in SAE-Lens's decoder-norm units where it rescales them."""
+        if self.cfg.rescale_acts_by_decoder_norm:
+            values = values / self.W_dec.norm(dim=-1)[latents]
+        return _weighted_row_sums(self.W_dec, latents, rows, n_rows, values)
 
     def calculate_topk_aux_loss(
         self,
@@ -120,21 +126,17 @@ class SparseTopKTrainingSAE(TopKTrainingSAE):
             or hidden_pre.ndim != 2
             or dead_neuron_mask is None
             or (num_dead := int(dead_neuron_mask.sum())) == 0
+            or self.cfg.normalize_activations in ("constant_norm_rescale", "layer_norm")  # SAE-Lens raises
         ):
             return super().calculate_topk_aux_loss(sae_in, sae_out, hidden_pre, dead_neuron_mask)
-        if self.cfg.normalize_activations in ("constant_norm_rescale", "layer_norm"):
-            return super().calculate_topk_aux_loss(sae_in, sae_out, hidden_pre, dead_neuron_mask)  # raises
         residual = (sae_in - sae_out).detach()
         k_aux = sae_in.shape[-1] // 2
         scale = min(num_dead / k_aux, 1.0)
         k_aux = min(k_aux, num_dead)
         # calculate_topk_aux_acts without scattering into a dense [tokens, d_sae] tensor
         values, latents = torch.where(dead_neuron_mask[None], hidden_pre, -torch.inf).topk(k_aux, sorted=False)
-        values, latents = values.flatten(), latents.flatten()
-        if self.cfg.rescale_acts_by_decoder_norm:
-            values = values * (1 / self.W_dec.norm(dim=-1))[latents]
         rows = torch.arange(len(hidden_pre), device=latents.device).repeat_interleave(k_aux)
-        recons = _weighted_row_sums(self.W_dec, latents, rows, len(hidden_pre), values)
+        recons = self._decode_active(rows, latents.flatten(), values.flatten(), len(hidden_pre))
         recons = self.reshape_fn_out(recons, self.d_head)
         auxk_loss = (recons - residual).pow(2).sum(dim=-1).mean()
         return self.cfg.aux_loss_coefficient * scale * auxk_loss
