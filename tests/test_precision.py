@@ -228,39 +228,62 @@ def test_sparse_topk_training_sae_under_autocast_encodes_as_sae_lens():
     assert torch.allclose(dense.W_enc.grad, sparse.W_enc.grad, rtol=2e-2, atol=2e-2 * dense.W_enc.grad.abs().max())
 
 
-def _gradient_with_density(tokens: int, width: int, per_token: int, dtype=torch.float32) -> torch.Tensor:
-    grad = torch.zeros(tokens, width, dtype=dtype)
+def _gradient_with_density(tokens: int, width: int, per_token: int, dense_latents: int = 0) -> torch.Tensor:
+    """An output gradient with per_token nonzeros a token, and nonzero for every token on the
+    first dense_latents latents (what the auxiliary loss's dead latents add)."""
+    grad = torch.zeros(tokens, width)
     latents = torch.rand(tokens, width).topk(per_token, dim=-1).indices
-    return grad.scatter_(-1, latents, torch.randn(tokens, per_token, dtype=dtype))
+    grad.scatter_(-1, latents, torch.randn(tokens, per_token))
+    grad[:, :dense_latents] = torch.randn(tokens, dense_latents)
+    return grad
 
 
-@pytest.mark.parametrize("per_token", [2, 48])  # densities 1/32 (sparse backward) and 1/2 (dense matmuls)
-def test_linear_with_sparse_grad_has_the_gradients_of_a_matmul(per_token):
+# densities 1/320 (sums), 1/2 (matmul), and 1/320 with 6 of 640 latents dense (matmul on those, sums elsewhere)
+@pytest.mark.parametrize("per_token, dense_latents", [(2, 0), (320, 0), (2, 6)])
+def test_linear_with_sparse_grad_has_the_gradients_of_a_matmul(per_token, dense_latents):
     from lm_superposition.saes.training import _LinearWithSparseGrad
 
     torch.manual_seed(0)
-    x, W, b = torch.randn(40, 24), torch.randn(24, 64), torch.randn(64)
-    grad = _gradient_with_density(40, 64, per_token)
+    x, W, b = torch.randn(400, 24), torch.randn(24, 640), torch.randn(640)  # ~1.25 of 400 tokens a latent
+    grad = _gradient_with_density(400, 640, per_token, dense_latents)
     expected = torch.autograd.grad(x.requires_grad_() @ W.requires_grad_() + b.requires_grad_(), (x, W, b), grad)
-    got = torch.autograd.grad(_LinearWithSparseGrad.apply(x, W, b), (x, W, b), grad)
+    got = torch.autograd.grad(_LinearWithSparseGrad.apply(x, W, b, None), (x, W, b), grad)
     for name, want, have in zip("xWb", expected, got, strict=True):
-        assert torch.allclose(want, have, rtol=1e-5, atol=1e-6), name
+        assert torch.allclose(want, have, rtol=1e-5, atol=1e-5), name
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        product_autocast = _LinearWithSparseGrad.apply(x, W, b)
+        product_autocast = _LinearWithSparseGrad.apply(x, W, b, None)
         plain_autocast = x @ W + b
     assert torch.equal(product_autocast, plain_autocast)
     got = torch.autograd.grad(product_autocast, (x, W, b), grad)
-    if per_token == 2:  # summed in float32 (below the half-precision threshold 1/32): float32's gradient
-        for name, want, have in zip("xWb", expected, got, strict=True):
-            assert have.dtype == torch.float32 and torch.allclose(want, have, rtol=1e-5, atol=1e-6), name
-    else:  # the dense matmuls in bfloat16, as autocast runs them
-        for name, want, have in zip("xWb", torch.autograd.grad(plain_autocast, (x, W, b), grad), got, strict=True):
-            assert have.dtype == torch.float32 and torch.equal(want, have), name
+    want_autocast = torch.autograd.grad(plain_autocast, (x, W, b), grad)
+    if dense_latents == 0 and per_token == 2:  # summed in float32 (each latent below 1/32): float32's W gradient
+        assert got[1].dtype == torch.float32 and torch.allclose(expected[1], got[1], rtol=1e-5, atol=1e-6)
+    elif dense_latents == 0:  # the dense matmul in bfloat16, as autocast runs it
+        assert got[1].dtype == torch.float32 and torch.equal(want_autocast[1], got[1])
+    for name in "xb":  # the input gradient as autocast's bfloat16 matmul gives it; the bias's is exact
+        assert torch.equal(want_autocast["xWb".index(name)], got["xWb".index(name)]), name
+
+
+def test_linear_with_sparse_grad_gives_the_centre_its_gradient_without_the_inputs():
+    from lm_superposition.saes.training import _LinearWithSparseGrad
+
+    torch.manual_seed(0)
+    data, W, b, centre = torch.randn(40, 24), torch.randn(24, 64), torch.randn(64), torch.randn(24)
+    grad = _gradient_with_density(40, 64, 2, dense_latents=6)
+    params = (W.requires_grad_(), b.requires_grad_(), centre.requires_grad_())
+    expected = torch.autograd.grad((data - centre) @ W + b, params, grad)
+    got = torch.autograd.grad(_LinearWithSparseGrad.apply((data - centre).detach(), W, b, centre), params, grad)
+    for name, want, have in zip(("W", "b", "centre"), expected, got, strict=True):
+        assert torch.allclose(want, have, rtol=1e-5, atol=1e-5), name
 
 
 def test_linear_with_sparse_grad_passes_gradcheck():
     from lm_superposition.saes.training import _LinearWithSparseGrad
 
     torch.manual_seed(0)
-    inputs = [torch.randn(*shape, dtype=torch.float64, requires_grad=True) for shape in ((5, 4), (4, 7), (7,))]
-    assert torch.autograd.gradcheck(_LinearWithSparseGrad.apply, inputs)  # one-hot output gradients: the sparse sums
+    shapes = ((5, 4), (4, 7), (7,), (4,))
+    x, W, b, centre = (torch.randn(*shape, dtype=torch.float64, requires_grad=True) for shape in shapes)
+    assert torch.autograd.gradcheck(lambda x, W, b: _LinearWithSparseGrad.apply(x, W, b, None), (x, W, b))
+    data = x.detach()  # the centre's gradient, as if x = data - centre with data needing none
+    centred = lambda W, b, c: _LinearWithSparseGrad.apply((data - c).detach(), W, b, c)  # noqa: E731
+    assert torch.autograd.gradcheck(centred, (W, b, centre))

@@ -78,11 +78,16 @@ class SparseTopKTrainingSAE(TopKTrainingSAE):
 
     def encode_with_hidden_pre(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # TopKTrainingSAE.encode_with_hidden_pre, with the encoder matmul as _LinearWithSparseGrad
-        sae_in = self.process_sae_in(x)
-        hidden_pre = _LinearWithSparseGrad.apply(sae_in.reshape(-1, sae_in.shape[-1]), self.W_enc, self.b_enc)
+        # and the decoder norms without their gradient (see _decoder_norms)
+        sae_in = self.process_sae_in(x)  # SAE-Lens's x - b_dec, reshaped and hooked
+        # Activations are data: the encoder's input gradient only reaches b_dec, which the
+        # function then gets as one matvec instead of a [tokens, d_in] input gradient.
+        centre = self.b_dec if self.cfg.apply_b_dec_to_input and not x.requires_grad else None
+        inputs = (sae_in if centre is None else sae_in.detach()).reshape(-1, sae_in.shape[-1])
+        hidden_pre = _LinearWithSparseGrad.apply(inputs, self.W_enc, self.b_enc, centre)
         hidden_pre = self.hook_sae_acts_pre(hidden_pre.reshape(*sae_in.shape[:-1], -1))
         if self.cfg.rescale_acts_by_decoder_norm:
-            hidden_pre = hidden_pre * self.W_dec.norm(dim=-1)
+            hidden_pre = hidden_pre * self._decoder_norms()
         feature_acts = self.hook_sae_acts_post(self.activation_fn(hidden_pre))
         return feature_acts, hidden_pre
 
@@ -102,8 +107,17 @@ class SparseTopKTrainingSAE(TopKTrainingSAE):
         """[n_rows, d_in]: row r is the sum of values[i] * W_dec[latents[i]] over the i with
         rows[i] == r (rows sorted), codes in SAE-Lens's decoder-norm units where it rescales them."""
         if self.cfg.rescale_acts_by_decoder_norm:
-            values = values / self.W_dec.norm(dim=-1)[latents]
+            values = values / self._decoder_norms()[latents]
         return _weighted_row_sums(self.W_dec, latents, rows, n_rows, values)
+
+    def _decoder_norms(self) -> torch.Tensor:
+        """The norms of W_dec's rows, without their gradient. SAE-Lens multiplies the pre-
+        activations by them and divides the codes by them again before decoding (main and
+        auxiliary decode alike), so their gradients through the two cancel exactly: computing
+        them would cost a step two norm backward passes over W_dec (~0.8 ms each at 1,280 x 640)
+        and a dense product with the pre-activations for a sum that is zero up to rounding."""
+        with torch.no_grad():
+            return self.W_dec.norm(dim=-1)
 
     def calculate_topk_aux_loss(
         self,
@@ -115,31 +129,38 @@ class SparseTopKTrainingSAE(TopKTrainingSAE):
         # SAE-Lens 6.54's TopKTrainingSAE.calculate_topk_aux_loss, re-written because it decodes
         # the auxiliary reconstruction densely (the module-level act_times_W_dec, not self.decode:
         # a [tokens, d_sae] @ [d_sae, d_in] matmul over the k_aux = d_in / 2 dead latents a
-        # token, and its two gradients); here, as eai-sparsify does, from those k_aux latents
-        # only. The same k_aux, scale, selection and loss; the checks and the reshaping as there.
-        # Under autocast SAE-Lens's dense bfloat16 matmul is the faster one on this CPU: 55 hooks of
-        # experiments/benchmarks/vs_sparsify.py in bfloat16 ran at 1.01x sparsify with it, 0.87x
-        # with the sparse decode (float32: 0.57x dense, 0.58-0.61x sparse).
-        dense_is_faster = torch.is_autocast_enabled(hidden_pre.device.type)
+        # token, and its two gradients) after a top-k over all latents. The same k_aux, scale,
+        # selection and loss; the checks and the reshaping as there. Two cheaper ways:
+        # - with at most k_aux dead latents (most steps: 60% of the 55-hook peer benchmark's SAE
+        #   steps, 29% had more), every token selects all of them, so no top-k is needed and
+        #   the reconstruction is one matmul over the dead latents' decoder rows;
+        # - with more, in float32, decode the k_aux selected latents a token sparsely, as
+        #   eai-sparsify does. Under autocast SAE-Lens's dense bfloat16 matmul is the faster one
+        #   on this CPU (55 hooks of experiments/benchmarks/vs_sparsify.py in bfloat16 ran at
+        #   1.01x sparsify with it, 0.87x with the sparse decode).
         if (
-            dense_is_faster
-            or hidden_pre.ndim != 2
+            hidden_pre.ndim != 2
             or dead_neuron_mask is None
             or (num_dead := int(dead_neuron_mask.sum())) == 0
             or self.cfg.normalize_activations in ("constant_norm_rescale", "layer_norm")  # SAE-Lens raises
         ):
             return super().calculate_topk_aux_loss(sae_in, sae_out, hidden_pre, dead_neuron_mask)
-        residual = (sae_in - sae_out).detach()
         k_aux = sae_in.shape[-1] // 2
-        scale = min(num_dead / k_aux, 1.0)
-        k_aux = min(k_aux, num_dead)
-        # calculate_topk_aux_acts without scattering into a dense [tokens, d_sae] tensor
-        values, latents = torch.where(dead_neuron_mask[None], hidden_pre, -torch.inf).topk(k_aux, sorted=False)
-        rows = torch.arange(len(hidden_pre), device=latents.device).repeat_interleave(k_aux)
-        recons = self._decode_active(rows, latents.flatten(), values.flatten(), len(hidden_pre))
+        if num_dead <= k_aux:
+            dead = dead_neuron_mask.nonzero().squeeze(1)
+            codes = hidden_pre[:, dead]
+            if self.cfg.rescale_acts_by_decoder_norm:
+                codes = codes / self._decoder_norms()[dead]
+            recons = codes @ self.W_dec[dead]
+        elif torch.is_autocast_enabled(hidden_pre.device.type):
+            return super().calculate_topk_aux_loss(sae_in, sae_out, hidden_pre, dead_neuron_mask)
+        else:  # calculate_topk_aux_acts without scattering into a dense [tokens, d_sae] tensor
+            values, latents = torch.where(dead_neuron_mask[None], hidden_pre, -torch.inf).topk(k_aux, sorted=False)
+            rows = torch.arange(len(hidden_pre), device=latents.device).repeat_interleave(k_aux)
+            recons = self._decode_active(rows, latents.flatten(), values.flatten(), len(hidden_pre))
         recons = self.reshape_fn_out(recons, self.d_head)
-        auxk_loss = (recons - residual).pow(2).sum(dim=-1).mean()
-        return self.cfg.aux_loss_coefficient * scale * auxk_loss
+        auxk_loss = (recons - (sae_in - sae_out).detach()).pow(2).sum(dim=-1).mean()
+        return self.cfg.aux_loss_coefficient * min(num_dead / k_aux, 1.0) * auxk_loss
 
 
 # The largest share of nonzeros in its output gradient at which _LinearWithSparseGrad's backward
@@ -158,19 +179,24 @@ SPARSE_GRAD_MAX_DENSITY_HALF_PRECISION = 1 / 32
 
 
 class _LinearWithSparseGrad(torch.autograd.Function):
-    """x @ W + b, whose backward sums over the nonzeros of the output gradient only.
+    """x @ W + b, whose W gradient sums over the nonzeros of the output gradient where it is sparse.
 
-    Behind TopK, the gradient of the pre-activations is zero outside each token's k latents
-    (and the auxiliary loss's dead ones), so the dense W gradient x.T @ grad spends nearly all
-    its tokens x d_in x d_sae multiply-adds on zeros. The forward is the plain `x @ W + b`
-    (under autocast the matmul runs in bfloat16, as in SAE-Lens). The backward sums a sparse
-    output gradient in the inputs' own dtypes (float32 under autocast: more precise than the
-    bfloat16 matmuls at no extra cost, as the sums touch the nonzeros only) and runs a dense
-    one through the matmuls as autograd would, in the forward matmul's dtype.
+    Behind TopK, the gradient of the pre-activations is zero outside each token's k latents, so
+    the dense W gradient x.T @ grad spends nearly all its tokens x d_in x d_sae multiply-adds on
+    zeros; the auxiliary loss adds dead latents that most tokens use. So the W gradient is taken
+    latent by latent: a latent (column of grad) with more than the threshold share of nonzeros
+    goes through a matmul over those latents only, the others sum over their nonzeros. The
+    forward is the plain `x @ W + b` (under autocast the matmul runs in bfloat16, as in
+    SAE-Lens); the sums run in the inputs' own dtypes (float32 under autocast: more precise
+    than bfloat16 matmuls at no extra cost), the matmul in the forward matmul's dtype.
+
+    centre: where x = inputs - centre with inputs that need no gradient (an SAE's b_dec
+    subtracted from data), pass x detached and the centre here: its gradient, -W @ grad.sum(0),
+    is one matvec, where x's gradient would be a [tokens, d_in] product.
     """
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, W: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, W: torch.Tensor, b: torch.Tensor, centre: torch.Tensor | None):
         product = x @ W
         ctx.save_for_backward(x, W)
         ctx.matmul_dtype = product.dtype
@@ -179,27 +205,27 @@ class _LinearWithSparseGrad(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         x, W = ctx.saved_tensors
-        needs_grad_x, needs_grad_W, needs_grad_b = ctx.needs_input_grad
-        grad_x = grad_W = None
-        grad_b = grad.sum(0) if needs_grad_b else None
-        half_precision = ctx.matmul_dtype.itemsize < 4
-        max_density = SPARSE_GRAD_MAX_DENSITY_HALF_PRECISION if half_precision else SPARSE_GRAD_MAX_DENSITY
-        if grad.count_nonzero() > max_density * grad.numel():
-            dense_grad = grad.to(ctx.matmul_dtype)
-            if needs_grad_x:
-                grad_x = (dense_grad @ W.to(ctx.matmul_dtype).T).to(x.dtype)
-            if needs_grad_W:
-                grad_W = (x.to(ctx.matmul_dtype).T @ dense_grad).to(W.dtype)
-            return grad_x, grad_W, grad_b
-        rows, latents = grad.nonzero(as_tuple=True)  # row-major: each token's latents together
-        values = grad[rows, latents]
-        if needs_grad_x:  # row t: sum over its latents l of grad[t, l] * W[:, l]
-            grad_x = _weighted_row_sums(W.T, latents, rows, len(x), values).to(x.dtype)
-        if needs_grad_W:  # column l: sum over the tokens t using it of grad[t, l] * x[t]
-            by_latent = latents.argsort()
-            grad_W = _weighted_row_sums(x, rows[by_latent], latents[by_latent], W.shape[1], values[by_latent])
-            grad_W = grad_W.T.to(W.dtype)
-        return grad_x, grad_W, grad_b
+        needs_grad_x, needs_grad_W, needs_grad_b, needs_grad_centre = ctx.needs_input_grad
+        matmul_dtype = ctx.matmul_dtype
+        grad_b = grad.sum(0)
+        grad_x = grad_W = grad_centre = None
+        if needs_grad_centre:
+            grad_centre = -(W @ grad_b.to(W.dtype))
+        if needs_grad_x:  # not on the training path (activations need no gradient): plain matmul
+            grad_x = (grad.to(matmul_dtype) @ W.to(matmul_dtype).T).to(x.dtype)
+        if needs_grad_W:
+            half_precision = matmul_dtype.itemsize < 4
+            max_density = SPARSE_GRAD_MAX_DENSITY_HALF_PRECISION if half_precision else SPARSE_GRAD_MAX_DENSITY
+            dense_latents = grad.count_nonzero(0) > max_density * len(grad)
+            # latent l: sum over the tokens t using it of grad[t, l] * x[t]; nonzero on the
+            # transpose lists them latent by latent, as the sums need
+            latents, rows = grad.masked_fill(dense_latents, 0).T.nonzero(as_tuple=True)
+            grad_W_T = _weighted_row_sums(x, rows, latents, W.shape[1], grad[rows, latents])
+            if dense_latents.any():
+                columns = dense_latents.nonzero().squeeze(1)
+                grad_W_T[columns] = (grad[:, columns].T.to(matmul_dtype) @ x.to(matmul_dtype)).to(grad_W_T.dtype)
+            grad_W = grad_W_T.T.to(W.dtype)
+        return grad_x, grad_W, grad_b if needs_grad_b else None, grad_centre
 
 
 def _weighted_row_sums(
@@ -330,7 +356,15 @@ def _new_trainer(hook_name: str, d_in: int, config: SAETrainingConfig) -> SAETra
         logger=LoggingConfig(log_to_wandb=False),
         autocast=config.autocast,
     )
-    return SAETrainer(cfg=trainer_config, sae=sae, data_provider=iter(()))
+    trainer = SAETrainer(cfg=trainer_config, sae=sae, data_provider=iter(()))
+    # SAE-Lens builds its Adam with torch's default multi-tensor update; torch's fused kernel
+    # (CPU and CUDA) makes the same update in one pass over each weight: 0.8 ms instead of 5.9
+    # for a 1,280 x 640 SAE on this project's CPU, a sixth of a TopK step. Set before the first
+    # step, the flag is all Adam reads; the learning-rate schedule keeps the same optimiser.
+    if all(torch.is_floating_point(p) and p.device.type in ("cpu", "cuda") for p in sae.parameters()):
+        for group in trainer.optimizer.param_groups:
+            group["fused"] = True
+    return trainer
 
 
 @torch.no_grad()
