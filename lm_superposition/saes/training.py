@@ -7,7 +7,9 @@ on held-out windows): what `[saes.train]` and `lm-superposition train-sae` run.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import gc
 import json
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
@@ -244,6 +246,28 @@ def _weighted_row_sums(
     )
 
 
+@contextlib.contextmanager
+def _cyclic_gc_paused():
+    """Python's cyclic garbage collector off for the block, back on after (if it was on).
+
+    A training step makes thousands of short-lived objects (tensors, autograd nodes, SAE-Lens's
+    step outputs), so the collector ran every few hundred allocations and traversed them and
+    the model's long-lived objects: 10.7% of a 55-hook training's samples under `perf` were in
+    gc_collect_main alone, and pausing it made the peer benchmark's training 14% faster in
+    bfloat16 and 10% in float32. The steps leave no reference cycles (a collection after 80
+    steps of 11 SAEs found no unreachable object): their memory is freed by reference counts
+    as before.
+    """
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
+@_cyclic_gc_paused()
 def train_saes(
     batches: Iterable[dict[str, torch.Tensor]],
     widths: dict[str, int],
