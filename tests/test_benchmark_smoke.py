@@ -43,7 +43,7 @@ def test_sae_step_profile_runs_at_a_tiny_size(tmp_path):
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     rows = [line for line in (tmp_path / "sae_step_profile.md").read_text().splitlines() if line.startswith("| ")]
-    assert len(rows) == 1 + 10  # header and the 10 contenders
+    assert len(rows) == 1 + 8  # header and the 8 contenders
 
 
 def test_scale_on_paper_turns_the_committed_rates_into_hours(tmp_path):

@@ -8,9 +8,9 @@ step), side by side in one run, alternating:
   sae_lens_step    one `SAETrainer.step` of the project's trainer (`saes.training._new_trainer`:
                    SAE-Lens's loss, Adam, schedules, gradient clipping, dead-latent tracking),
                    float32, and under SAE-Lens's bfloat16 autocast (`autocast`); with SAE-Lens's
-                   own TopKTrainingSAE (dense decode, dense W_enc gradient), with the sparse
-                   decode alone, and with the project's SparseTopKTrainingSAE (sparse decode and
-                   sparse encoder gradient);
+                   own TopKTrainingSAE (dense codes, decode and W_enc gradient) and with the
+                   project's SparseTopKTrainingSAE (codes kept sparse, sparse decode, sparse
+                   encoder gradient, fused Adam);
   bare_matmuls     the matmuls of that step alone: encode and decode forward, their backward
                    (4 more matmuls of the same sizes), no top-k, no optimiser, in float32 and
                    in bfloat16;
@@ -54,12 +54,6 @@ try:
     from vs_paper_stack import load_line, machine_line, markdown
 except ImportError:
     from experiments.benchmarks.vs_paper_stack import load_line, machine_line, markdown
-
-
-class SparseDecodeTopKTrainingSAE(SparseTopKTrainingSAE):
-    """The project's sparse decode with SAE-Lens's encoder (dense W_enc gradient)."""
-
-    encode_with_hidden_pre = TopKTrainingSAE.encode_with_hidden_pre
 
 
 def trainer_step(
@@ -127,8 +121,7 @@ def main(argv=None) -> int:
     shape = (args.d_in, args.d_sae)
     step_variants = {
         "SAE-Lens's dense TopK": TopKTrainingSAE,
-        "sparse decode": SparseDecodeTopKTrainingSAE,
-        "sparse decode + sparse encoder grad": SparseTopKTrainingSAE,
+        "SparseTopKTrainingSAE": SparseTopKTrainingSAE,
     }
     contenders = {
         f"sae_lens_step {precision}, {variant}": (

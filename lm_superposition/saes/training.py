@@ -26,7 +26,7 @@ from sae_lens import (
     TrainingSAE,
 )
 from sae_lens.config import LoggingConfig, SAETrainerConfig
-from sae_lens.saes.sae import SAEMetadata
+from sae_lens.saes.sae import SAEMetadata, TrainStepInput, TrainStepOutput
 from sae_lens.training.sae_trainer import SAETrainer
 from tqdm.auto import tqdm
 
@@ -49,15 +49,14 @@ from .quality import evaluate_saes
 # CPU (experiments/benchmarks/sae_step_profile.py, results/benchmarks/sae_step_profile.md), one
 # torch.bmm over 55 stacked SAEs is no faster per SAE than 55 separate matmuls (slower in
 # float32 and in bfloat16), and what is left of a step beyond its matmuls is per-element work
-# (top-k, Adam's update, decoder norms) that stacking would not shrink. The levers are the
-# arithmetic itself: TopK decodes from its k active latents and sums its encoder's gradients
-# over them (`SparseTopKTrainingSAE`: 1.9-2.1x per float32 step at the peer benchmark's shape, 1.3x
-# of it from the encoder), and in float32 decodes its auxiliary loss from the k_aux dead latents
-# it uses (SAE-Lens runs the full dense decode and its gradients even for a handful of dead
-# latents: 1.36x a step for 55 SAEs on random data; on the 55-hook peer benchmark 0.58-0.61x
-# sparsify against 0.57x before, within run-to-run noise), precision (`autocast`,
-# 2.2-2.4x; on top of the sparse TopK only 1.2x, as bfloat16 matmuls are cheap on this CPU) and,
-# with few hooks, the forward pass (`autocast_lm`).
+# (top-k, Adam's update, the sparse sums) that stacking would not shrink. The levers were the
+# arithmetic and the interpreter, each measured on the 55-hook peer benchmark
+# (experiments/benchmarks/vs_sparsify.py; results/benchmarks/peers/): `SparseTopKTrainingSAE`
+# (codes kept sparse from encode to decode, sparse encoder gradient, auxiliary loss over the dead
+# latents only, decoder norms without their cancelling gradient), torch's fused Adam
+# (`_new_trainer`), the cyclic garbage collector paused (`_cyclic_gc_paused`), precision
+# (`autocast`: bfloat16 matmuls, 3.5x faster than float32 ones on this CPU) and the forward pass
+# (`autocast_lm`).
 
 
 class SparseTopKTrainingSAE(TopKTrainingSAE):
@@ -78,9 +77,43 @@ class SparseTopKTrainingSAE(TopKTrainingSAE):
     (encoder forward, losses, optimiser, saving as an SAE-Lens TopKSAE) is SAE-Lens's.
     """
 
+    def training_forward_pass(self, step_input: TrainStepInput) -> TrainStepOutput:
+        # TrainingSAE.training_forward_pass with the codes kept as each token's k (latent,
+        # value) pairs from encode to decode, where SAE-Lens scatters them into a dense
+        # [tokens, d_sae] matrix that the decode reads (and the backward passes through) whole.
+        x = step_input.sae_in
+        if x.ndim != 2 or self.cfg.use_sparse_activations or self.hook_sae_acts_post.fwd_hooks:
+            return super().training_forward_pass(step_input)  # what the dense codes serve
+        hidden_pre = self._hidden_pre(x)
+        values, latents = hidden_pre.topk(self.cfg.k, dim=-1, sorted=False)  # SAE-Lens's TopK activation
+        values = values.relu()
+        rows = torch.arange(len(x), device=x.device).repeat_interleave(self.cfg.k)
+        reconstruction = self._decode_active(rows, latents.flatten(), values.flatten(), len(x))
+        # the rest as TopKTrainingSAE.decode does it
+        sae_out = self.hook_sae_recons(reconstruction + self.b_dec)
+        sae_out = self.reshape_fn_out(self.run_time_activation_norm_fn_out(sae_out), self.d_head)
+        with torch.no_grad():  # the dense codes, for the trainer's firing statistics
+            feature_acts = torch.zeros_like(hidden_pre).scatter_(-1, latents, values)
+        mse_loss = self.mse_loss_fn(sae_out, x).sum(dim=-1).mean()
+        aux_losses = self.calculate_aux_loss(
+            step_input=step_input, feature_acts=feature_acts, hidden_pre=hidden_pre, sae_out=sae_out
+        )
+        return TrainStepOutput(
+            sae_in=x,
+            sae_out=sae_out,
+            feature_acts=feature_acts,
+            hidden_pre=hidden_pre,
+            loss=mse_loss + sum(aux_losses.values()),
+            losses={"mse_loss": mse_loss, **aux_losses},
+        )
+
     def encode_with_hidden_pre(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        # TopKTrainingSAE.encode_with_hidden_pre, with the encoder matmul as _LinearWithSparseGrad
-        # and the decoder norms without their gradient (see _decoder_norms)
+        hidden_pre = self._hidden_pre(x)
+        return self.hook_sae_acts_post(self.activation_fn(hidden_pre)), hidden_pre
+
+    def _hidden_pre(self, x: torch.Tensor) -> torch.Tensor:
+        """TopKTrainingSAE.encode_with_hidden_pre up to the activation, with the encoder matmul
+        as _LinearWithSparseGrad and the decoder norms without their gradient (_decoder_norms)."""
         sae_in = self.process_sae_in(x)  # SAE-Lens's x - b_dec, reshaped and hooked
         # Activations are data: the encoder's input gradient only reaches b_dec, which the
         # function then gets as one matvec instead of a [tokens, d_in] input gradient.
@@ -90,18 +123,7 @@ class SparseTopKTrainingSAE(TopKTrainingSAE):
         hidden_pre = self.hook_sae_acts_pre(hidden_pre.reshape(*sae_in.shape[:-1], -1))
         if self.cfg.rescale_acts_by_decoder_norm:
             hidden_pre = hidden_pre * self._decoder_norms()
-        feature_acts = self.hook_sae_acts_post(self.activation_fn(hidden_pre))
-        return feature_acts, hidden_pre
-
-    def decode(self, feature_acts: torch.Tensor) -> torch.Tensor:
-        if feature_acts.is_sparse or feature_acts.ndim != 2:
-            return super().decode(feature_acts)
-        rows, latents = feature_acts.detach().nonzero(as_tuple=True)  # row-major: each token's latents together
-        reconstruction = self._decode_active(rows, latents, feature_acts[rows, latents], feature_acts.shape[0])
-        # the rest as TopKTrainingSAE.decode does it
-        sae_out_pre = self.hook_sae_recons(reconstruction + self.b_dec)
-        sae_out_pre = self.run_time_activation_norm_fn_out(sae_out_pre)
-        return self.reshape_fn_out(sae_out_pre, self.d_head)
+        return hidden_pre
 
     def _decode_active(
         self, rows: torch.Tensor, latents: torch.Tensor, values: torch.Tensor, n_rows: int
@@ -128,18 +150,14 @@ class SparseTopKTrainingSAE(TopKTrainingSAE):
         hidden_pre: torch.Tensor,
         dead_neuron_mask: torch.Tensor | None,
     ) -> torch.Tensor:
-        # SAE-Lens 6.54's TopKTrainingSAE.calculate_topk_aux_loss, re-written because it decodes
-        # the auxiliary reconstruction densely (the module-level act_times_W_dec, not self.decode:
-        # a [tokens, d_sae] @ [d_sae, d_in] matmul over the k_aux = d_in / 2 dead latents a
-        # token, and its two gradients) after a top-k over all latents. The same k_aux, scale,
-        # selection and loss; the checks and the reshaping as there. Two cheaper ways:
-        # - with at most k_aux dead latents (most steps: 60% of the 55-hook peer benchmark's SAE
-        #   steps, 29% had more), every token selects all of them, so no top-k is needed and
-        #   the reconstruction is one matmul over the dead latents' decoder rows;
-        # - with more, in float32, decode the k_aux selected latents a token sparsely, as
-        #   eai-sparsify does. Under autocast SAE-Lens's dense bfloat16 matmul is the faster one
-        #   on this CPU (55 hooks of experiments/benchmarks/vs_sparsify.py in bfloat16 ran at
-        #   1.01x sparsify with it, 0.87x with the sparse decode).
+        # SAE-Lens 6.54's TopKTrainingSAE.calculate_topk_aux_loss, re-written because it takes
+        # each token's top k_aux = d_in / 2 over all d_sae latents (the live ones masked to -inf)
+        # and decodes them as a dense [tokens, d_sae] @ [d_sae, d_in] matmul with its two
+        # gradients. Here both run over the dead latents' columns only: the top-k among them
+        # (none where there are at most k_aux, as every token then selects all of them: 60% of
+        # the 55-hook peer benchmark's SAE steps, 29% had more), and the decode as a
+        # [tokens, dead] @ [dead, d_in] matmul. The same k_aux, scale, selection and loss; the
+        # checks and the reshaping as there.
         if (
             hidden_pre.ndim != 2
             or dead_neuron_mask is None
@@ -148,19 +166,14 @@ class SparseTopKTrainingSAE(TopKTrainingSAE):
         ):
             return super().calculate_topk_aux_loss(sae_in, sae_out, hidden_pre, dead_neuron_mask)
         k_aux = sae_in.shape[-1] // 2
-        if num_dead <= k_aux:
-            dead = dead_neuron_mask.nonzero().squeeze(1)
-            codes = hidden_pre[:, dead]
-            if self.cfg.rescale_acts_by_decoder_norm:
-                codes = codes / self._decoder_norms()[dead]
-            recons = codes @ self.W_dec[dead]
-        elif torch.is_autocast_enabled(hidden_pre.device.type):
-            return super().calculate_topk_aux_loss(sae_in, sae_out, hidden_pre, dead_neuron_mask)
-        else:  # calculate_topk_aux_acts without scattering into a dense [tokens, d_sae] tensor
-            values, latents = torch.where(dead_neuron_mask[None], hidden_pre, -torch.inf).topk(k_aux, sorted=False)
-            rows = torch.arange(len(hidden_pre), device=latents.device).repeat_interleave(k_aux)
-            recons = self._decode_active(rows, latents.flatten(), values.flatten(), len(hidden_pre))
-        recons = self.reshape_fn_out(recons, self.d_head)
+        dead = dead_neuron_mask.nonzero().squeeze(1)
+        codes = hidden_pre[:, dead]
+        if num_dead > k_aux:  # each token keeps its k_aux largest
+            top = codes.topk(k_aux, dim=-1, sorted=False)
+            codes = torch.zeros_like(codes).scatter(-1, top.indices, top.values)
+        if self.cfg.rescale_acts_by_decoder_norm:
+            codes = codes / self._decoder_norms()[dead]
+        recons = self.reshape_fn_out(codes @ self.W_dec[dead], self.d_head)
         auxk_loss = (recons - (sae_in - sae_out).detach()).pow(2).sum(dim=-1).mean()
         return self.cfg.aux_loss_coefficient * min(num_dead / k_aux, 1.0) * auxk_loss
 
@@ -218,10 +231,13 @@ class _LinearWithSparseGrad(torch.autograd.Function):
         if needs_grad_W:
             half_precision = matmul_dtype.itemsize < 4
             max_density = SPARSE_GRAD_MAX_DENSITY_HALF_PRECISION if half_precision else SPARSE_GRAD_MAX_DENSITY
-            dense_latents = grad.count_nonzero(0) > max_density * len(grad)
             # latent l: sum over the tokens t using it of grad[t, l] * x[t]; nonzero on the
             # transpose lists them latent by latent, as the sums need
-            latents, rows = grad.masked_fill(dense_latents, 0).T.nonzero(as_tuple=True)
+            latents, rows = grad.T.nonzero(as_tuple=True)
+            dense_latents = torch.bincount(latents, minlength=W.shape[1]) > max_density * len(grad)
+            if dense_latents.any():
+                sparse_entries = ~dense_latents[latents]
+                latents, rows = latents[sparse_entries], rows[sparse_entries]
             grad_W_T = _weighted_row_sums(x, rows, latents, W.shape[1], grad[rows, latents])
             if dense_latents.any():
                 columns = dense_latents.nonzero().squeeze(1)
