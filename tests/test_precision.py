@@ -206,8 +206,10 @@ def test_sparse_topk_training_sae_matches_sae_lens_dense_topk(rescale_acts_by_de
         assert torch.allclose(getattr(dense, name).grad, getattr(sparse, name).grad, rtol=1e-5, atol=1e-7), name
 
 
-def test_sparse_topk_training_sae_under_autocast_encodes_as_sae_lens():
+@pytest.mark.parametrize("n_dead", [0, 40])
+def test_sparse_topk_training_sae_under_autocast_trains_as_sae_lens(n_dead):
     from sae_lens import TopKTrainingSAE, TopKTrainingSAEConfig
+    from sae_lens.saes.sae import TrainStepInput
 
     from lm_superposition.saes.training import SparseTopKTrainingSAE
 
@@ -215,14 +217,21 @@ def test_sparse_topk_training_sae_under_autocast_encodes_as_sae_lens():
     config = TopKTrainingSAEConfig(d_in=32, d_sae=128, k=2)  # gradient density 1/64: the sparse sums
     dense, sparse = TopKTrainingSAE(config), SparseTopKTrainingSAE(config)
     sparse.load_state_dict(dense.state_dict())
-    x = torch.randn(40, 32)
-    encoded = []
+    dead = torch.zeros(128, dtype=torch.bool)
+    dead[torch.randperm(128)[:n_dead]] = True
+    step_input = TrainStepInput(
+        sae_in=torch.randn(40, 32), coefficients={}, dead_neuron_mask=dead, n_training_steps=0, is_logging_step=False
+    )
+    outputs = []
     for sae in (dense, sparse):
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            feature_acts, hidden_pre = sae.encode_with_hidden_pre(x)
-        ((sae.decode(feature_acts) - x) ** 2).sum().backward()
-        encoded.append(hidden_pre)
-    assert encoded[1].dtype == encoded[0].dtype and torch.equal(encoded[0], encoded[1])
+            outputs.append(sae.training_forward_pass(step_input))
+        outputs[-1].loss.backward()
+    assert outputs[1].hidden_pre.dtype == outputs[0].hidden_pre.dtype
+    assert torch.equal(outputs[0].hidden_pre, outputs[1].hidden_pre)  # the encode as SAE-Lens's
+    assert torch.equal(outputs[0].feature_acts != 0, outputs[1].feature_acts != 0)  # the same latents fire
+    for name in ("mse_loss", "auxiliary_reconstruction_loss"):  # ours decodes in float32, SAE-Lens in bfloat16
+        assert torch.allclose(outputs[0].losses[name], outputs[1].losses[name], rtol=2e-2), name
     # SAE-Lens's W_enc gradient comes from bfloat16 matmuls, ours from float32 sums: equal to bfloat16's precision
     assert sparse.W_enc.grad.dtype == torch.float32
     assert torch.allclose(dense.W_enc.grad, sparse.W_enc.grad, rtol=2e-2, atol=2e-2 * dense.W_enc.grad.abs().max())

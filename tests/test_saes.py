@@ -102,6 +102,23 @@ def test_topk_sae_trains_to_k_active_features(toy_data):
     assert ((codes != 0).sum(1) <= 4).all()
 
 
+def test_training_steps_use_fused_adam_and_leave_the_garbage_collector_as_found():
+    import gc
+
+    from lm_superposition.saes.training import _new_trainer
+
+    trainer = _new_trainer("hook", 16, SAETrainingConfig(architecture="topk", k=4, **TOY_CONFIG))
+    assert all(group["fused"] for group in trainer.optimizer.param_groups)
+    data = torch.randn(512, 16)
+    for enabled in (True, False):
+        (gc.enable if enabled else gc.disable)()
+        try:
+            train_sae(data, SAETrainingConfig(architecture="topk", k=4, **TOY_CONFIG))
+            assert gc.isenabled() is enabled
+        finally:
+            gc.enable()
+
+
 def test_train_saes_feeds_one_stream_to_every_hook():
     """Two hooks of different widths from one generator (it can only be read once)."""
     x_a, _ = sparse_features(20_000, n_features=48, d_in=24, seed=1)

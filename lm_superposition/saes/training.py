@@ -63,18 +63,18 @@ class SparseTopKTrainingSAE(TopKTrainingSAE):
     """SAE-Lens's TopK training SAE, computing only what its k active latents per token need.
 
     k of d_sae latents are on (32 of 1,280 in the peer benchmark), yet SAE-Lens runs TopK
-    training as dense matmuls: its decode is a [tokens, d_sae] @ [d_sae, d_in] matmul with the
-    two gradients behind it, and its encoder's W_enc gradient is a full [d_in, tokens] @
-    [tokens, d_sae] matmul (its input gradient another) over a gradient that TopK leaves zero
-    outside k latents a token: 5 of a step's 6 matmuls, all but the encoder's forward, spent
-    mostly on zeros. Its sparse option (`use_sparse_activations`) fails in the backward pass on
-    CPU (aten::view has no SparseCPU kernel). Here, the way eai-sparsify's fused encoder and
-    decoder work, the decode is an `embedding_bag` over the active latents weighted by their
-    codes, and the encoder's backward sums over the nonzeros of its output gradient
-    (`_LinearWithSparseGrad`; the dense matmuls where the auxiliary loss on dead latents makes
-    that gradient dense), and the auxiliary loss decodes its k_aux dead latents a token the same
-    way: the same reconstruction and gradients up to summation order, and everything else
-    (encoder forward, losses, optimiser, saving as an SAE-Lens TopKSAE) is SAE-Lens's.
+    training densely: it scatters the codes into a [tokens, d_sae] matrix, decodes it with a
+    [tokens, d_sae] @ [d_sae, d_in] matmul with the two gradients behind it, and takes the
+    encoder's W_enc gradient as a full [d_in, tokens] @ [tokens, d_sae] matmul (its input
+    gradient another) over a gradient that TopK leaves zero outside k latents a token. Its
+    sparse option (`use_sparse_activations`) fails in the backward pass on CPU (aten::view has
+    no SparseCPU kernel). Here, the way eai-sparsify's fused encoder and decoder work, the codes
+    stay each token's k (latent, value) pairs, the decode is an `embedding_bag` over them, and
+    the encoder's backward sums over the nonzeros of its output gradient
+    (`_LinearWithSparseGrad`); the auxiliary loss works on the dead latents' columns only. The
+    same losses and gradients up to summation order (tests/test_precision.py), and everything
+    else (losses, optimiser, schedules, dead-latent tracking, saving as an SAE-Lens TopKSAE)
+    is SAE-Lens's.
     """
 
     def training_forward_pass(self, step_input: TrainStepInput) -> TrainStepOutput:
@@ -178,17 +178,14 @@ class SparseTopKTrainingSAE(TopKTrainingSAE):
         return self.cfg.aux_loss_coefficient * min(num_dead / k_aux, 1.0) * auxk_loss
 
 
-# The largest share of nonzeros in its output gradient at which _LinearWithSparseGrad's backward
-# sums over the nonzeros rather than running the dense matmuls: the sums grow with the nonzeros,
-# the matmuls do not. Measured on this project's CPU (1 thread, d_in 640, 1,280 latents, 254 and
-# 4,096 tokens; no GPU measured): the two break even at a density of 0.2-0.27 against float32
-# matmuls and 0.04-0.05 against bfloat16 ones (autocast; 3.5x faster than float32 here), so the
-# thresholds keep a margin below both. TopK's gradient has k of d_sae latents a token (32 of
-# 1,280: 0.025; the encoder's backward in a training step then takes 2.3 ms instead of 8.2 in
-# float32 and 2.5 instead of 2.8 in bfloat16 at 254 tokens, 24 instead of 126 and 37 at 4,096);
-# the auxiliary loss adds up to d_in / 2 dead latents (320 of 1,280: 0.28, dense; there, re-
-# measured, the sums take 7.7 ms against the matmuls' 8.0 at 254 tokens but 180 against 132 at
-# 4,096, and raising the threshold to 0.3 left 55 SAEs' training steps no faster).
+# The largest share of tokens with a nonzero output gradient at which _LinearWithSparseGrad's
+# backward sums a latent's W gradient over those tokens rather than running the matmul for it:
+# the sums grow with the nonzeros, the matmul does not. Measured on this project's CPU (1 thread,
+# d_in 640, 1,280 latents, 254 and 4,096 tokens; no GPU measured) over whole gradients: the two
+# break even at a density of 0.2-0.27 against float32 matmuls and 0.04-0.05 against bfloat16
+# ones (autocast; 3.5x faster than float32 here), so the thresholds keep a margin below both.
+# TopK's gradient has k of d_sae latents a token (32 of 1,280: 0.025 on average); the auxiliary
+# loss's dead latents are used by most tokens and take the matmul.
 SPARSE_GRAD_MAX_DENSITY = 1 / 8
 SPARSE_GRAD_MAX_DENSITY_HALF_PRECISION = 1 / 32
 
@@ -255,7 +252,7 @@ def _weighted_row_sums(
     offsets = per_group.cumsum(0) - per_group
     return torch.nn.functional.embedding_bag(
         indices,
-        table.contiguous(),  # on a strided table (W.T) embedding_bag is ~30x slower than the copy
+        table.contiguous(),  # on a strided table embedding_bag is ~30x slower than the copy
         offsets,
         mode="sum",
         per_sample_weights=weights.to(table.dtype),
