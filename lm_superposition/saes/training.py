@@ -265,11 +265,11 @@ def _cyclic_gc_paused():
 
     A training step makes thousands of short-lived objects (tensors, autograd nodes, SAE-Lens's
     step outputs), so the collector ran every few hundred allocations and traversed them and
-    the model's long-lived objects: 10.7% of a 55-hook training's samples under `perf` were in
-    gc_collect_main alone, and pausing it made the peer benchmark's training 14% faster in
-    bfloat16 and 10% in float32. The steps leave no reference cycles (a collection after 80
-    steps of 11 SAEs found no unreachable object): their memory is freed by reference counts
-    as before.
+    the model's long-lived objects (`perf` over a 55-hook peer benchmark process had
+    gc_collect_main as its top symbol, 10.7% of samples, setup included). Pausing it made that
+    benchmark's training 10-14% faster in bfloat16 and 5-10% in float32 (32-window runs). The
+    steps leave no reference cycles (a collection after 80 steps of 11 SAEs found no
+    unreachable object): their memory is freed by reference counts as before.
     """
     was_enabled = gc.isenabled()
     gc.disable()
