@@ -109,6 +109,9 @@ def test_training_steps_use_fused_adam_and_leave_the_garbage_collector_as_found(
 
     trainer = _new_trainer("hook", 16, SAETrainingConfig(architecture="topk", k=4, **TOY_CONFIG))
     assert all(group["fused"] for group in trainer.optimizer.param_groups)
+    # the validated recipe keeps SAE-Lens's own update (its committed results were made with it)
+    trainer = _new_trainer("hook", 16, SAETrainingConfig(architecture="standard", **TOY_CONFIG))
+    assert not any(group["fused"] for group in trainer.optimizer.param_groups)
     data = torch.randn(512, 16)
     for enabled in (True, False):
         (gc.enable if enabled else gc.disable)()
