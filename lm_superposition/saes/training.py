@@ -232,12 +232,12 @@ class _LinearWithSparseGrad(torch.autograd.Function):
             # transpose lists them latent by latent, as the sums need
             latents, rows = grad.T.nonzero(as_tuple=True)
             dense_latents = torch.bincount(latents, minlength=W.shape[1]) > max_density * len(grad)
-            if dense_latents.any():
+            columns = dense_latents.nonzero().squeeze(1)
+            if len(columns):
                 sparse_entries = ~dense_latents[latents]
                 latents, rows = latents[sparse_entries], rows[sparse_entries]
             grad_W_T = _weighted_row_sums(x, rows, latents, W.shape[1], grad[rows, latents])
-            if dense_latents.any():
-                columns = dense_latents.nonzero().squeeze(1)
+            if len(columns):
                 grad_W_T[columns] = (grad[:, columns].T.to(matmul_dtype) @ x.to(matmul_dtype)).to(grad_W_T.dtype)
             grad_W = grad_W_T.T.to(W.dtype)
         return grad_x, grad_W, grad_b if needs_grad_b else None, grad_centre
