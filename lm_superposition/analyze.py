@@ -24,7 +24,16 @@ import torch
 
 from .activations import stream_activations
 from .atomic import atomic_file
-from .codes import CodeReader, LowPrecisionEncoder, decode, encode, encodes_in_place, sparse_codes, with_values
+from .codes import (
+    CodeReader,
+    LowPrecisionEncoder,
+    decode,
+    encode,
+    encodes_fused,
+    encodes_in_place,
+    sparse_codes,
+    with_values,
+)
 from .data import PAD_DOC_ID, TokenWindows
 from .distributed import world_size_and_rank
 from .gate import QualityGate
@@ -34,11 +43,12 @@ from .saes.loading import check_sae_fits
 from .saes.quality import VarianceExplained, evaluate_sae
 from .sparse_coding import additivity_of, compressed_sensing_margin
 
-# Codes are encoded in slices of about this many elements (tokens x d_sae). SAE-Lens's encode
-# allocates fresh [tokens, d_sae] tensors: 2^22 float32 = 16 MiB stays under glibc's largest
-# mmap threshold (32 MiB), so they come from the heap instead of being mapped and page-faulted
-# afresh every time. An SAE encoded in place into one reused buffer has no such cost, and its
-# matmul runs fastest on large slices. Measured: results/benchmarks/README.md.
+# Codes are encoded in slices of about this many elements (tokens x d_sae). An encode that
+# allocates fresh [tokens, d_sae] tensors (SAE-Lens's, oneDNN's fused one): 2^22 float32 = 16 MiB
+# stays under glibc's largest mmap threshold (32 MiB), so they come from the heap instead of being
+# mapped and page-faulted afresh every time (128 MiB fresh: 45 ms, more than the nonzero scan). An
+# SAE encoded into one reused buffer has no such cost, and its addmm runs fastest on large slices.
+# Measured: results/benchmarks/README.md.
 ENCODE_CHUNK_ELEMENTS = 2**22
 IN_PLACE_CHUNK_ELEMENTS = 2**25
 # Latents whose decoder directions are at least this aligned count as one feature (codes.duplicate_groups).
@@ -197,8 +207,9 @@ class _SlotReader:
         reduced = encode_dtype in (torch.bfloat16, torch.float16) and encode_dtype != self.dtype
         self.low_precision = LowPrecisionEncoder(sae, encode_dtype) if reduced else None
         self.code_dtype = encode_dtype if reduced else self.dtype
-        self.in_place = encodes_in_place(sae)
-        elements = IN_PLACE_CHUNK_ELEMENTS if self.in_place else ENCODE_CHUNK_ELEMENTS
+        # codes written into one reused buffer (see codes.encode): an in-place SAE, unless oneDNN encodes it
+        self.buffered = encodes_in_place(sae) and (self.low_precision is not None or not encodes_fused(sae))
+        elements = IN_PLACE_CHUNK_ELEMENTS if self.buffered else ENCODE_CHUNK_ELEMENTS
         self.chunk = chunk_tokens or max(1, elements // self.d_sae)
         self._buffers = buffers
 
@@ -206,7 +217,7 @@ class _SlotReader:
         return FeatureBudget(self.d_sae, width, n_blocks, groups=self.codes.groups)
 
     def read(self, budget: FeatureBudget, variance: VarianceExplained | None, acts: torch.Tensor, doc_ids) -> None:
-        buffer = self._buffer() if self.in_place else None
+        buffer = self._buffer() if self.buffered else None
         doc_chunks = (
             doc_ids.split(self.chunk) if isinstance(doc_ids, torch.Tensor) else [doc_ids] * -(-len(acts) // self.chunk)
         )
@@ -266,7 +277,7 @@ class LayerwiseAnalyzer:
         duplicate_cosine (codes.duplicate_groups); merge_duplicates=False gives the raw measure.
     gate: the quality gate whose verdict fills the `quality` column.
     encode_chunk_tokens: tokens encoded at a time; None sizes slices by ENCODE_CHUNK_ELEMENTS
-        (IN_PLACE_CHUNK_ELEMENTS for SAEs that `encode` computes in place).
+        (IN_PLACE_CHUNK_ELEMENTS for SAEs that `encode` computes into a reused buffer).
     encode_dtype: "bfloat16" (or "float16") runs the SAE encode at reduced precision
         (`codes.LowPrecisionEncoder`: 2-4x faster matmuls on CPUs with AVX512-BF16 and on GPUs; F
         differs from the float32 encode in its last digits, see results/benchmarks/); None,

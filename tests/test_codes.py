@@ -1,6 +1,7 @@
 """SAE codes as the measure reads them: sparse form, in-place encode, sparse decode."""
 
 import copy
+import math
 
 import pytest
 import torch
@@ -17,7 +18,16 @@ from sae_lens import (
 
 from experiments.toy import TiedSAE
 from lm_superposition.analyze import sae_budget
-from lm_superposition.codes import decode, duplicate_groups, encode, encodes_in_place, sparse_codes
+from lm_superposition.codes import (
+    decode,
+    decoder_norms,
+    duplicate_groups,
+    encode,
+    encodes_fused,
+    encodes_in_place,
+    nonzero_entries,
+    sparse_codes,
+)
 from lm_superposition.metric import FeatureBudget
 from lm_superposition.saes import load_dictionary_learning_sae
 
@@ -31,6 +41,31 @@ def test_sparse_codes_keep_exactly_the_nonzeros():
     assert torch.equal(csr.to_dense(), codes)
     assert sparse_codes(csr) is csr
     assert torch.equal(sparse_codes(codes.to_sparse()).to_dense(), codes)  # COO, as SAE-Lens TopK can return
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape, offset", [((9, 64), 0), ((9, 63), 0), ((5, 64), 3), ((1, 3), 1)])
+def test_nonzero_entries_are_those_of_torch_nonzero(dtype, shape, offset):
+    """Read as 64-bit words or not (odd sizes, storage offsets, float64): the same entries, in
+    the same order, as torch's nonzero; -0.0 is a zero and NaN is not, as for `!= 0`."""
+    storage = torch.relu(torch.randn(offset + math.prod(shape), generator=torch.Generator().manual_seed(1)) - 1.5)
+    codes = storage.to(dtype)[offset:].view(shape)
+    codes.view(-1)[:4] = torch.tensor([-0.0, math.nan, 0.0, 2.0], dtype=dtype)[: codes.numel()]
+    codes.view(-1)[-1] = -0.0
+    positions, values = nonzero_entries(codes)
+    expected = codes.reshape(-1).nonzero().squeeze(1)
+    assert torch.equal(positions, expected)
+    assert torch.allclose(values.double(), codes.reshape(-1)[expected].double(), equal_nan=True, rtol=0, atol=0)
+    assert math.isnan(values[0])  # the NaN kept
+
+
+def test_decoder_norms_are_float64_norms_of_the_decoder_rows():
+    sae = StandardSAE(StandardSAEConfig(d_in=8, d_sae=1500))
+    with torch.no_grad():
+        sae.W_dec.normal_()
+    norms = decoder_norms(sae)
+    assert norms.dtype == torch.float64 and norms.shape == (1500,)  # more rows than one slice
+    assert torch.equal(norms, sae.W_dec.detach().double().norm(dim=1))
 
 
 @pytest.mark.parametrize(
@@ -57,27 +92,33 @@ def test_sparse_decode_equals_the_dense_decode(sae_class, config_class, extra, d
     assert torch.allclose(sparse.float(), dense.float(), atol=1e-5 if dtype == "float32" else 0)
 
 
-def test_in_place_encode_equals_sae_lens_encode():
+@pytest.mark.parametrize("onednn", [True, False])
+def test_in_place_encode_equals_sae_lens_encode(onednn):
+    """Both fast encodes of a plain StandardSAE, oneDNN's fused linear (float32 CPU) and the addmm
+    into a reused buffer (oneDNN off), give SAE-Lens's codes."""
     torch.manual_seed(0)
     sae = StandardSAE(StandardSAEConfig(d_in=16, d_sae=64, apply_b_dec_to_input=True))
-    with torch.no_grad():
+    with torch.no_grad(), torch.backends.mkldnn.flags(enabled=onednn):
         for parameter in sae.parameters():
             parameter.normal_(0, 0.5)
         activations = torch.randn(10, 16)
         buffer = torch.full((32, 64), float("nan"))  # larger than the batch; stale contents must not leak
-        assert encodes_in_place(sae)
+        assert encodes_in_place(sae) and encodes_fused(sae) == onednn
         codes = encode(sae, activations, out=buffer)
-        assert codes.data_ptr() == buffer.data_ptr() and codes.shape == (10, 64)
+        assert (codes.data_ptr() == buffer.data_ptr()) != onednn and codes.shape == (10, 64)
         assert torch.allclose(codes, sae.encode(activations), atol=1e-6)
         assert torch.equal(codes != 0, sae.encode(activations) != 0)
 
         # Anything that changes SAE-Lens's encode goes through SAE-Lens's encode.
         sae.hook_sae_acts_post.add_hook(lambda acts, hook: acts * 2)
-        assert not encodes_in_place(sae)
+        assert not encodes_in_place(sae) and not encodes_fused(sae)
         assert torch.allclose(encode(sae, activations, out=buffer), 2 * codes, atol=1e-6)
         topk = TopKSAE(TopKSAEConfig(d_in=16, d_sae=64, k=3))
         assert not encodes_in_place(topk)
         assert torch.equal(encode(topk, activations, out=buffer), topk.encode(activations))
+    plain = StandardSAE(StandardSAEConfig(d_in=16, d_sae=64))
+    encode(plain, activations).sum().backward()  # with autograd on: an encode that has a backward
+    assert plain.W_enc.grad is not None
 
 
 # --- the budget does not depend on how an SAE is written (issue: psi through any SAE) ----------

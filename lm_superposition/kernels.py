@@ -1,0 +1,47 @@
+"""float32 matmuls on the CPU through oneDNN instead of torch's default kernel.
+
+torch sends a float32 CPU matmul to MKL. On this project's AMD EPYC (AVX-512), MKL ran at less
+than half of oneDNN's speed (oneDNN: torch's other CPU kernel library, the one its bfloat16
+matmuls already use) at every shape tried: 2.2x for the forward's and the trainer's shapes, 1.7x
+for the SAE encode [1024, 512] x [512, 32768] (results/benchmarks/peers/vs_paper_stack.md). torch
+reaches oneDNN's float32 linear only through a private op of its compiler
+(`torch.ops.mkldnn._linear_pointwise`, which also fuses the bias and a ReLU), hence the checks in
+`uses_onednn`; everywhere else `linear` is torch's own matmul.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def uses_onednn(weight: torch.Tensor) -> bool:
+    """True where `linear` runs on oneDNN for this weight: float32 on a CPU, torch built with oneDNN
+    and not told to leave it (`torch.backends.mkldnn.flags(enabled=False)`)."""
+    return (
+        weight.device.type == "cpu"
+        and weight.dtype == torch.float32
+        and torch.backends.mkldnn.is_available()
+        and torch.backends.mkldnn.enabled
+        and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+    )
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, relu: bool = False) -> torch.Tensor:
+    """x @ weight + bias ([tokens, d_in] @ [d_in, d_out] + [d_out]), then a ReLU if asked.
+
+    On oneDNN where `uses_onednn(weight)`, x is float32 too, and neither autograd (the op has no
+    backward) nor autocast (which would run the matmul in half precision) is on; torch's matmul
+    otherwise. The two kernels agree to float32 rounding, not bit for bit.
+    """
+    fast = (
+        uses_onednn(weight)
+        and x.dtype == torch.float32
+        and not torch.is_grad_enabled()
+        and not torch.is_autocast_enabled(x.device.type)
+    )
+    if fast:
+        return torch.ops.mkldnn._linear_pointwise(x, weight.t(), bias, "relu" if relu else "none", [], "")
+    out = x @ weight
+    if bias is not None:
+        out = out + bias
+    return out.relu_() if relu else out

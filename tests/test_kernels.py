@@ -1,0 +1,40 @@
+"""kernels.linear: oneDNN's float32 linear where it may run, torch's matmul elsewhere, the same numbers."""
+
+import pytest
+import torch
+
+from lm_superposition.kernels import linear, uses_onednn
+
+
+def _inputs():
+    generator = torch.Generator().manual_seed(0)
+    x, weight, bias = (torch.randn(shape, generator=generator) for shape in ((33, 24), (24, 40), (40,)))
+    return x, weight, bias
+
+
+@pytest.mark.parametrize("relu", [False, True])
+@pytest.mark.parametrize("onednn", [True, False])
+def test_linear_equals_the_matmul(relu, onednn):
+    x, weight, bias = _inputs()
+    expected = x.double() @ weight.double() + bias.double()
+    if relu:
+        expected = expected.relu()
+    with torch.no_grad(), torch.backends.mkldnn.flags(enabled=onednn):
+        assert uses_onednn(weight) == onednn
+        out = linear(x, weight, bias, relu=relu)
+        assert torch.allclose(out.double(), expected, atol=1e-5)
+        assert torch.allclose(linear(x, weight).double(), x.double() @ weight.double(), atol=1e-5)
+    assert out.dtype == torch.float32 and out.shape == (33, 40)
+    assert not relu or (out >= 0).all()
+
+
+def test_linear_keeps_autograd_and_autocast():
+    """oneDNN's op has no backward and ignores autocast: with either on, torch's matmul runs."""
+    x, weight, bias = _inputs()
+    weight.requires_grad_(True)
+    linear(x, weight, bias).sum().backward()
+    assert torch.allclose(weight.grad, x.sum(0)[:, None].expand(-1, 40))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        product = linear(x, weight.detach())
+    assert product.dtype == torch.bfloat16  # the matmul ran in bfloat16, as autocast asks
+    assert not uses_onednn(weight.detach().double())
