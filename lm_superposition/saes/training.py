@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 
 from ..activations import stream_activations
 from ..config import SAETrainingConfig
+from ..kernels import linear
 from ..models import Model, hook_point
 from .loading import save_sae
 from .quality import evaluate_saes
@@ -209,10 +210,10 @@ class _LinearWithSparseGrad(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, W: torch.Tensor, b: torch.Tensor, centre: torch.Tensor | None):
-        product = x @ W
         ctx.save_for_backward(x, W)
-        ctx.matmul_dtype = product.dtype
-        return product + b
+        autocast = torch.is_autocast_enabled(x.device.type)
+        ctx.matmul_dtype = torch.get_autocast_dtype(x.device.type) if autocast else x.dtype
+        return linear(x, W, b)  # float32 on a CPU: oneDNN, 2.2x torch's default kernel here (kernels.py)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
@@ -238,7 +239,7 @@ class _LinearWithSparseGrad(torch.autograd.Function):
                 latents, rows = latents[sparse_entries], rows[sparse_entries]
             grad_W_T = _weighted_row_sums(x, rows, latents, W.shape[1], grad[rows, latents])
             if len(columns):
-                grad_W_T[columns] = (grad[:, columns].T.to(matmul_dtype) @ x.to(matmul_dtype)).to(grad_W_T.dtype)
+                grad_W_T[columns] = linear(grad[:, columns].T.to(matmul_dtype), x.to(matmul_dtype)).to(grad_W_T.dtype)
             grad_W = grad_W_T.T.to(W.dtype)
         return grad_x, grad_W, grad_b if needs_grad_b else None, grad_centre
 
