@@ -17,6 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .data import TokenWindows
+from .kernels import model_linears_on_onednn
 from .models import HookPoint, Model, backend_of, hook_point
 
 
@@ -83,6 +84,9 @@ def forward_activations(
     final norm; TransformerBridge only stops at the start of a block, and past the last one
     would go on through the unembedding (for Gemma 3, a 262k-wide matmul per token), so
     there the final norm's input stops it.
+
+    The model's float32 linear layers run on oneDNN where torch would use MKL
+    (`kernels.model_linears_on_onednn`).
     """
     names = list(names)
     if (
@@ -96,10 +100,11 @@ def forward_activations(
         def stop(tensor, hook):
             raise StopAtLayerException(tensor)  # the bridge's own way out of its forward pass
 
-        with model.hooks(fwd_hooks=[("ln_final.hook_in", stop)]):
+        with model.hooks(fwd_hooks=[("ln_final.hook_in", stop)]), model_linears_on_onednn():
             _, cache = model.run_with_cache(tokens, names_filter=names)
     else:
-        _, cache = model.run_with_cache(tokens, names_filter=names, stop_at_layer=stop_at_layer)
+        with model_linears_on_onednn():
+            _, cache = model.run_with_cache(tokens, names_filter=names, stop_at_layer=stop_at_layer)
     missing = [name for name in names if name not in cache]
     if missing and require_all:
         raise RuntimeError(

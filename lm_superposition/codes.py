@@ -40,11 +40,12 @@ def nonzero_entries(codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(flat position, value) of every entry of `codes` that is != 0, positions ascending
     (row-major), exactly the entries of `codes.nonzero()`.
 
-    torch's CPU nonzero tests one element at a time, and on a [1024, 32768] float32 batch of
-    codes it cost 9% of the encode's matmul (bfloat16: half of its matmul). Read as 64-bit words,
-    the same memory is tested in half (bfloat16: a quarter) as many steps; only the words with a
-    nonzero bit, ~1-3% of them, are then looked at value by value (which also drops -0.0 and keeps
-    NaN, as `!= 0` does). Float32: 33 -> 19 ms per batch, bfloat16: 42 -> 15 ms (results/benchmarks/).
+    torch's CPU nonzero tests one element at a time. Read as 64-bit words, the same memory is
+    tested in half (bfloat16: a quarter) as many steps; only the words with a nonzero bit, ~1-3%
+    of them, are then looked at value by value (which also drops -0.0 and keeps NaN, as `!= 0`
+    does). On the peer benchmark's 4,096-token round of 19 hooks x 32,768 latents, nonzero took
+    2.3 s of the float32 measurement and 3.0 s of the bfloat16 one before, 1.1 s and 0.7 s after
+    (cProfile in results/benchmarks/peers/vs_paper_stack.md and its git history).
     """
     flat = codes.reshape(-1)
     per_word = 8 // codes.element_size()
@@ -96,7 +97,7 @@ def encode(
     """sae.encode(activations), computed the fastest way the SAE allows.
 
     - `encodes_fused(sae)` (float32 on a CPU), outside autograd: oneDNN's linear with the bias and
-      ReLU fused (`kernels.linear`; 1.7x torch's default float32 matmul on this project's CPU).
+      ReLU fused (`kernels.linear`; 1.8x torch's default float32 matmul on this project's CPU).
     - otherwise, where `encodes_in_place(sae)` and `out` ([>= tokens, d_sae]) is given: the codes
       written into `out` by one addmm and an in-place ReLU. SAE-Lens's encode allocates three
       [tokens, d_sae] tensors and passes over them twice after the matmul; at 32,768 features each
@@ -237,8 +238,8 @@ def decoder_norms(sae) -> torch.Tensor:
     """||effective decoder row|| of every latent, float64 [d_sae], on the SAE's device.
 
     A few hundred rows at a time: a float64 copy of a whole 32k x 512 decoder (128 MiB, fresh
-    pages) made this cost 55 ms per SAE, more than a batch's nonzero scan; in slices it takes 8 ms
-    and gives the same bits."""
+    pages each call) took 1.1 s of a 4,096-token round of 19 such SAEs; in slices 0.03 s, the
+    same bits (cProfile in results/benchmarks/peers/vs_paper_stack.md and its git history)."""
     rows = decoder_rows(sae)
     return torch.cat([torch.linalg.vector_norm(part.double(), dim=1) for part in rows.split(512)])
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from lm_superposition.kernels import linear, uses_onednn
+from lm_superposition.kernels import linear, model_linears_on_onednn, uses_onednn
 
 
 def _inputs():
@@ -38,3 +38,24 @@ def test_linear_keeps_autograd_and_autocast():
         product = linear(x, weight.detach())
     assert product.dtype == torch.bfloat16  # the matmul ran in bfloat16, as autocast asks
     assert not uses_onednn(weight.detach().double())
+
+
+def test_model_linears_on_onednn_give_the_layers_outputs():
+    """Inside the mode a module's float32 nn.Linear runs on oneDNN (any leading dims, with and
+    without bias); outside it, and for float64, torch's own kernel: the same outputs."""
+    torch.manual_seed(0)
+    layers = torch.nn.Sequential(torch.nn.Linear(24, 40), torch.nn.GELU(), torch.nn.Linear(40, 8, bias=False))
+    x = torch.randn(3, 5, 24)
+    calls = []
+    with torch.inference_mode():
+        expected = layers(x)
+        original = torch.ops.mkldnn._linear_pointwise
+        with pytest.MonkeyPatch.context() as patch:
+            counting = lambda *args: calls.append(args[3]) or original(*args)  # noqa: E731
+            patch.setattr(torch.ops.mkldnn, "_linear_pointwise", counting)
+            with model_linears_on_onednn():
+                out = layers(x)
+                float64 = layers.double()(x.double())
+    assert len(calls) == 2  # both float32 layers went to oneDNN, the float64 ones did not
+    assert out.shape == (3, 5, 8) and torch.allclose(out, expected, atol=1e-5)
+    assert torch.allclose(float64.float(), expected, atol=1e-5)
