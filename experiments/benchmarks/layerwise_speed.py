@@ -9,8 +9,9 @@ For a Pythia-70M-shaped random model with one random SAE-Lens StandardSAE per pa
             experiments/layerwise): one document at a time, a forward pass through the whole
             model with every hook cached, one SAE encode per hook, |z| summed into float32
             per-feature totals;
-  roofline  bare matmuls of every shape the measurement needs, timed in this run: the
-            tokens/s of a measurement that did nothing but those matmuls.
+  roofline  bare matmuls of every shape the measurement needs, timed in this run by the faster
+            of torch.matmul and (float32, CPU) oneDNN: the tokens/s of a measurement that did
+            nothing but those matmuls.
 
 Correctness: ours must give the F of SAE-Lens's plain dense encode on the same tokens; the
 report prints the largest relative difference over the hooks.
@@ -54,6 +55,12 @@ from lm_superposition.data import TokenWindows
 from lm_superposition.metric import effective_features
 from lm_superposition.models import paper_hooks
 from lm_superposition.report import markdown_table as markdown
+
+# Run as a script (python experiments/benchmarks/layerwise_speed.py) or as a module.
+try:
+    from matmul_kernels import matmul_kernels
+except ImportError:
+    from experiments.benchmarks.matmul_kernels import matmul_kernels
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 MODEL_NAME = "pythia-70m-deduped"
@@ -232,11 +239,15 @@ def timed(function, device: str) -> tuple[object, float]:
 
 
 def matmul_seconds(shape: dict, setup: Setup) -> float:
-    """Time of one torch.matmul of these shapes into a preallocated output, after a warm-up call."""
+    """Time of one matmul of these shapes by the fastest kernel (`matmul_kernels`: torch.matmul,
+    and oneDNN for float32 on a CPU), each after a warm-up call."""
     a = torch.randn(shape["a"], device=setup.device, dtype=setup.torch_dtype)
     b = torch.randn(shape["b"], device=setup.device, dtype=setup.torch_dtype)
-    out = torch.matmul(a, b)
-    return timed(lambda: torch.matmul(a, b, out=out), setup.device)[1]
+    seconds = []
+    for call in matmul_kernels(a, b).values():
+        call()
+        seconds.append(timed(call, setup.device)[1])
+    return min(seconds)
 
 
 def peak_memory_mib(device: str) -> float:

@@ -76,7 +76,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--paper-stack", type=Path, default=PEERS / "vs_paper_stack.csv", help="float32 rows")
     parser.add_argument("--paper-stack-bf16", type=Path, default=PEERS / "vs_paper_stack.csv", help="bfloat16 rows")
-    parser.add_argument("--training", type=Path, default=PEERS / "gemma55_sparse_step" / "vs_sparsify_gemma.csv")
+    parser.add_argument("--training", type=Path, default=PEERS / "gemma55_onednn" / "vs_sparsify_gemma.csv")
     parser.add_argument("--documents", type=int, default=20_000, help="documents per seed (the paper's 20,000)")
     parser.add_argument("--document-tokens", type=int, default=128, help="tokens per document (the benchmark's)")
     parser.add_argument("--seeds", type=int, default=3, help="data seeds (the paper's 3)")

@@ -80,6 +80,12 @@ from lm_superposition.data import TokenWindows
 from lm_superposition.report import markdown_table as markdown  # also imported by the other benchmarks
 from lm_superposition.saes import load_dictionary_learning_sae  # the project's ae.pt loader (not a top-level name)
 
+# Run as a script (python experiments/benchmarks/vs_paper_stack.py) or as a module.
+try:
+    from matmul_kernels import matmul_kernels
+except ImportError:
+    from experiments.benchmarks.matmul_kernels import matmul_kernels
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 F_TOLERANCE = 1e-6
@@ -375,12 +381,10 @@ class Roofline:
     batch of `batch_size` documents, in `dtype`. Each distinct shape is timed (median of 3 calls,
     after a warm-up call) and counted as often as a round needs it.
 
-    kernels: "torch.matmul" times torch's default kernel (MKL for float32 on this CPU, into a
-    preallocated output); "fastest" also times oneDNN's linear (`torch.ops.mkldnn._linear_pointwise`,
-    what ours encodes float32 with) and keeps the faster of the two per shape. On this project's AMD
-    EPYC oneDNN ran float32 matmuls 2.2x faster than MKL, so a roofline of torch.matmul alone is no
-    bound: ours passes it. oneDNN allocates its output, so it is timed on slices of at most 2^22
-    output elements, as ours calls it (a fresh 128 MiB output is page-faulted: 45 ms).
+    kernels: "torch.matmul" times torch's default kernel (MKL for float32 on this CPU);
+    "fastest" also times oneDNN's linear (`matmul_kernels`, what ours encodes float32 with) and
+    keeps the faster per shape. On this project's AMD EPYC oneDNN ran float32 matmuls 1.8-2.2x faster
+    than MKL, so a roofline of torch.matmul alone is no bound: ours passes it.
     """
 
     KERNELS = ("torch.matmul", "fastest")
@@ -412,20 +416,6 @@ class Roofline:
         ]
         self.last: list[dict] = []
 
-    def _calls(self, a: torch.Tensor, b: torch.Tensor) -> dict:
-        """The kernels to time for a @ b, each as a call without arguments."""
-        calls = {"torch.matmul": partial(torch.matmul, a, b, out=torch.matmul(a, b))}
-        if self.kernels == "fastest" and a.ndim == 2 and torch.backends.mkldnn.is_available():
-            rows = max(1, 2**22 // b.shape[1])
-            linear = torch.ops.mkldnn._linear_pointwise
-
-            def onednn():
-                for part in a.split(rows):
-                    linear(part, b.t(), None, "none", [], "")
-
-            calls["oneDNN"] = onednn
-        return calls
-
     def seconds(self, documents: torch.Tensor) -> tuple[float, float]:
         """(wall, CPU) seconds the matmuls of ours on these documents take at this machine's matmul speed."""
         batches = -(-len(documents) // self.batch_size)
@@ -434,7 +424,10 @@ class Roofline:
             a, b = torch.randn(a_shape, dtype=self.dtype), torch.randn(b_shape, dtype=self.dtype)
             flop = 2 * math.prod(a_shape) * b_shape[-1]
             timings = {}
-            for kernel, call in self._calls(a, b).items():
+            kernels = matmul_kernels(a, b)
+            if self.kernels == "torch.matmul":
+                kernels = {"torch.matmul": kernels["torch.matmul"]}
+            for kernel, call in kernels.items():
                 call()  # warm-up
                 calls = [timed(call) for _ in range(3)]
                 timings[kernel] = (sorted(c[1] for c in calls)[1], sorted(c[2] for c in calls)[1])

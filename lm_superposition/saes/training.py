@@ -199,9 +199,10 @@ class _LinearWithSparseGrad(torch.autograd.Function):
     zeros; the auxiliary loss adds dead latents that most tokens use. So the W gradient is taken
     latent by latent: a latent (column of grad) with more than the threshold share of nonzeros
     goes through a matmul over those latents only, the others sum over their nonzeros. The
-    forward is the plain `x @ W + b` (under autocast the matmul runs in bfloat16, as in
-    SAE-Lens); the sums run in the inputs' own dtypes (float32 under autocast: more precise
-    than bfloat16 matmuls at no extra cost), the matmul in the forward matmul's dtype.
+    forward is `x @ W + b` (`kernels.linear`: oneDNN in float32 on a CPU; under autocast the
+    matmul runs in bfloat16, as in SAE-Lens); the sums run in the inputs' own dtypes (float32
+    under autocast: more precise than bfloat16 matmuls at no extra cost), the matmul in the
+    forward matmul's dtype.
 
     centre: where x = inputs - centre with inputs that need no gradient (an SAE's b_dec
     subtracted from data), pass x detached and the centre here: its gradient, -W @ grad.sum(0),
@@ -213,7 +214,7 @@ class _LinearWithSparseGrad(torch.autograd.Function):
         ctx.save_for_backward(x, W)
         autocast = torch.is_autocast_enabled(x.device.type)
         ctx.matmul_dtype = torch.get_autocast_dtype(x.device.type) if autocast else x.dtype
-        return linear(x, W, b)  # float32 on a CPU: oneDNN, 2.2x torch's default kernel here (kernels.py)
+        return linear(x, W, b)  # float32 on a CPU: oneDNN (kernels.py)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
