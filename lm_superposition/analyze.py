@@ -46,9 +46,8 @@ from .sparse_coding import additivity_of, compressed_sensing_margin
 # Codes are encoded in slices of about this many elements (tokens x d_sae). An encode that
 # allocates fresh [tokens, d_sae] tensors (SAE-Lens's, oneDNN's fused one): 2^22 float32 = 16 MiB
 # stays under glibc's largest mmap threshold (32 MiB), so they come from the heap instead of being
-# mapped and page-faulted afresh every time (128 MiB fresh: 45 ms, more than the nonzero scan). An
-# SAE encoded into one reused buffer has no such cost, and its addmm runs fastest on large slices.
-# Measured: results/benchmarks/README.md.
+# mapped and page-faulted afresh every time. An SAE encoded into one reused buffer has no such
+# cost, and its addmm runs fastest on large slices. Measured: results/benchmarks/README.md.
 ENCODE_CHUNK_ELEMENTS = 2**22
 IN_PLACE_CHUNK_ELEMENTS = 2**25
 # Latents whose decoder directions are at least this aligned count as one feature (codes.duplicate_groups).

@@ -34,7 +34,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     backward) nor autocast (which would run the matmul in half precision) is on; torch's matmul
     otherwise. The two kernels agree to float32 rounding, not bit for bit.
     """
-    if _onednn_applies(x, weight):
+    if _onednn_applies(x, weight) and x.shape[-1] == weight.shape[0]:  # else torch's clear shape error
         return torch.ops.mkldnn._linear_pointwise(x, weight.t(), bias, "relu" if relu else "none", [], "")
     out = x @ weight
     if bias is not None:
@@ -56,9 +56,15 @@ class _ModelLinearsOnOneDNN(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func is torch.nn.functional.linear:
-            x, weight, *rest = args
-            bias = rest[0] if rest else kwargs.get("bias")
-            if _onednn_applies(x, weight) and (bias is None or bias.dtype == torch.float32):
+            named = dict(zip(("input", "weight", "bias"), args)) | kwargs
+            x, weight, bias = named.get("input"), named.get("weight"), named.get("bias")
+            if (
+                isinstance(x, torch.Tensor)
+                and isinstance(weight, torch.Tensor)
+                and _onednn_applies(x, weight)
+                and x.shape[-1] == weight.shape[-1]  # else torch's own, clear shape error
+                and (bias is None or bias.dtype == torch.float32)
+            ):
                 return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")  # weight: [out, in]
         return func(*args, **kwargs)
 

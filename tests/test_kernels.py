@@ -55,7 +55,11 @@ def test_model_linears_on_onednn_give_the_layers_outputs():
             patch.setattr(torch.ops.mkldnn, "_linear_pointwise", counting)
             with model_linears_on_onednn():
                 out = layers(x)
+                by_keyword = torch.nn.functional.linear(input=x, weight=layers[0].weight, bias=None)
+                with pytest.raises(RuntimeError, match="cannot be multiplied"):  # torch's message, not oneDNN's
+                    layers[2](x)
                 float64 = layers.double()(x.double())
-    assert len(calls) == 2  # both float32 layers went to oneDNN, the float64 ones did not
+    assert len(calls) == 3  # both float32 layers and the call by keywords went to oneDNN, float64 did not
+    assert by_keyword.shape == (3, 5, 40)
     assert out.shape == (3, 5, 8) and torch.allclose(out, expected, atol=1e-5)
     assert torch.allclose(float64.float(), expected, atol=1e-5)

@@ -9,7 +9,7 @@ import torch
 from lm_superposition.kernels import uses_onednn
 
 # oneDNN's linear allocates its output; outputs of at most this many float32 elements (16 MiB)
-# come from the heap, where a fresh 128 MiB one is page-faulted (45 ms), so it is timed in row
+# come from the heap, where a fresh 128 MiB one is page-faulted on every call, so it is timed in row
 # slices of this size, as the analyzer calls it (lm_superposition.analyze.ENCODE_CHUNK_ELEMENTS).
 ONEDNN_SLICE_ELEMENTS = 2**22
 
