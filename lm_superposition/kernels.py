@@ -34,7 +34,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     backward) nor autocast (which would run the matmul in half precision) is on; torch's matmul
     otherwise. The two kernels agree to float32 rounding, not bit for bit.
     """
-    if _onednn_applies(x, weight) and x.shape[-1] == weight.shape[0]:  # else torch's clear shape error
+    if _onednn_applies(x, weight, bias):
         return torch.ops.mkldnn._linear_pointwise(x, weight.t(), bias, "relu" if relu else "none", [], "")
     out = x @ weight
     if bias is not None:
@@ -58,21 +58,20 @@ class _ModelLinearsOnOneDNN(TorchFunctionMode):
         if func is torch.nn.functional.linear:
             named = dict(zip(("input", "weight", "bias"), args)) | kwargs
             x, weight, bias = named.get("input"), named.get("weight"), named.get("bias")
-            if (
-                isinstance(x, torch.Tensor)
-                and isinstance(weight, torch.Tensor)
-                and _onednn_applies(x, weight)
-                and x.shape[-1] == weight.shape[-1]  # else torch's own, clear shape error
-                and (bias is None or bias.dtype == torch.float32)
-            ):
-                return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")  # weight: [out, in]
+            is_tensor = isinstance(x, torch.Tensor) and isinstance(weight, torch.Tensor)
+            if is_tensor and _onednn_applies(x, weight.t(), bias):  # F.linear's weight is [out, in]
+                return linear(x, weight.t(), bias)
         return func(*args, **kwargs)
 
 
-def _onednn_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
+def _onednn_applies(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    """`linear`'s test: float32 operands oneDNN can take, shapes that fit (else torch's matmul
+    raises its own error, which names the shapes), and neither autograd nor autocast on."""
     return (
         uses_onednn(weight)
         and x.dtype == torch.float32
+        and (bias is None or bias.dtype == torch.float32)
+        and x.shape[-1] == weight.shape[0]
         and not torch.is_grad_enabled()
         and not torch.is_autocast_enabled(x.device.type)
     )

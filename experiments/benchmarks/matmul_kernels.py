@@ -6,21 +6,25 @@ from collections.abc import Callable
 
 import torch
 
-from lm_superposition.kernels import uses_onednn
-
-# oneDNN's linear allocates its output; outputs of at most this many float32 elements (16 MiB)
-# come from the heap, where a fresh 128 MiB one is page-faulted on every call, so it is timed in row
-# slices of this size, as the analyzer calls it (lm_superposition.analyze.ENCODE_CHUNK_ELEMENTS).
-ONEDNN_SLICE_ELEMENTS = 2**22
+from lm_superposition.analyze import ENCODE_CHUNK_ELEMENTS
+from lm_superposition.kernels import linear, uses_onednn
 
 
 def matmul_kernels(a: torch.Tensor, b: torch.Tensor) -> dict[str, Callable[[], object]]:
     """{kernel: a call without arguments that computes a @ b}: torch.matmul into a preallocated
     output, and for 2-D float32 operands on a CPU, oneDNN's linear (`lm_superposition.kernels`),
-    which on this project's AMD EPYC ran 1.8-2.2x faster than torch.matmul's MKL."""
+    which on this project's AMD EPYC ran 1.8-2.2x faster than torch.matmul's MKL.
+
+    oneDNN's linear allocates its output, so it is timed in row slices of at most
+    ENCODE_CHUNK_ELEMENTS output elements, as the analyzer calls it: those come from the heap,
+    where a fresh 128 MiB output would be page-faulted on every call."""
     kernels = {"torch.matmul": lambda out=torch.matmul(a, b): torch.matmul(a, b, out=out)}
     if a.ndim == 2 and a.dtype == torch.float32 and uses_onednn(b):
-        rows = max(1, ONEDNN_SLICE_ELEMENTS // b.shape[1])
-        linear = torch.ops.mkldnn._linear_pointwise
-        kernels["oneDNN"] = lambda: [linear(part, b.t(), None, "none", [], "") for part in a.split(rows)]
+        rows = max(1, ENCODE_CHUNK_ELEMENTS // b.shape[1])
+
+        def onednn():
+            with torch.inference_mode():  # `linear` takes oneDNN outside autograd only
+                return [linear(part, b) for part in a.split(rows)]
+
+        kernels["oneDNN"] = onednn
     return kernels
