@@ -30,16 +30,44 @@ def uses_onednn(weight: torch.Tensor) -> bool:
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, relu: bool = False) -> torch.Tensor:
     """x @ weight + bias ([tokens, d_in] @ [d_in, d_out] + [d_out]), then a ReLU if asked.
 
-    On oneDNN where `uses_onednn(weight)`, x is float32 too, and neither autograd (the op has no
-    backward) nor autocast (which would run the matmul in half precision) is on; torch's matmul
-    otherwise. The two kernels agree to float32 rounding, not bit for bit.
+    On oneDNN where `uses_onednn(weight)`, x is float32 too and autocast (which would run the
+    matmul in half precision) is off; torch's matmul otherwise. Under autograd the gradients are
+    oneDNN matmuls as well (`_OneDNNLinear`). The two kernels agree to float32 rounding, not bit
+    for bit.
     """
-    if _onednn_applies(x, weight, bias):
-        return torch.ops.mkldnn._linear_pointwise(x, weight.t(), bias, "relu" if relu else "none", [], "")
-    out = x @ weight
-    if bias is not None:
-        out = out + bias
-    return out.relu_() if relu else out
+    if not _onednn_applies(x, weight, bias):
+        out = x @ weight
+        if bias is not None:
+            out = out + bias
+        return out.relu_() if relu else out
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias)):
+        out = _OneDNNLinear.apply(x, weight, bias)  # oneDNN's op has no backward of its own
+        return out.relu() if relu else out
+    return _onednn_linear(x, weight, bias, relu)
+
+
+def _onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, relu: bool = False):
+    return torch.ops.mkldnn._linear_pointwise(x, weight.t(), bias, "relu" if relu else "none", [], "")
+
+
+class _OneDNNLinear(torch.autograd.Function):
+    """x @ weight + bias with its three gradients, every matmul on oneDNN."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        return _onednn_linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, weight = ctx.saved_tensors
+        needs_x, needs_weight, needs_bias = ctx.needs_input_grad
+        grad_rows = grad.reshape(-1, grad.shape[-1])
+        grad_x = _onednn_linear(grad, weight.t(), None) if needs_x else None
+        grad_weight = _onednn_linear(x.reshape(-1, x.shape[-1]).t(), grad_rows, None) if needs_weight else None
+        grad_bias = grad_rows.sum(0) if needs_bias and ctx.has_bias else None
+        return grad_x, grad_weight, grad_bias
 
 
 def model_linears_on_onednn() -> TorchFunctionMode:
@@ -66,12 +94,11 @@ class _ModelLinearsOnOneDNN(TorchFunctionMode):
 
 def _onednn_applies(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
     """`linear`'s test: float32 operands oneDNN can take, shapes that fit (else torch's matmul
-    raises its own error, which names the shapes), and neither autograd nor autocast on."""
+    raises its own error, which names the shapes), and autocast off."""
     return (
         uses_onednn(weight)
         and x.dtype == torch.float32
         and (bias is None or bias.dtype == torch.float32)
         and x.shape[-1] == weight.shape[0]
-        and not torch.is_grad_enabled()
         and not torch.is_autocast_enabled(x.device.type)
     )

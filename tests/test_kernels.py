@@ -28,14 +28,27 @@ def test_linear_equals_the_matmul(relu, onednn):
     assert not relu or (out >= 0).all()
 
 
-def test_linear_keeps_autograd_and_autocast():
-    """oneDNN's op has no backward and ignores autocast: with either on, torch's matmul runs."""
+def test_linear_under_autograd_runs_its_gradients_on_onednn():
+    """With autograd on, the product and both gradients are oneDNN matmuls (three calls), with
+    the gradients of torch's matmul; under autocast torch's matmul runs, in bfloat16."""
     x, weight, bias = _inputs()
-    weight.requires_grad_(True)
-    linear(x, weight, bias).sum().backward()
-    assert torch.allclose(weight.grad, x.sum(0)[:, None].expand(-1, 40))
+    params = (x.requires_grad_(True), weight.requires_grad_(True), bias.requires_grad_(True))
+    grad = torch.randn(33, 40)
+    expected = torch.autograd.grad(x.double() @ weight.double() + bias.double(), params, grad.double())
+    calls = []
+    original = torch.ops.mkldnn._linear_pointwise
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(torch.ops.mkldnn, "_linear_pointwise", lambda *args: calls.append(args) or original(*args))
+        got = torch.autograd.grad(linear(x, weight, bias), params, grad)
+        relu_grad = torch.autograd.grad(linear(x, weight, bias, relu=True), weight, grad)[0]
+    assert len(calls) == 6
+    for name, want, have in zip(("x", "weight", "bias"), expected, got, strict=True):
+        assert have.dtype == torch.float32 and torch.allclose(want.float(), have, atol=1e-4), name
+    active = (x.detach().double() @ weight.detach().double() + bias.detach().double()) > 0
+    want_relu = x.detach().double().T @ (grad.double() * active)
+    assert torch.allclose(relu_grad.double(), want_relu, atol=1e-4)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        product = linear(x, weight.detach())
+        product = linear(x, weight)
     assert product.dtype == torch.bfloat16  # the matmul ran in bfloat16, as autocast asks
     assert not uses_onednn(weight.detach().double())
 

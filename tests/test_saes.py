@@ -162,6 +162,37 @@ def test_train_saes_feeds_one_stream_to_every_hook():
     assert short["hook_a"].cfg.metadata.training_tokens == 19_968
 
 
+def test_fixed_size_batches_shuffle_within_the_buffer_as_concatenation_would():
+    """The refilled buffers give the batches of the plain recipe: concatenate what is pending,
+    permute it, cut whole batches, keep the rest; incoming batches of uneven sizes."""
+    from lm_superposition.saes.training import _fixed_size_batches
+
+    sizes = [1, 7, 3, 12, 5, 9, 1, 11]  # the 12 outgrows the buffer made for the first batch
+    stream = [{"a": torch.randn(n, 4), "b": torch.randn(n, 2)} for n in sizes]
+    got = list(_fixed_size_batches(iter(stream), {"a": 4, "b": 2}, 5, 3, torch.Generator().manual_seed(0)))
+
+    generator, expected, pending = torch.Generator().manual_seed(0), [], {"a": [], "b": []}
+
+    def cut(pending):
+        joined = {hook: torch.cat(parts) for hook, parts in pending.items()}
+        order = torch.randperm(len(joined["a"]), generator=generator)
+        n_full = len(order) - len(order) % 5
+        expected.extend({hook: acts[order[i : i + 5]] for hook, acts in joined.items()} for i in range(0, n_full, 5))
+        return {hook: [acts[order[n_full:]]] for hook, acts in joined.items()}
+
+    for batch in stream:
+        for hook in pending:
+            pending[hook].append(batch[hook])
+        if sum(len(part) for part in pending["a"]) >= 15:
+            pending = cut(pending)
+    if sum(len(part) for part in pending["a"]) >= 5:
+        cut(pending)
+    assert len(got) == len(expected) == sum(sizes) // 5
+    for mine, theirs in zip(got, expected, strict=True):
+        assert mine.keys() == theirs.keys()
+        assert all(torch.equal(mine[hook], theirs[hook]) for hook in mine)
+
+
 def test_train_saes_rejects_bad_batches():
     config = SAETrainingConfig(batch_size_tokens=8, training_tokens=64)
     with pytest.raises(ValueError, match=r"lacks hooks \['b'\]"):

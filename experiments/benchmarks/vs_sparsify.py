@@ -27,7 +27,9 @@ report also gives how far the two stacks' activations are apart (they should agr
 
 Precision (--precision, one contender of ours per value): float32, the validated default; bfloat16,
 the model's forward passes and the SAE training steps under bfloat16 autocast
-(`SAETrainingConfig(autocast_lm=True, autocast=True)`: weights and Adam stay float32). Sparsify
+(`SAETrainingConfig(autocast_lm=True, autocast=True)`: weights and Adam stay float32);
+bfloat16-forward, the forward passes alone under it (`autocast_lm=True`), the SAE steps in
+float32, whose matmuls run on oneDNN (`kernels.linear`). Sparsify
 runs as its CLI does on a CPU: the model in the checkpoint's dtype (float32 here), float32 SAEs
 (its CLI picks bfloat16 only on a GPU that supports it); --sparsify-bf16 adds a contender with
 the model loaded in bfloat16, as its CLI does on such GPUs.
@@ -95,7 +97,7 @@ except ImportError:
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 ACTIVATION_TOLERANCE = 1e-4  # relative: the two stacks must hand their SAEs the same activations
-OURS = {"float32": "ours", "bfloat16": "ours_bf16"}  # contender name per --precision
+OURS = {"float32": "ours", "bfloat16": "ours_bf16", "bfloat16-forward": "ours_bf16_forward"}  # per --precision
 
 
 # ---- the setup: model on both stacks, windows, hooks ----------------------------------------------
@@ -173,10 +175,9 @@ def hf_module(hook: str, modules: dict[str, str]) -> str:
 
 
 def our_config(args, setup: Setup, precision: str = "float32") -> SAETrainingConfig:
-    reduced = precision == "bfloat16"
     return SAETrainingConfig(
-        autocast_lm=reduced,
-        autocast=reduced,
+        autocast_lm=precision.startswith("bfloat16"),
+        autocast=precision == "bfloat16",
         architecture="topk",
         k=args.k,
         d_sae=args.width,
@@ -393,9 +394,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument(
         "--precision",
         nargs="+",
-        choices=["float32", "bfloat16"],
+        choices=list(OURS),
         default=["float32"],
-        help="one contender of ours per precision (bfloat16: forward passes and SAE steps under autocast)",
+        help="one contender of ours per precision (bfloat16: forward passes and SAE steps under autocast; "
+        "bfloat16-forward: the forward passes only)",
     )
     parser.add_argument(
         "--sparsify-bf16",
@@ -522,6 +524,8 @@ def main(argv=None) -> int:
     labels = {
         "ours": "ours: train_saes over stream_activations (training), float32",
         "ours_bf16": "ours, bfloat16 autocast (forward + SAE steps): train_saes over stream_activations",
+        "ours_bf16_forward": "ours, bfloat16 autocast (forward only; SAE steps float32): train_saes over "
+        "stream_activations",
         "sparsify": "sparsify: Trainer(cfg, dataset, AutoModel).fit(), float32",
         "sparsify_bf16": "sparsify, model loaded in bfloat16: Trainer(...).fit()",
         "ours_whole": f"ours, whole: train_saes_for_model (training + save + quality check, {args.precision[-1]}), "

@@ -53,7 +53,7 @@ from .quality import evaluate_saes
 # (top-k, Adam's update, the sparse sums) that stacking would not shrink. The levers were the
 # arithmetic and the interpreter, each measured on the 55-hook peer benchmark
 # (experiments/benchmarks/vs_sparsify.py; results/benchmarks/peers/): `SparseTopKTrainingSAE`
-# (codes kept sparse from encode to decode, sparse encoder gradient, auxiliary loss over the dead
+# (codes kept sparse from encode to decode, no input gradient, auxiliary loss over the dead
 # latents only, decoder norms without their cancelling gradient), torch's fused Adam
 # (`_new_trainer`), the cyclic garbage collector paused (`_cyclic_gc_paused`), precision
 # (`autocast`: bfloat16 matmuls, 3.5x faster than float32 ones on this CPU) and the forward pass
@@ -69,10 +69,10 @@ class SparseTopKTrainingSAE(TopKTrainingSAE):
     encoder's W_enc gradient as a full [d_in, tokens] @ [tokens, d_sae] matmul (its input
     gradient another) over a gradient that TopK leaves zero outside k latents a token. Its
     sparse option (`use_sparse_activations`) fails in the backward pass on CPU (aten::view has
-    no SparseCPU kernel). Here, the way eai-sparsify's fused encoder and decoder work, the codes
-    stay each token's k (latent, value) pairs, the decode is an `embedding_bag` over them, and
-    the encoder's backward sums over the nonzeros of its output gradient
-    (`_LinearWithSparseGrad`); the auxiliary loss works on the dead latents' columns only. The
+    no SparseCPU kernel). Here, the way eai-sparsify's fused decoder works, the codes stay each
+    token's k (latent, value) pairs and the decode is an `embedding_bag` over them; the encoder
+    gives b_dec its gradient without an input gradient (`_CentredLinear`), and the auxiliary loss
+    works on the dead latents' columns only. The
     same losses and gradients up to summation order (tests/test_precision.py), and everything
     else (losses, optimiser, schedules, dead-latent tracking, saving as an SAE-Lens TopKSAE)
     is SAE-Lens's.
@@ -86,8 +86,8 @@ class SparseTopKTrainingSAE(TopKTrainingSAE):
         if x.ndim != 2 or self.cfg.use_sparse_activations or self.hook_sae_acts_post.fwd_hooks:
             return super().training_forward_pass(step_input)  # what the dense codes serve
         hidden_pre = self._hidden_pre(x)
-        values, latents = hidden_pre.topk(self.cfg.k, dim=-1, sorted=False)  # SAE-Lens's TopK activation
-        values = values.relu()
+        latents = _top_k_latents(hidden_pre, self.cfg.k)  # SAE-Lens's TopK activation
+        values = hidden_pre.gather(-1, latents).relu()
         rows = torch.arange(len(x), device=x.device).repeat_interleave(self.cfg.k)
         reconstruction = self._decode_active(rows, latents.flatten(), values.flatten(), len(x))
         # the rest as TopKTrainingSAE.decode does it
@@ -114,13 +114,13 @@ class SparseTopKTrainingSAE(TopKTrainingSAE):
 
     def _hidden_pre(self, x: torch.Tensor) -> torch.Tensor:
         """TopKTrainingSAE.encode_with_hidden_pre up to the activation, with the encoder matmul
-        as _LinearWithSparseGrad and the decoder norms without their gradient (_decoder_norms)."""
+        as _CentredLinear and the decoder norms without their gradient (_decoder_norms)."""
         sae_in = self.process_sae_in(x)  # SAE-Lens's x - b_dec, reshaped and hooked
         # Activations are data: the encoder's input gradient only reaches b_dec, which the
         # function then gets as one matvec instead of a [tokens, d_in] input gradient.
         centre = self.b_dec if self.cfg.apply_b_dec_to_input and not x.requires_grad else None
         inputs = (sae_in if centre is None else sae_in.detach()).reshape(-1, sae_in.shape[-1])
-        hidden_pre = _LinearWithSparseGrad.apply(inputs, self.W_enc, self.b_enc, centre)
+        hidden_pre = _CentredLinear.apply(inputs, self.W_enc, self.b_enc, centre)
         hidden_pre = self.hook_sae_acts_pre(hidden_pre.reshape(*sae_in.shape[:-1], -1))
         if self.cfg.rescale_acts_by_decoder_norm:
             hidden_pre = hidden_pre * self._decoder_norms()
@@ -158,7 +158,9 @@ class SparseTopKTrainingSAE(TopKTrainingSAE):
         # (none where there are at most k_aux, as every token then selects all of them: 60% of
         # the 55-hook peer benchmark's SAE steps, 29% had more), and the decode as a
         # [tokens, dead] @ [dead, d_in] matmul. The same k_aux, scale, selection and loss; the
-        # checks and the reshaping as there.
+        # checks and the reshaping as there. The decode is `kernels.linear`: in float32 on a CPU it
+        # and its two gradients run on oneDNN (one SAE step with 200 / 500 of 1,280 latents dead:
+        # 11.7 -> 10.3 / 15.2 -> 12.6 ms, 1 thread of this project's CPU).
         if (
             hidden_pre.ndim != 2
             or dead_neuron_mask is None
@@ -174,39 +176,62 @@ class SparseTopKTrainingSAE(TopKTrainingSAE):
             codes = torch.zeros_like(codes).scatter(-1, top.indices, top.values)
         if self.cfg.rescale_acts_by_decoder_norm:
             codes = codes / self._decoder_norms()[dead]
-        recons = self.reshape_fn_out(codes @ self.W_dec[dead], self.d_head)
+        recons = self.reshape_fn_out(linear(codes, self.W_dec[dead]), self.d_head)
         auxk_loss = (recons - (sae_in - sae_out).detach()).pow(2).sum(dim=-1).mean()
         return self.cfg.aux_loss_coefficient * min(num_dead / k_aux, 1.0) * auxk_loss
 
 
-# The largest share of tokens with a nonzero output gradient at which _LinearWithSparseGrad's
-# backward sums a latent's W gradient over those tokens rather than running the matmul for it:
-# the sums grow with the nonzeros, the matmul does not. Measured on this project's CPU (1 thread,
-# d_in 640, 1,280 latents, 254 and 4,096 tokens; no GPU measured) over whole gradients: the two
-# break even at a density of 0.2-0.27 against float32 matmuls and 0.04-0.05 against bfloat16
-# ones (autocast; 3.5x faster than float32 here), so the thresholds keep a margin below both.
-# TopK's gradient has k of d_sae latents a token (32 of 1,280: 0.025 on average); the auxiliary
-# loss's dead latents are used by most tokens and take the matmul.
-SPARSE_GRAD_MAX_DENSITY = 1 / 8
-SPARSE_GRAD_MAX_DENSITY_HALF_PRECISION = 1 / 32
+# Latents are split into chunks of this many for `_top_k_latents`' threshold.
+TOP_K_CHUNK = 32
 
 
-class _LinearWithSparseGrad(torch.autograd.Function):
-    """x @ W + b, whose W gradient sums over the nonzeros of the output gradient where it is sparse.
+def _top_k_latents(hidden_pre: torch.Tensor, k: int) -> torch.Tensor:
+    """[tokens, k]: the latents of each token's k largest pre-activations, as torch.topk finds them
+    (which of equal values it picks may differ), in half its time.
 
-    Behind TopK, the gradient of the pre-activations is zero outside each token's k latents, so
-    the dense W gradient x.T @ grad spends nearly all its tokens x d_in x d_sae multiply-adds on
-    zeros; the auxiliary loss adds dead latents that most tokens use. So the W gradient is taken
-    latent by latent: a latent (column of grad) with more than the threshold share of nonzeros
-    goes through a matmul over those latents only, the others sum over their nonzeros. The
-    forward is `x @ W + b` (`kernels.linear`: oneDNN in float32 on a CPU; under autocast the
-    matmul runs in bfloat16, as in SAE-Lens); the sums run in the inputs' own dtypes (float32
-    under autocast: more precise than bfloat16 matmuls at no extra cost), the matmul in the
-    forward matmul's dtype.
+    torch.topk (sorted=False) took 2.1-2.4 ms of a 15-19 ms SAE step on the 55-hook peer benchmark
+    ([254, 1,280], k 32; 1 thread of this project's CPU): it selects among all 1,280 values of a
+    row one at a time. Here vectorised passes narrow each row to a few candidates first: the k-th
+    largest of the maxima of its chunks of TOP_K_CHUNK latents is a value that at least k entries
+    reach (each of those k maxima), so every entry of the top k is >= it, and few others are (~60
+    of 1,280 per row there). torch.topk then runs over those candidates only: 1.1 ms for the
+    whole. Rows with NaN or -inf at the threshold, and shapes with fewer than k chunks, take
+    torch.topk itself.
+    """
+    tokens, width = hidden_pre.shape
+    if width % TOP_K_CHUNK or width // TOP_K_CHUNK < k:
+        return hidden_pre.topk(k, dim=-1, sorted=False).indices
+    with torch.no_grad():
+        chunk_maxima = hidden_pre.reshape(tokens, -1, TOP_K_CHUNK).amax(-1)
+        threshold = chunk_maxima.topk(k, dim=-1, sorted=False).values.amin(-1, keepdim=True)
+        if not threshold.isfinite().all():  # NaN (which topk ranks first) or -inf
+            return hidden_pre.topk(k, dim=-1, sorted=False).indices
+        rows, latents = (hidden_pre >= threshold).nonzero(as_tuple=True)  # row by row
+        per_row = torch.bincount(rows, minlength=tokens)
+        slot = torch.arange(len(rows), device=rows.device) - (per_row.cumsum(0) - per_row)[rows]  # place in its row
+        candidates = hidden_pre.new_full((tokens, int(per_row.max())), float("-inf"))
+        candidates[rows, slot] = hidden_pre[rows, latents]
+        candidate_latents = torch.zeros_like(candidates, dtype=torch.long)
+        candidate_latents[rows, slot] = latents
+        return candidate_latents.gather(-1, candidates.topk(k, dim=-1, sorted=False).indices)
 
-    centre: where x = inputs - centre with inputs that need no gradient (an SAE's b_dec
-    subtracted from data), pass x detached and the centre here: its gradient, -W @ grad.sum(0),
-    is one matvec, where x's gradient would be a [tokens, d_in] product.
+
+class _CentredLinear(torch.autograd.Function):
+    """x @ W + b, where x may be data minus a `centre` (an SAE's input minus its b_dec).
+
+    Activations are data: the gradient of x only reaches the centre, as -W @ grad.sum(0), one
+    matvec where autograd would form x's [tokens, d_in] gradient (a matmul as large as the
+    encode) and sum it. So pass x detached and the centre here; with centre None, x gets its own
+    gradient. The matmuls are `kernels.linear` (oneDNN in float32 on a CPU); under autocast the
+    forward runs in bfloat16 as in SAE-Lens, and so does the W gradient.
+
+    The W gradient is the dense x.T @ grad, although TopK leaves grad zero outside each token's
+    k latents. Summing over its nonzeros instead (embedding_bag, the way eai-sparsify's fused
+    encoder does) was this project's path until oneDNN ran the matmul: it then lost at every
+    shape measured on this CPU (1 thread; tests of one SAE step, fwd + bwd, 1,280 and 5,120
+    latents, 254 and 1,024 tokens, float32 and bfloat16, with and without dead latents), by
+    0.3-12 ms a step, as the sums come out latent by latent and need a transposing copy into
+    W's layout that alone costs nearly the matmul.
     """
 
     @staticmethod
@@ -214,7 +239,7 @@ class _LinearWithSparseGrad(torch.autograd.Function):
         ctx.save_for_backward(x, W)
         autocast = torch.is_autocast_enabled(x.device.type)
         ctx.matmul_dtype = torch.get_autocast_dtype(x.device.type) if autocast else x.dtype
-        return linear(x, W, b)  # float32 on a CPU: oneDNN (kernels.py)
+        return linear(x, W, b)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
@@ -225,23 +250,10 @@ class _LinearWithSparseGrad(torch.autograd.Function):
         grad_x = grad_W = grad_centre = None
         if needs_grad_centre:
             grad_centre = -(W @ grad_b.to(W.dtype))
-        if needs_grad_x:  # not on the training path (activations need no gradient): plain matmul
-            grad_x = (grad.to(matmul_dtype) @ W.to(matmul_dtype).T).to(x.dtype)
+        if needs_grad_x:
+            grad_x = linear(grad.to(matmul_dtype), W.to(matmul_dtype).T).to(x.dtype)
         if needs_grad_W:
-            half_precision = matmul_dtype.itemsize < 4
-            max_density = SPARSE_GRAD_MAX_DENSITY_HALF_PRECISION if half_precision else SPARSE_GRAD_MAX_DENSITY
-            # latent l: sum over the tokens t using it of grad[t, l] * x[t]; nonzero on the
-            # transpose lists them latent by latent, as the sums need
-            latents, rows = grad.T.nonzero(as_tuple=True)
-            dense_latents = torch.bincount(latents, minlength=W.shape[1]) > max_density * len(grad)
-            columns = dense_latents.nonzero().squeeze(1)
-            if len(columns):
-                sparse_entries = ~dense_latents[latents]
-                latents, rows = latents[sparse_entries], rows[sparse_entries]
-            grad_W_T = _weighted_row_sums(x, rows, latents, W.shape[1], grad[rows, latents])
-            if len(columns):
-                grad_W_T[columns] = linear(grad[:, columns].T.to(matmul_dtype), x.to(matmul_dtype)).to(grad_W_T.dtype)
-            grad_W = grad_W_T.T.to(W.dtype)
+            grad_W = linear(x.T.to(matmul_dtype), grad.to(matmul_dtype)).to(W.dtype)
         return grad_x, grad_W, grad_b if needs_grad_b else None, grad_centre
 
 
@@ -455,28 +467,46 @@ def _fixed_size_batches(
 
     Tokens are shuffled within a buffer of `buffer_batches` batches (the same permutation for
     every hook); a last remainder smaller than one batch is dropped.
+
+    Each hook's buffer is one tensor, allocated once and refilled in place: concatenating the
+    pending batches afresh for every buffer (5 MB a hook, 55 hooks) cost 17 ms a concatenation
+    on this project's CPU, nearly all of it the kernel mapping the new memory in, 2.9 s of a
+    38 s 55-hook training run (cProfile, experiments/benchmarks/vs_sparsify.py, 64 windows).
     """
-    pending: dict[str, list[torch.Tensor]] = {hook: [] for hook in widths}
+    buffers: dict[str, torch.Tensor] = {}
     n_pending = 0
     for batch in batches:
-        n_pending += _check_batch(batch, widths)
+        n_new = _check_batch(batch, widths)
         for hook in widths:
-            pending[hook].append(batch[hook].detach())
+            acts = batch[hook].detach()
+            buffer = buffers.get(hook)
+            if buffer is None or len(buffer) < n_pending + n_new:  # the first batch, or a larger one
+                grown = acts.new_empty((batch_size * buffer_batches + n_new, acts.shape[1]))
+                if buffer is not None:
+                    grown[:n_pending] = buffer[:n_pending]
+                buffers[hook] = buffer = grown
+            buffer[n_pending : n_pending + n_new] = acts
+        n_pending += n_new
         if n_pending >= batch_size * buffer_batches:
-            buffer = {hook: torch.cat(parts) for hook, parts in pending.items()}
-            order = torch.randperm(n_pending, generator=generator)
-            n_full = n_pending - n_pending % batch_size
-            for start in range(0, n_full, batch_size):
-                rows = order[start : start + batch_size]
-                yield {hook: acts[rows] for hook, acts in buffer.items()}
-            pending = {hook: [acts[order[n_full:]]] for hook, acts in buffer.items()}
-            n_pending -= n_full
+            yield from _shuffled_batches(buffers, n_pending, batch_size, generator)
+            n_pending %= batch_size  # the remainder, moved to the front of each buffer
     if n_pending >= batch_size:
-        buffer = {hook: torch.cat(parts) for hook, parts in pending.items()}
-        order = torch.randperm(n_pending, generator=generator)
-        for start in range(0, n_pending - batch_size + 1, batch_size):
-            rows = order[start : start + batch_size]
-            yield {hook: acts[rows] for hook, acts in buffer.items()}
+        yield from _shuffled_batches(buffers, n_pending, batch_size, generator)
+
+
+def _shuffled_batches(
+    buffers: dict[str, torch.Tensor], n_pending: int, batch_size: int, generator: torch.Generator
+) -> Iterator[dict[str, torch.Tensor]]:
+    """The first n_pending tokens of the buffers as whole shuffled batches (copies); the tokens
+    left over, fewer than a batch, go to the front of each buffer."""
+    order = torch.randperm(n_pending, generator=generator)
+    n_full = n_pending - n_pending % batch_size
+    for start in range(0, n_full, batch_size):
+        rows = order[start : start + batch_size]
+        yield {hook: buffer[rows] for hook, buffer in buffers.items()}
+    rest = order[n_full:]
+    for buffer in buffers.values():
+        buffer[: len(rest)] = buffer[rest]  # indexing copies first, so the overlap is safe
 
 
 def _check_batch(batch: dict[str, torch.Tensor], widths: dict[str, int]) -> int:
