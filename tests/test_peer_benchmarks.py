@@ -65,20 +65,22 @@ def test_paper_stack_smoke_gives_the_same_f(tmp_path):
 
 
 def test_sparsify_smoke_computes_variance_explained_for_both(tmp_path):
-    # every hook of the paper's set (7 on the 2-layer smoke model), ours in float32 and in bfloat16
-    run_smoke("vs_sparsify.py", tmp_path, "--hooks", "paper", "--precision", "float32", "bfloat16")
+    # every hook of the paper's set (7 on the 2-layer smoke model), ours in float32, with a bfloat16
+    # forward pass, and in bfloat16 throughout
+    run_smoke("vs_sparsify.py", tmp_path, "--hooks", "paper", "--precision", "float32", "bfloat16-forward", "bfloat16")
     table = pd.read_csv(tmp_path / "vs_sparsify_pythia_smoke.csv")
     speed = table[table["table"] == "speed"].set_index("training")
     ours, sparsify = (speed[speed.index.str.startswith(f"{name}:")] for name in ("ours", "sparsify"))
     assert len(ours) == len(sparsify) == 1 and (speed.tokens_per_s > 0).all()
     assert ours.tokens.iloc[0] == sparsify.tokens.iloc[0]  # both trainers saw the same tokens
     quality = table[table["table"] == "quality"]
-    for stack in ("ours", "ours_bf16", "sparsify"):
+    for stack in ("ours", "ours_bf16_forward", "ours_bf16", "sparsify"):
         ve = quality[quality["stack"] == stack].variance_explained
         assert len(ve) == 7 and ve.notna().all(), (stack, ve)
     # bfloat16 autocast trains nearly the same SAEs from the same seed and tokens
     by_stack = quality.pivot_table(index="hook", columns="stack", values="variance_explained")
     assert (by_stack["ours_bf16"] - by_stack["ours"]).abs().max() < 0.02
+    assert (by_stack["ours_bf16_forward"] - by_stack["ours"]).abs().max() < 0.02
     # train_saes_for_model trains the same SAEs (same seed, windows, config: the last --precision) and its
     # own quality check (quality.json, every hook from one forward pass) must agree with the benchmark's
     ours = quality[quality["stack"] == "ours_bf16"].set_index("hook").variance_explained
