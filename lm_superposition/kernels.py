@@ -6,7 +6,9 @@ matmuls already use) at every shape tried: 2.2x for the forward's shapes, 1.8x f
 [1024, 512] x [512, 32768] (results/benchmarks/peers/vs_paper_stack.md, roofline table). torch
 reaches oneDNN's float32 linear only through a private op of its compiler
 (`torch.ops.mkldnn._linear_pointwise`, which also fuses the bias and a ReLU), hence the checks in
-`uses_onednn`; everywhere else `linear` is torch's own matmul.
+`uses_onednn`; everywhere else `linear` is torch's own matmul. The same op runs bfloat16 on CPUs
+with its instructions (`uses_onednn_bfloat16`), where it saves the ReLU's pass over the output,
+and under autograd `linear`'s gradients are oneDNN matmuls too.
 """
 
 from __future__ import annotations
@@ -41,10 +43,9 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     """x @ weight + bias ([tokens, d_in] @ [d_in, d_out] + [d_out]), then a ReLU if asked.
 
     On oneDNN where `uses_onednn(weight)` or `uses_onednn_bfloat16(weight)`, x and the bias are of
-    the weight's dtype and autocast (which would run the
-    matmul in half precision) is off; torch's matmul otherwise. Under autograd the gradients are
-    oneDNN matmuls as well (`_OneDNNLinear`). The two kernels agree to float32 rounding, not bit
-    for bit.
+    the weight's dtype and autocast (which would run the matmul in half precision) is off; torch's
+    matmul otherwise. Under autograd the gradients are oneDNN matmuls as well (`_OneDNNLinear`).
+    The two kernels agree to float32 rounding, not bit for bit.
     """
     if not _onednn_applies(x, weight, bias):
         out = x @ weight

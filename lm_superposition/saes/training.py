@@ -53,10 +53,11 @@ from .quality import evaluate_saes
 # (top-k, Adam's update, the sparse sums) that stacking would not shrink. The levers were the
 # arithmetic and the interpreter, each measured on the 55-hook peer benchmark
 # (experiments/benchmarks/vs_sparsify.py; results/benchmarks/peers/): `SparseTopKTrainingSAE`
-# (codes kept sparse from encode to decode, no input gradient, auxiliary loss over the dead
-# latents only, decoder norms without their cancelling gradient), torch's fused Adam
-# (`_new_trainer`), the cyclic garbage collector paused (`_cyclic_gc_paused`), precision
-# (`autocast`: bfloat16 matmuls, 3.5x faster than float32 ones on this CPU) and the forward pass
+# (codes kept sparse from encode to decode, top-k over few candidates, no input gradient,
+# auxiliary loss over the dead latents only, decoder norms without their cancelling gradient),
+# float32 matmuls on oneDNN (`kernels.linear`), torch's fused Adam (`_new_trainer`), the cyclic
+# garbage collector paused (`_cyclic_gc_paused`), shuffle buffers filled in place
+# (`_fixed_size_batches`), precision (`autocast`: bfloat16 matmuls) and the forward pass
 # (`autocast_lm`).
 
 
