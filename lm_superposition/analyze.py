@@ -207,8 +207,7 @@ class _SlotReader:
         self.low_precision = LowPrecisionEncoder(sae, encode_dtype) if reduced else None
         self.code_dtype = encode_dtype if reduced else self.dtype
         # codes written into one reused buffer (see codes.encode): an in-place SAE, unless oneDNN encodes it
-        fused = self.low_precision.fused if self.low_precision is not None else encodes_fused(sae)
-        self.buffered = encodes_in_place(sae) and not fused
+        self.buffered = encodes_in_place(sae) and (self.low_precision is not None or not encodes_fused(sae))
         elements = IN_PLACE_CHUNK_ELEMENTS if self.buffered else ENCODE_CHUNK_ELEMENTS
         self.chunk = chunk_tokens or max(1, elements // self.d_sae)
         self._buffers = buffers

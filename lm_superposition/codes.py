@@ -12,7 +12,7 @@ import warnings
 
 import torch
 
-from .kernels import linear, uses_onednn, uses_onednn_bfloat16
+from .kernels import linear, uses_onednn
 
 
 def sparse_codes(codes: torch.Tensor) -> torch.Tensor:
@@ -147,21 +147,11 @@ class LowPrecisionEncoder:
             high = bias.to(dtype)
             low = (bias - high.to(bias.dtype)).to(dtype)
             self.W_enc = torch.cat([sae.W_enc.detach().to(dtype), high[None], low[None]])
-        # In bfloat16 on a CPU that has its instructions, the matmul and the ReLU are one oneDNN
-        # call (`kernels.linear`), which reads the weights latent by latent: stored so, the same
-        # [d_in + 2, d_sae] matrix. Encode + nonzero scan of 2,048 tokens into 32,768 latents (1
-        # thread, 0.8% nonzero codes): 217 ms through torch.mm into a buffer of 1,024 tokens, 194
-        # ms fused in slices of 128 tokens (analyze.ENCODE_CHUNK_ELEMENTS), the same codes.
-        self.fused = self.in_place and uses_onednn_bfloat16(self.W_enc)
-        if self.fused:
-            self.W_enc = self.W_enc.T.contiguous().T
 
     def encode(self, activations: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         if self.in_place:
             sae_in = self.sae.process_sae_in(activations)
             sae_in = torch.cat([sae_in, sae_in.new_ones(len(sae_in), 2)], dim=1).to(self.dtype)
-            if self.fused:
-                return linear(sae_in, self.W_enc, relu=True)
             if out is None:
                 return torch.mm(sae_in, self.W_enc).relu_()
             return torch.mm(sae_in, self.W_enc, out=out[: activations.shape[0]]).relu_()

@@ -6,9 +6,8 @@ matmuls already use) at every shape tried: 2.2x for the forward's shapes, 1.8x f
 [1024, 512] x [512, 32768] (results/benchmarks/peers/vs_paper_stack.md, roofline table). torch
 reaches oneDNN's float32 linear only through a private op of its compiler
 (`torch.ops.mkldnn._linear_pointwise`, which also fuses the bias and a ReLU), hence the checks in
-`uses_onednn`; everywhere else `linear` is torch's own matmul. The same op runs bfloat16 on CPUs
-with its instructions (`uses_onednn_bfloat16`), where it saves the ReLU's pass over the output,
-and under autograd `linear`'s gradients are oneDNN matmuls too.
+`uses_onednn`; everywhere else `linear` is torch's own matmul. Under autograd its gradients are
+oneDNN matmuls too (the SAE training step's).
 """
 
 from __future__ import annotations
@@ -18,21 +17,11 @@ from torch.overrides import TorchFunctionMode
 
 
 def uses_onednn(weight: torch.Tensor) -> bool:
-    """True where `linear` runs on oneDNN for this float32 weight: on a CPU, torch built with oneDNN
+    """True where `linear` runs on oneDNN for this weight: float32 on a CPU, torch built with oneDNN
     and not told to leave it (`torch.backends.mkldnn.flags(enabled=False)`)."""
-    return weight.dtype == torch.float32 and _onednn_on(weight)
-
-
-def uses_onednn_bfloat16(weight: torch.Tensor) -> bool:
-    """True where `linear` runs on oneDNN for this bfloat16 weight: as `uses_onednn`, on a CPU
-    with bfloat16 instructions (AVX512-BF16 or AMX). torch's own bfloat16 matmul is oneDNN's too;
-    `linear` adds the fused ReLU."""
-    return weight.dtype == torch.bfloat16 and _onednn_on(weight) and torch.ops.mkldnn._is_mkldnn_bf16_supported()
-
-
-def _onednn_on(weight: torch.Tensor) -> bool:
     return (
         weight.device.type == "cpu"
+        and weight.dtype == torch.float32
         and torch.backends.mkldnn.is_available()
         and torch.backends.mkldnn.enabled
         and hasattr(torch.ops.mkldnn, "_linear_pointwise")
@@ -42,10 +31,10 @@ def _onednn_on(weight: torch.Tensor) -> bool:
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, relu: bool = False) -> torch.Tensor:
     """x @ weight + bias ([tokens, d_in] @ [d_in, d_out] + [d_out]), then a ReLU if asked.
 
-    On oneDNN where `uses_onednn(weight)` or `uses_onednn_bfloat16(weight)`, x and the bias are of
-    the weight's dtype and autocast (which would run the matmul in half precision) is off; torch's
-    matmul otherwise. Under autograd the gradients are oneDNN matmuls as well (`_OneDNNLinear`).
-    The two kernels agree to float32 rounding, not bit for bit.
+    On oneDNN where `uses_onednn(weight)`, x is float32 too and autocast (which would run the
+    matmul in half precision) is off; torch's matmul otherwise. Under autograd the gradients are
+    oneDNN matmuls as well (`_OneDNNLinear`). The two kernels agree to float32 rounding, not bit
+    for bit.
     """
     if not _onednn_applies(x, weight, bias):
         out = x @ weight
@@ -105,12 +94,12 @@ class _ModelLinearsOnOneDNN(TorchFunctionMode):
 
 
 def _onednn_applies(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
-    """`linear`'s test: operands of one dtype oneDNN can take, shapes that fit (else torch's matmul
+    """`linear`'s test: float32 operands oneDNN can take, shapes that fit (else torch's matmul
     raises its own error, which names the shapes), and autocast off."""
     return (
-        (uses_onednn(weight) or uses_onednn_bfloat16(weight))
-        and x.dtype == weight.dtype
-        and (bias is None or bias.dtype == weight.dtype)
+        uses_onednn(weight)
+        and x.dtype == torch.float32
+        and (bias is None or bias.dtype == torch.float32)
         and x.shape[-1] == weight.shape[0]
         and not torch.is_autocast_enabled(x.device.type)
     )

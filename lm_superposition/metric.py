@@ -26,7 +26,6 @@ import torch
 from .atomic import atomic_file
 from .codes import csr_entries, sparse_codes
 from .distributed import all_reduce_
-from .kernels import linear
 from .validation import check_positive_int
 
 SUM_DTYPE = torch.float64
@@ -300,9 +299,8 @@ class FeatureBudget:
         # float32: ~1e-7 relative noise on each resample's F, ~1e-5 of the interval's width, for a
         # fraction of the time of float64 (this is most of the table).
         sums = sums[:, sums.sum(0) > 0].float()
-        # [64, blocks] @ [blocks, d_sae] at a time keeps memory small; on oneDNN (kernels.linear),
-        # 2x torch's float32 matmul on this project's CPU
-        resampled_f = [_entropies(linear(chunk, sums)).exp() for chunk in weights.float().split(64)]
+        # [64, blocks] @ [blocks, d_sae] at a time keeps memory small
+        resampled_f = [_entropies(chunk @ sums).exp() for chunk in weights.float().split(64)]
         tail = (1 - confidence) / 2
         low, median, high = torch.quantile(
             torch.cat(resampled_f), torch.tensor([tail, 0.5, 1 - tail], dtype=SUM_DTYPE)

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from lm_superposition.kernels import linear, model_linears_on_onednn, uses_onednn, uses_onednn_bfloat16
+from lm_superposition.kernels import linear, model_linears_on_onednn, uses_onednn
 
 
 def _inputs():
@@ -76,19 +76,3 @@ def test_model_linears_on_onednn_give_the_layers_outputs():
     assert by_keyword.shape == (3, 5, 40)
     assert out.shape == (3, 5, 8) and torch.allclose(out, expected, atol=1e-5)
     assert torch.allclose(float64.float(), expected, atol=1e-5)
-
-
-def test_bfloat16_linear_equals_torchs_bfloat16_matmul():
-    """bfloat16 operands: oneDNN's fused linear + ReLU where the CPU runs bfloat16
-    (`uses_onednn_bfloat16`), torch's matmul elsewhere; either way the numbers of torch's."""
-    x, weight, bias = (t.bfloat16() for t in _inputs())
-    calls = []
-    original = torch.ops.mkldnn._linear_pointwise
-    with torch.no_grad(), pytest.MonkeyPatch.context() as patch:
-        patch.setattr(torch.ops.mkldnn, "_linear_pointwise", lambda *args: calls.append(args) or original(*args))
-        out = linear(x, weight, bias, relu=True)
-        with pytest.raises(RuntimeError, match="same dtype"):  # two dtypes: torch's matmul and its error
-            linear(x.float(), weight)
-    assert len(calls) == int(uses_onednn_bfloat16(weight)) and out.dtype == torch.bfloat16
-    expected = (x.float() @ weight.float() + bias.float()).relu()
-    assert torch.allclose(out.float(), expected, rtol=2e-2, atol=2e-2)

@@ -70,23 +70,6 @@ def test_bfloat16_encode_gives_the_float32_f_within_its_price(kind):
     assert torch.equal(same.block_sums, exact.block_sums)
 
 
-def test_bfloat16_encode_on_onednn_gives_torch_mms_codes():
-    """Where oneDNN runs bfloat16 (AVX512-BF16 here), the encode is one fused linear + ReLU: the
-    codes of torch.mm on the same bfloat16 weights, written into a buffer, then a ReLU."""
-    from lm_superposition.kernels import uses_onednn_bfloat16
-
-    sae = standard_sae(64, 512, seed=0)
-    encoder = LowPrecisionEncoder(sae, torch.bfloat16)
-    assert encoder.fused == uses_onednn_bfloat16(encoder.W_enc)
-    activations = torch.randn(300, 64)
-    with torch.no_grad():  # as the analyzer encodes
-        codes = encoder.encode(activations)
-        encoder.fused = False  # the torch.mm path
-        buffered = encoder.encode(activations, out=torch.empty(400, 512, dtype=torch.bfloat16))
-    assert torch.equal(codes, buffered)
-    assert codes.dtype == torch.bfloat16 and 0 < (codes != 0).float().mean() < 0.5
-
-
 def test_low_precision_encoder_refuses_a_full_precision_dtype():
     with pytest.raises(ValueError, match="bfloat16 or float16"):
         LowPrecisionEncoder(standard_sae(8, 16, seed=0), torch.float64)
