@@ -46,6 +46,18 @@ def test_sae_step_profile_runs_at_a_tiny_size(tmp_path):
     assert len(rows) == 1 + 8  # header and the 8 contenders
 
 
+def test_training_step_parts_agree_at_a_tiny_size(tmp_path):
+    """The script exits 1 unless both W gradients agree and both top-k give the same latents."""
+    result = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "training_step_parts.py"), "--d-in", "16", "--d-sae", "128", "--k", "4",
+         "--tokens", "40", "--dead", "0", "30", "--repeats", "2", "--threads", "1", "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=300, cwd=BENCHMARKS,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [line for line in (tmp_path / "training_step_parts.md").read_text().splitlines() if line.startswith("| ")]
+    assert len(rows) == 1 + 2 + 2 * 2  # header, the two top-k, two W gradients at each dead count
+
+
 def test_scale_on_paper_turns_the_committed_rates_into_hours(tmp_path):
     out = tmp_path / "scale.md"
     result = subprocess.run(

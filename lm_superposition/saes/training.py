@@ -190,14 +190,14 @@ def _top_k_latents(hidden_pre: torch.Tensor, k: int) -> torch.Tensor:
     """[tokens, k]: the latents of each token's k largest pre-activations, as torch.topk finds them
     (which of equal values it picks may differ), in half its time.
 
-    torch.topk (sorted=False) took 2.1-2.4 ms of a 15-19 ms SAE step on the 55-hook peer benchmark
-    ([254, 1,280], k 32; 1 thread of this project's CPU): it selects among all 1,280 values of a
-    row one at a time. Here vectorised passes narrow each row to a few candidates first: the k-th
-    largest of the maxima of its chunks of TOP_K_CHUNK latents is a value that at least k entries
-    reach (each of those k maxima), so every entry of the top k is >= it, and few others are (~60
-    of 1,280 per row there). torch.topk then runs over those candidates only: 1.1 ms for the
-    whole. Rows with NaN or -inf at the threshold, and shapes with fewer than k chunks, take
-    torch.topk itself.
+    torch.topk (sorted=False) selects among all 1,280 values of a row one at a time: 2.2 ms of a
+    10-15 ms SAE step at the 55-hook peer benchmark's shape ([254, 1,280], k 32; 1 thread). Here
+    vectorised passes narrow each row to a few candidates first: the k-th largest of the maxima
+    of its chunks of TOP_K_CHUNK latents is a value that at least k entries reach (each of those
+    k maxima), so every entry of the top k is >= it, and few others are (~60 of 1,280 per row).
+    torch.topk then runs over those candidates only: 1.2 ms for the whole
+    (experiments/benchmarks/training_step_parts.py). Rows with NaN or -inf at the threshold, and
+    shapes with fewer than k chunks, take torch.topk itself.
     """
     tokens, width = hidden_pre.shape
     if width % TOP_K_CHUNK or width // TOP_K_CHUNK < k:
@@ -227,12 +227,14 @@ class _CentredLinear(torch.autograd.Function):
     forward runs in bfloat16 as in SAE-Lens, and so does the W gradient.
 
     The W gradient is the dense x.T @ grad, although TopK leaves grad zero outside each token's
-    k latents. Summing over its nonzeros instead (embedding_bag, the way eai-sparsify's fused
-    encoder does) was this project's path until oneDNN ran the matmul: it then lost at every
-    shape measured on this CPU (1 thread; tests of one SAE step, fwd + bwd, 1,280 and 5,120
-    latents, 254 and 1,024 tokens, float32 and bfloat16, with and without dead latents), by
-    0.3-12 ms a step, as the sums come out latent by latent and need a transposing copy into
-    W's layout that alone costs nearly the matmul.
+    k latents and the dead latents of the auxiliary loss. Summing over its nonzeros instead
+    (embedding_bag, the way eai-sparsify's fused encoder does) was this project's path until the
+    matmul ran on oneDNN. Now the matmul takes the same time whatever the gradient, while the
+    sums grow with the dead latents and need a copy into W's layout: at the peer benchmark's
+    shape, 1.4 ms for the sums against 1.8 for the matmul with no dead latents, 2.0 / 2.7 ms
+    against 1.7 with 200 / 500 of 1,280 dead (experiments/benchmarks/training_step_parts.py,
+    results/benchmarks/training_step_parts.md); on the 55-hook peer benchmark 89% of the SAE
+    steps had dead latents, 29% more than 320 (see calculate_topk_aux_loss).
     """
 
     @staticmethod

@@ -1,0 +1,145 @@
+"""Two parts of the TopK training step, each against the way it was computed before (issue 16).
+
+At the 55-hook peer benchmark's shape (254 tokens a step, d_in 640, 1,280 latents, k 32), side by
+side in one run, alternating, median of --repeats calls:
+
+  top-k      the latents of each token's k largest pre-activations: torch.topk (sorted=False)
+             over all latents, against `saes.training._top_k_latents` (torch.topk over the few
+             candidates that reach the k-th largest of the 32-latent chunk maxima);
+  W_enc grad the encoder's W gradient for an output gradient with each token's k latents and,
+             as the auxiliary loss adds, --dead latents dense: the dense x.T @ grad on oneDNN
+             (`kernels.linear`, what `_CentredLinear` runs), against summing over the nonzeros
+             latent by latent (embedding_bag; a matmul for latents used by more than 1/8 of the
+             tokens) and copying the [d_sae, d_in] sums into W's [d_in, d_sae] layout, as the
+             step did until session 7 (its `_LinearWithSparseGrad`, written out again here).
+
+    python experiments/benchmarks/training_step_parts.py --threads 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from lm_superposition.kernels import linear
+from lm_superposition.saes.training import _top_k_latents
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+try:
+    from vs_paper_stack import load_line, machine_line, markdown
+except ImportError:
+    from experiments.benchmarks.vs_paper_stack import load_line, machine_line, markdown
+
+
+def sparse_sums_w_grad(x: torch.Tensor, grad: torch.Tensor, max_density: float = 1 / 8) -> torch.Tensor:
+    """W's gradient as the step took it before session 7: sums over the nonzeros of grad, latent by
+    latent, a matmul for the latents more than max_density of the tokens use, then W's layout."""
+    latents, rows = grad.T.nonzero(as_tuple=True)
+    dense = torch.bincount(latents, minlength=grad.shape[1]) > max_density * len(grad)
+    columns = dense.nonzero().squeeze(1)
+    keep = ~dense[latents]
+    latents, rows = latents[keep], rows[keep]
+    per_latent = torch.bincount(latents, minlength=grad.shape[1])
+    sums = torch.nn.functional.embedding_bag(
+        rows,
+        x,
+        per_latent.cumsum(0) - per_latent,
+        mode="sum",
+        per_sample_weights=grad[rows, latents],
+        include_last_offset=False,
+    )
+    if len(columns):
+        sums[columns] = linear(grad[:, columns].T, x)
+    return sums.T.contiguous()  # the layout of W [d_in, d_sae], which autograd's accumulation makes
+
+
+def output_gradient(tokens: int, d_sae: int, k: int, dead: int, generator: torch.Generator) -> torch.Tensor:
+    grad = torch.zeros(tokens, d_sae)
+    latents = torch.rand(tokens, d_sae, generator=generator).topk(k, dim=-1).indices
+    grad.scatter_(-1, latents, torch.randn(tokens, k, generator=generator))
+    dead_latents = torch.randperm(d_sae, generator=generator)[:dead]
+    grad[:, dead_latents] = torch.randn(tokens, dead, generator=generator)
+    return grad
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--d-in", type=int, default=640)
+    parser.add_argument("--d-sae", type=int, default=1280)
+    parser.add_argument("--k", type=int, default=32)
+    parser.add_argument("--tokens", type=int, default=254)
+    parser.add_argument(
+        "--dead", type=int, nargs="+", default=[0, 200, 500], help="dense (dead) latents in the gradient"
+    )
+    parser.add_argument("--repeats", type=int, default=50)
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--out", type=Path, default=REPO_ROOT / "results" / "benchmarks")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    load_before = os.getloadavg()
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(args.tokens, args.d_in, generator=generator)
+    W = torch.randn(args.d_in, args.d_sae, generator=generator) / args.d_in**0.5
+    hidden_pre = x @ W + 0.5 * torch.randn(args.d_sae, generator=generator)
+
+    contenders = {
+        "top-k: torch.topk over all latents": lambda: hidden_pre.topk(args.k, dim=-1, sorted=False).indices,
+        "top-k: _top_k_latents (candidates first)": lambda: _top_k_latents(hidden_pre, args.k),
+    }
+    for dead in args.dead:
+        grad = output_gradient(args.tokens, args.d_sae, args.k, dead, generator)
+        dense = linear(x.T, grad)
+        sparse = sparse_sums_w_grad(x, grad)
+        if not torch.allclose(dense, sparse, rtol=1e-4, atol=1e-4):
+            raise SystemExit(f"the two W gradients differ at {dead} dead latents")
+        contenders[f"W_enc grad, {dead} dead: dense oneDNN matmul"] = lambda x=x, grad=grad: linear(x.T, grad)
+        contenders[f"W_enc grad, {dead} dead: sparse sums + layout copy"] = lambda x=x, grad=grad: sparse_sums_w_grad(
+            x, grad
+        )
+    with torch.no_grad():
+        top = contenders["top-k: _top_k_latents (candidates first)"]().sort(-1).values
+        if not torch.equal(top, contenders["top-k: torch.topk over all latents"]().sort(-1).values):
+            raise SystemExit("the two top-k give different latents")
+        times = {name: [] for name in contenders}
+        for call in contenders.values():  # warm-up
+            call()
+        for _ in range(args.repeats):
+            for name, call in contenders.items():
+                start = time.perf_counter()
+                call()
+                times[name].append(time.perf_counter() - start)
+    load_after = os.getloadavg()
+    table = pd.DataFrame([{"part": name, "ms": 1000 * statistics.median(t)} for name, t in times.items()])
+    command = "python " + " ".join(
+        shlex.quote(a) for a in [os.path.relpath(__file__, REPO_ROOT), *(sys.argv[1:] if argv is None else argv)]
+    )
+    text = "\n\n".join(
+        [
+            "# Two parts of the TopK training step: now and before",
+            f"Command: `{command}`  \n"
+            f"Machine: {machine_line()}  \n"
+            f"Shape: {args.tokens} tokens, d_in {args.d_in}, {args.d_sae} latents, k {args.k}; "
+            f"median of {args.repeats} calls each, alternating; both W gradients agree to 1e-4, both top-k "
+            "give the same latents  \n"
+            f"Load average (1, 5, 15 min): {load_line(load_before, load_after)}",
+            markdown(table),
+        ]
+    )
+    print(text)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "training_step_parts.md").write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
