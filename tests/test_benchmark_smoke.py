@@ -55,7 +55,7 @@ def test_training_step_parts_agree_at_a_tiny_size(tmp_path):
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     rows = [line for line in (tmp_path / "training_step_parts.md").read_text().splitlines() if line.startswith("| ")]
-    assert len(rows) == 1 + 2 + 2 * 2  # header, the two top-k, two W gradients at each dead count
+    assert len(rows) == 1 + 2 + 2 * 2 + 2  # header, two top-k, two W gradients per dead count, two aux decodes at 30
 
 
 def test_scale_on_paper_turns_the_committed_rates_into_hours(tmp_path):

@@ -11,7 +11,9 @@ side in one run, alternating, median of --repeats calls:
              (`kernels.linear`, what `_CentredLinear` runs), against summing over the nonzeros
              latent by latent (embedding_bag; a matmul for latents used by more than 1/8 of the
              tokens) and copying the [d_sae, d_in] sums into W's [d_in, d_sae] layout, as the
-             step did until session 7 (its `_LinearWithSparseGrad`, written out again here).
+             step did until session 7 (its `_LinearWithSparseGrad`, written out again here);
+  aux decode the auxiliary loss's decode of --dead latents, [tokens, dead] @ [dead, d_in], with
+             both gradients: `kernels.linear` (oneDNN) against torch's matmul (MKL in float32).
 
     python experiments/benchmarks/training_step_parts.py --threads 1
 """
@@ -62,6 +64,13 @@ def sparse_sums_w_grad(x: torch.Tensor, grad: torch.Tensor, max_density: float =
     return sums.T.contiguous()  # the layout of W [d_in, d_sae], which autograd's accumulation makes
 
 
+def decode_with_gradients(matmul, codes: torch.Tensor, rows: torch.Tensor, grad: torch.Tensor):
+    with torch.enable_grad():
+        codes, rows = codes.detach().requires_grad_(), rows.detach().requires_grad_()
+        torch.autograd.backward(matmul(codes, rows), grad)
+    return codes.grad, rows.grad
+
+
 def output_gradient(tokens: int, d_sae: int, k: int, dead: int, generator: torch.Generator) -> torch.Tensor:
     grad = torch.zeros(tokens, d_sae)
     latents = torch.rand(tokens, d_sae, generator=generator).topk(k, dim=-1).indices
@@ -106,6 +115,16 @@ def main(argv=None) -> int:
         contenders[f"W_enc grad, {dead} dead: sparse sums + layout copy"] = lambda x=x, grad=grad: sparse_sums_w_grad(
             x, grad
         )
+        if dead:
+            codes = torch.randn(args.tokens, dead, generator=generator).relu()
+            rows = torch.randn(dead, args.d_in, generator=generator)
+            out_grad = torch.randn(args.tokens, args.d_in, generator=generator)
+            for name, matmul in (("kernels.linear (oneDNN)", linear), ("torch.matmul", torch.matmul)):
+                contenders[f"aux decode + its gradients, {dead} dead: {name}"] = (
+                    lambda matmul=matmul, codes=codes, rows=rows, out_grad=out_grad: decode_with_gradients(
+                        matmul, codes, rows, out_grad
+                    )
+                )
     with torch.no_grad():
         top = contenders["top-k: _top_k_latents (candidates first)"]().sort(-1).values
         if not torch.equal(top, contenders["top-k: torch.topk over all latents"]().sort(-1).values):

@@ -160,8 +160,8 @@ class SparseTopKTrainingSAE(TopKTrainingSAE):
         # the 55-hook peer benchmark's SAE steps, 29% had more), and the decode as a
         # [tokens, dead] @ [dead, d_in] matmul. The same k_aux, scale, selection and loss; the
         # checks and the reshaping as there. The decode is `kernels.linear`: in float32 on a CPU it
-        # and its two gradients run on oneDNN (one SAE step with 200 / 500 of 1,280 latents dead:
-        # 11.7 -> 10.3 / 15.2 -> 12.6 ms, 1 thread of this project's CPU).
+        # and its two gradients run on oneDNN, 1.1 / 2.2 ms with 200 / 500 dead latents against
+        # torch's 1.8 / 4.4 (experiments/benchmarks/training_step_parts.py).
         if (
             hidden_pre.ndim != 2
             or dead_neuron_mask is None
@@ -190,7 +190,7 @@ def _top_k_latents(hidden_pre: torch.Tensor, k: int) -> torch.Tensor:
     """[tokens, k]: the latents of each token's k largest pre-activations, as torch.topk finds them
     (which of equal values it picks may differ), in half its time.
 
-    torch.topk (sorted=False) selects among all 1,280 values of a row one at a time: 2.2 ms of a
+    torch.topk (sorted=False) selects among all 1,280 values of a row one at a time: 2.1 ms of a
     10-15 ms SAE step at the 55-hook peer benchmark's shape ([254, 1,280], k 32; 1 thread). Here
     vectorised passes narrow each row to a few candidates first: the k-th largest of the maxima
     of its chunks of TOP_K_CHUNK latents is a value that at least k entries reach (each of those
@@ -231,7 +231,7 @@ class _CentredLinear(torch.autograd.Function):
     (embedding_bag, the way eai-sparsify's fused encoder does) was this project's path until the
     matmul ran on oneDNN. Now the matmul takes the same time whatever the gradient, while the
     sums grow with the dead latents and need a copy into W's layout: at the peer benchmark's
-    shape, 1.4 ms for the sums against 1.8 for the matmul with no dead latents, 2.0 / 2.7 ms
+    shape, 1.4 ms for the sums against 1.75 for the matmul with no dead latents, 1.9 / 2.9 ms
     against 1.7 with 200 / 500 of 1,280 dead (experiments/benchmarks/training_step_parts.py,
     results/benchmarks/training_step_parts.md); on the 55-hook peer benchmark 89% of the SAE
     steps had dead latents, 29% more than 320 (see calculate_topk_aux_loss).
