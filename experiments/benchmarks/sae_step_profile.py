@@ -34,10 +34,7 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 import argparse
 import contextlib
 import io
-import shlex
-import statistics
 import sys
-import time
 from pathlib import Path
 from unittest import mock
 
@@ -52,9 +49,9 @@ from lm_superposition.saes.training import SparseTopKTrainingSAE, _initialise_fr
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 try:
-    from vs_paper_stack import load_line, machine_line, markdown
+    from vs_paper_stack import alternating_medians, load_line, write_report
 except ImportError:
-    from experiments.benchmarks.vs_paper_stack import load_line, machine_line, markdown
+    from experiments.benchmarks.vs_paper_stack import alternating_medians, load_line, write_report
 
 
 def trainer_step(
@@ -144,43 +141,26 @@ def main(argv=None) -> int:
             args.hooks,
         ),
     }
-    times = {name: [] for name in contenders}
-    for call, _ in contenders.values():  # warm-up
-        call()
-    for _ in range(args.repeats):
-        for name, (call, _) in contenders.items():
-            start = time.perf_counter()
-            call()
-            times[name].append(time.perf_counter() - start)
+    seconds = alternating_medians({name: call for name, (call, _) in contenders.items()}, args.repeats)
     load_after = os.getloadavg()
-    reference = statistics.median(times["sae_lens_step float32, SAE-Lens's dense TopK"])
+    reference = seconds["sae_lens_step float32, SAE-Lens's dense TopK"]
     table = pd.DataFrame(
         [
             {
                 "contender": name,
-                "ms_per_sae_step": 1000 * statistics.median(times[name]) / per,
-                "vs_sae_lens_float32": reference / (statistics.median(times[name]) / per),
+                "ms_per_sae_step": 1000 * seconds[name] / per,
+                "vs_sae_lens_float32": reference / (seconds[name] / per),
             }
             for name, (_, per) in contenders.items()
         ]
     )
-    command = "python " + " ".join(
-        shlex.quote(a) for a in [os.path.relpath(__file__, REPO_ROOT), *(sys.argv[1:] if argv is None else argv)]
-    )
-    text = "\n\n".join(
-        [
-            "# One SAE training step: SAE-Lens's trainer vs its bare matmuls vs stacked SAEs",
-            f"Command: `{command}`  \n"
-            f"Machine: {machine_line()}  \n"
-            f"Shape: TopK k={args.k}, {args.d_sae} latents, d_in {args.d_in}, {args.tokens} tokens a step; "
-            f"median of {args.repeats} calls each, alternating  \n"
-            f"Load average (1, 5, 15 min): {load_line(load_before, load_after)}",
-            markdown(table),
-        ]
-    )
-    print(text)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "sae_step_profile.md").write_text(text + "\n")
+    facts = [
+        f"Shape: TopK k={args.k}, {args.d_sae} latents, d_in {args.d_in}, {args.tokens} tokens a step; "
+        f"median of {args.repeats} calls each, alternating",
+        f"Load average (1, 5, 15 min): {load_line(load_before, load_after)}",
+    ]
+    title = "One SAE training step: SAE-Lens's trainer vs its bare matmuls vs stacked SAEs"
+    write_report(args.out / "sae_step_profile.md", title, __file__, argv, facts, table)
     return 0
 
 

@@ -22,10 +22,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import shlex
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import pandas as pd
@@ -37,9 +34,9 @@ from lm_superposition.saes.training import _top_k_latents
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 try:
-    from vs_paper_stack import load_line, machine_line, markdown
+    from vs_paper_stack import alternating_medians, load_line, write_report
 except ImportError:
-    from experiments.benchmarks.vs_paper_stack import load_line, machine_line, markdown
+    from experiments.benchmarks.vs_paper_stack import alternating_medians, load_line, write_report
 
 
 def sparse_sums_w_grad(x: torch.Tensor, grad: torch.Tensor, max_density: float = 1 / 8) -> torch.Tensor:
@@ -129,34 +126,16 @@ def main(argv=None) -> int:
         top = contenders["top-k: _top_k_latents (candidates first)"]().sort(-1).values
         if not torch.equal(top, contenders["top-k: torch.topk over all latents"]().sort(-1).values):
             raise SystemExit("the two top-k give different latents")
-        times = {name: [] for name in contenders}
-        for call in contenders.values():  # warm-up
-            call()
-        for _ in range(args.repeats):
-            for name, call in contenders.items():
-                start = time.perf_counter()
-                call()
-                times[name].append(time.perf_counter() - start)
+        seconds = alternating_medians(contenders, args.repeats)
     load_after = os.getloadavg()
-    table = pd.DataFrame([{"part": name, "ms": 1000 * statistics.median(t)} for name, t in times.items()])
-    command = "python " + " ".join(
-        shlex.quote(a) for a in [os.path.relpath(__file__, REPO_ROOT), *(sys.argv[1:] if argv is None else argv)]
-    )
-    text = "\n\n".join(
-        [
-            "# Two parts of the TopK training step: now and before",
-            f"Command: `{command}`  \n"
-            f"Machine: {machine_line()}  \n"
-            f"Shape: {args.tokens} tokens, d_in {args.d_in}, {args.d_sae} latents, k {args.k}; "
-            f"median of {args.repeats} calls each, alternating; both W gradients agree to 1e-4, both top-k "
-            "give the same latents  \n"
-            f"Load average (1, 5, 15 min): {load_line(load_before, load_after)}",
-            markdown(table),
-        ]
-    )
-    print(text)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "training_step_parts.md").write_text(text + "\n")
+    table = pd.DataFrame([{"part": name, "ms": 1000 * s} for name, s in seconds.items()])
+    facts = [
+        f"Shape: {args.tokens} tokens, d_in {args.d_in}, {args.d_sae} latents, k {args.k}; median of "
+        f"{args.repeats} calls each, alternating; both W gradients agree to 1e-4, both top-k give the same latents",
+        f"Load average (1, 5, 15 min): {load_line(load_before, load_after)}",
+    ]
+    title = "Two parts of the TopK training step: now and before"
+    write_report(args.out / "training_step_parts.md", title, __file__, argv, facts, table)
     return 0
 
 

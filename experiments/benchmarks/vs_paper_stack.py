@@ -64,6 +64,7 @@ import io
 import math
 import pstats
 import shlex
+import statistics
 import sys
 import tempfile
 import time
@@ -487,6 +488,33 @@ def machine_line() -> str:
         f"{cpus[0] if cpus else 'unknown CPU'}, {os.cpu_count()} cores, "
         f"{torch.get_num_threads()} torch threads, float32 unless marked bfloat16, no GPU"
     )
+
+
+def alternating_medians(calls: dict, repeats: int) -> dict[str, float]:
+    """{name: median seconds of call()} over `repeats` rounds in which the calls take turns, after
+    one warm-up call each (the other benchmarks' way to time contenders side by side)."""
+    times = {name: [] for name in calls}
+    for call in calls.values():
+        call()
+    for _ in range(repeats):
+        for name, call in calls.items():
+            start = time.perf_counter()
+            call()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(seconds) for name, seconds in times.items()}
+
+
+def write_report(path: Path, title: str, script: str, argv, facts: list[str], table: pd.DataFrame) -> None:
+    """Print a benchmark's report and write it to `path`: the title, the command that reproduces it
+    (`script` run with `argv`, None: this process's arguments), the machine, one line per fact,
+    the table."""
+    arguments = sys.argv[1:] if argv is None else argv
+    command = "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(script, REPO_ROOT), *arguments])
+    header = "  \n".join([f"Command: `{command}`", f"Machine: {machine_line()}", *facts])
+    text = "\n\n".join([f"# {title}", header, markdown(table)])
+    print(text)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text + "\n")
 
 
 def load_line(before, after) -> str:
