@@ -214,7 +214,7 @@ def test_sparse_topk_training_sae_under_autocast_trains_as_sae_lens(n_dead):
     from lm_superposition.saes.training import SparseTopKTrainingSAE
 
     torch.manual_seed(0)
-    config = TopKTrainingSAEConfig(d_in=32, d_sae=128, k=2)  # gradient density 1/64: the sparse sums
+    config = TopKTrainingSAEConfig(d_in=32, d_sae=128, k=2)
     dense, sparse = TopKTrainingSAE(config), SparseTopKTrainingSAE(config)
     sparse.load_state_dict(dense.state_dict())
     dead = torch.zeros(128, dtype=torch.bool)
@@ -232,7 +232,7 @@ def test_sparse_topk_training_sae_under_autocast_trains_as_sae_lens(n_dead):
     assert torch.equal(outputs[0].feature_acts != 0, outputs[1].feature_acts != 0)  # the same latents fire
     for name in ("mse_loss", "auxiliary_reconstruction_loss"):  # ours decodes in float32, SAE-Lens in bfloat16
         assert torch.allclose(outputs[0].losses[name], outputs[1].losses[name], rtol=2e-2), name
-    # SAE-Lens's W_enc gradient comes from bfloat16 matmuls, ours from float32 sums: equal to bfloat16's precision
+    # both W_enc gradients are bfloat16 matmuls (ours of a float32 decode's gradient): equal to bfloat16's precision
     assert sparse.W_enc.grad.dtype == torch.float32
     assert torch.allclose(dense.W_enc.grad, sparse.W_enc.grad, rtol=2e-2, atol=2e-2 * dense.W_enc.grad.abs().max())
 

@@ -50,7 +50,7 @@ from .quality import evaluate_saes
 # CPU (experiments/benchmarks/sae_step_profile.py, results/benchmarks/sae_step_profile.md), one
 # torch.bmm over 55 stacked SAEs is no faster per SAE than 55 separate matmuls (slower in
 # float32 and in bfloat16), and what is left of a step beyond its matmuls is per-element work
-# (top-k, Adam's update, the sparse sums) that stacking would not shrink. The levers were the
+# (top-k, Adam's update, the sparse decode) that stacking would not shrink. The levers were the
 # arithmetic and the interpreter, each measured on the 55-hook peer benchmark
 # (experiments/benchmarks/vs_sparsify.py; results/benchmarks/peers/): `SparseTopKTrainingSAE`
 # (codes kept sparse from encode to decode, top-k over few candidates, no input gradient,
@@ -66,17 +66,17 @@ class SparseTopKTrainingSAE(TopKTrainingSAE):
 
     k of d_sae latents are on (32 of 1,280 in the peer benchmark), yet SAE-Lens runs TopK
     training densely: it scatters the codes into a [tokens, d_sae] matrix, decodes it with a
-    [tokens, d_sae] @ [d_sae, d_in] matmul with the two gradients behind it, and takes the
-    encoder's W_enc gradient as a full [d_in, tokens] @ [tokens, d_sae] matmul (its input
-    gradient another) over a gradient that TopK leaves zero outside k latents a token. Its
-    sparse option (`use_sparse_activations`) fails in the backward pass on CPU (aten::view has
-    no SparseCPU kernel). Here, the way eai-sparsify's fused decoder works, the codes stay each
-    token's k (latent, value) pairs and the decode is an `embedding_bag` over them; the encoder
-    gives b_dec its gradient without an input gradient (`_CentredLinear`), and the auxiliary loss
-    works on the dead latents' columns only. The
-    same losses and gradients up to summation order (tests/test_precision.py), and everything
-    else (losses, optimiser, schedules, dead-latent tracking, saving as an SAE-Lens TopKSAE)
-    is SAE-Lens's.
+    [tokens, d_sae] @ [d_sae, d_in] matmul with the two gradients behind it, takes the top k
+    over every latent, and its auxiliary loss decodes all latents again; the encoder's input
+    gradient, a matmul as large as the encode, is formed for data that needs none. Its sparse
+    option (`use_sparse_activations`) fails in the backward pass on CPU (aten::view has no
+    SparseCPU kernel). Here, the way eai-sparsify's fused decoder works, the codes stay each
+    token's k (latent, value) pairs and the decode is an `embedding_bag` over them; the top k
+    is found among few candidates (`_top_k_latents`); the encoder gives b_dec its gradient
+    without an input gradient (`_CentredLinear`); the auxiliary loss works on the dead latents'
+    columns only. The same losses and gradients up to summation order (tests/test_precision.py),
+    and everything else (losses, optimiser, schedules, dead-latent tracking, saving as an
+    SAE-Lens TopKSAE) is SAE-Lens's.
     """
 
     def training_forward_pass(self, step_input: TrainStepInput) -> TrainStepOutput:
