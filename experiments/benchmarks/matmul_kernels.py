@@ -22,9 +22,5 @@ def matmul_kernels(a: torch.Tensor, b: torch.Tensor) -> dict[str, Callable[[], o
     if a.ndim == 2 and a.dtype == torch.float32 and uses_onednn(b):
         rows = max(1, ENCODE_CHUNK_ELEMENTS // b.shape[1])
 
-        def onednn():
-            with torch.inference_mode():  # `linear` takes oneDNN outside autograd only
-                return [linear(part, b) for part in a.split(rows)]
-
-        kernels["oneDNN"] = onednn
+        kernels["oneDNN"] = lambda: [linear(part, b) for part in a.split(rows)]
     return kernels

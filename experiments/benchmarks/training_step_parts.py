@@ -29,7 +29,7 @@ import pandas as pd
 import torch
 
 from lm_superposition.kernels import linear
-from lm_superposition.saes.training import _top_k_latents
+from lm_superposition.saes.training import _top_k_latents, _weighted_row_sums
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -47,15 +47,7 @@ def sparse_sums_w_grad(x: torch.Tensor, grad: torch.Tensor, max_density: float =
     columns = dense.nonzero().squeeze(1)
     keep = ~dense[latents]
     latents, rows = latents[keep], rows[keep]
-    per_latent = torch.bincount(latents, minlength=grad.shape[1])
-    sums = torch.nn.functional.embedding_bag(
-        rows,
-        x,
-        per_latent.cumsum(0) - per_latent,
-        mode="sum",
-        per_sample_weights=grad[rows, latents],
-        include_last_offset=False,
-    )
+    sums = _weighted_row_sums(x, rows, latents, grad.shape[1], grad[rows, latents])
     if len(columns):
         sums[columns] = linear(grad[:, columns].T, x)
     return sums.T.contiguous()  # the layout of W [d_in, d_sae], which autograd's accumulation makes
