@@ -1,10 +1,14 @@
-"""float32 matmuls on the CPU through oneDNN instead of torch's default kernel.
+"""float32 matmuls on the CPU through oneDNN instead of torch's default kernel, where oneDNN is faster.
 
-torch sends a float32 CPU matmul to MKL. On this project's AMD EPYC (AVX-512), MKL ran at less
-than half of oneDNN's speed (oneDNN: torch's other CPU kernel library, the one its bfloat16
-matmuls already use) at every shape tried: 2.2x for the forward's shapes, 1.8x for the SAE encode
-[1024, 512] x [512, 32768] (results/benchmarks/peers/vs_paper_stack.md, roofline table). torch
-reaches oneDNN's float32 linear only through a private op of its compiler
+torch sends a float32 CPU matmul to MKL, which reaches its full AVX-512 speed only on Intel's
+CPUs. On the project's AMD EPYC, MKL ran at less than half of oneDNN's speed (oneDNN: torch's
+other CPU kernel library, the one its bfloat16 matmuls already use) at every shape tried: 2.2x for
+the forward's shapes, 1.8x for the SAE encode [1024, 512] x [512, 32768]
+(results/benchmarks/peers/vs_paper_stack.md, roofline table). On an Intel Xeon with AMX it was
+the other way round: MKL 1.1-1.4x faster than oneDNN (results/benchmarks/peers/xeon/), and
+oneDNN's linear, which allocates its output, paid for fresh pages on every call. Hence
+`float32_kernel`: oneDNN on AMD (and Hygon) x86 CPUs, torch's own matmul everywhere else, unless
+told otherwise. torch reaches oneDNN's float32 linear only through a private op of its compiler
 (`torch.ops.mkldnn._linear_pointwise`, which also fuses the bias and a ReLU), hence the checks in
 `uses_onednn`; everywhere else `linear` is torch's own matmul. Under autograd its gradients are
 oneDNN matmuls too (the SAE training step's).
@@ -12,19 +16,76 @@ oneDNN matmuls too (the SAE training step's).
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import os
+import platform
+from pathlib import Path
+
 import torch
 from torch.overrides import TorchFunctionMode
 
+FLOAT32_KERNELS = ("auto", "onednn", "torch")
+KERNEL_VARIABLE = "LM_SUPERPOSITION_FLOAT32_KERNEL"
+_chosen_kernel: list[str] = []  # set by `float32_kernel(...)` blocks, innermost last
+
+
+@contextlib.contextmanager
+def float32_kernel(kernel: str):
+    """Within the block, `linear` runs float32 CPU matmuls on `kernel`: "onednn", "torch" (torch's
+    default, MKL on x86) or "auto" (`onednn_beats_mkl`). Outside any block the environment variable
+    LM_SUPERPOSITION_FLOAT32_KERNEL decides, "auto" if unset. The kernels agree to float32
+    rounding, not bit for bit."""
+    if kernel not in FLOAT32_KERNELS:
+        raise ValueError(f"float32 kernel must be one of {FLOAT32_KERNELS}, got {kernel!r}")
+    _chosen_kernel.append(kernel)
+    try:
+        yield
+    finally:
+        _chosen_kernel.pop()
+
+
+def chosen_float32_kernel() -> str:
+    """ "onednn" or "torch": the kernel `linear` picks for float32 now (before `uses_onednn`'s checks)."""
+    kernel = _chosen_kernel[-1] if _chosen_kernel else os.environ.get(KERNEL_VARIABLE, "auto")
+    if kernel not in FLOAT32_KERNELS:
+        raise ValueError(f"{KERNEL_VARIABLE} must be one of {FLOAT32_KERNELS}, got {kernel!r}")
+    if kernel == "auto":
+        return "onednn" if onednn_beats_mkl() else "torch"
+    return kernel
+
+
+@functools.cache
+def onednn_beats_mkl() -> bool:
+    """True on x86 CPUs of AMD or Hygon, the CPUs on which MKL leaves its AVX-512 kernels unused
+    (see the module's docstring for the speeds measured); False on Intel's and on any CPU whose
+    maker cannot be read."""
+    return cpu_vendor() in ("AuthenticAMD", "HygonGenuine")
+
+
+def cpu_vendor() -> str:
+    """The x86 vendor string (GenuineIntel, AuthenticAMD, ...), or "" where it cannot be read."""
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        for line in cpuinfo.read_text(errors="replace").splitlines():
+            if line.startswith("vendor_id"):
+                return line.split(":", 1)[1].strip()
+        return ""
+    text = platform.processor()  # e.g. Windows: "AMD64 Family 25 Model 1 Stepping 1, AuthenticAMD"
+    return next((vendor for vendor in ("GenuineIntel", "AuthenticAMD", "HygonGenuine") if vendor in text), "")
+
 
 def uses_onednn(weight: torch.Tensor) -> bool:
-    """True where `linear` runs on oneDNN for this weight: float32 on a CPU, torch built with oneDNN
-    and not told to leave it (`torch.backends.mkldnn.flags(enabled=False)`)."""
+    """True where `linear` runs on oneDNN for this weight: float32 on a CPU, oneDNN the chosen
+    kernel (`chosen_float32_kernel`), torch built with oneDNN and not told to leave it
+    (`torch.backends.mkldnn.flags(enabled=False)`)."""
     return (
         weight.device.type == "cpu"
         and weight.dtype == torch.float32
         and torch.backends.mkldnn.is_available()
         and torch.backends.mkldnn.enabled
         and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+        and chosen_float32_kernel() == "onednn"
     )
 
 
@@ -77,8 +138,9 @@ def model_linears_on_onednn() -> TorchFunctionMode:
     float32 matmuls torch would send to MKL. On the 55-hook training benchmark it took ours from
     0.95x to 1.16x eai-sparsify's speed in float32, and the activations stayed within 2.6e-6
     relative of the Hugging Face model's (results/benchmarks/peers/gemma55_onednn/). Any other
-    call passes through untouched."""
-    return _ModelLinearsOnOneDNN()
+    call passes through untouched. Where float32 does not run on oneDNN (`chosen_float32_kernel`
+    at entry), a context that does nothing: a torch function mode sees every call in it."""
+    return _ModelLinearsOnOneDNN() if chosen_float32_kernel() == "onednn" else contextlib.nullcontext()
 
 
 class _ModelLinearsOnOneDNN(TorchFunctionMode):

@@ -28,6 +28,7 @@ from lm_superposition.codes import (
     nonzero_entries,
     sparse_codes,
 )
+from lm_superposition.kernels import float32_kernel
 from lm_superposition.metric import FeatureBudget
 from lm_superposition.saes import load_dictionary_learning_sae
 
@@ -98,7 +99,7 @@ def test_in_place_encode_equals_sae_lens_encode(onednn):
     into a reused buffer (oneDNN off), give SAE-Lens's codes."""
     torch.manual_seed(0)
     sae = StandardSAE(StandardSAEConfig(d_in=16, d_sae=64, apply_b_dec_to_input=True))
-    with torch.no_grad(), torch.backends.mkldnn.flags(enabled=onednn):
+    with torch.no_grad(), float32_kernel("onednn" if onednn else "torch"):
         for parameter in sae.parameters():
             parameter.normal_(0, 0.5)
         activations = torch.randn(10, 16)

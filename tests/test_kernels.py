@@ -1,9 +1,12 @@
 """kernels.linear: oneDNN's float32 linear where it may run, torch's matmul elsewhere, the same numbers."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
-from lm_superposition.kernels import linear, model_linears_on_onednn, uses_onednn
+from lm_superposition import kernels
+from lm_superposition.kernels import float32_kernel, linear, model_linears_on_onednn, uses_onednn
 
 
 def _inputs():
@@ -19,7 +22,7 @@ def test_linear_equals_the_matmul(relu, onednn):
     expected = x.double() @ weight.double() + bias.double()
     if relu:
         expected = expected.relu()
-    with torch.no_grad(), torch.backends.mkldnn.flags(enabled=onednn):
+    with torch.no_grad(), float32_kernel("onednn" if onednn else "torch"):
         assert uses_onednn(weight) == onednn
         out = linear(x, weight, bias, relu=relu)
         assert torch.allclose(out.double(), expected, atol=1e-5)
@@ -37,7 +40,7 @@ def test_linear_under_autograd_runs_its_gradients_on_onednn():
     expected = torch.autograd.grad(x.double() @ weight.double() + bias.double(), params, grad.double())
     calls = []
     original = torch.ops.mkldnn._linear_pointwise
-    with pytest.MonkeyPatch.context() as patch:
+    with pytest.MonkeyPatch.context() as patch, float32_kernel("onednn"):
         patch.setattr(torch.ops.mkldnn, "_linear_pointwise", lambda *args: calls.append(args) or original(*args))
         got = torch.autograd.grad(linear(x, weight, bias), params, grad)
         relu_grad = torch.autograd.grad(linear(x, weight, bias, relu=True), weight, grad)[0]
@@ -66,7 +69,7 @@ def test_model_linears_on_onednn_give_the_layers_outputs():
         with pytest.MonkeyPatch.context() as patch:
             counting = lambda *args: calls.append(args[3]) or original(*args)  # noqa: E731
             patch.setattr(torch.ops.mkldnn, "_linear_pointwise", counting)
-            with model_linears_on_onednn():
+            with float32_kernel("onednn"), model_linears_on_onednn():
                 out = layers(x)
                 by_keyword = torch.nn.functional.linear(input=x, weight=layers[0].weight, bias=None)
                 with pytest.raises(RuntimeError, match="cannot be multiplied"):  # torch's message, not oneDNN's
@@ -76,3 +79,37 @@ def test_model_linears_on_onednn_give_the_layers_outputs():
     assert by_keyword.shape == (3, 5, 40)
     assert out.shape == (3, 5, 8) and torch.allclose(out, expected, atol=1e-5)
     assert torch.allclose(float64.float(), expected, atol=1e-5)
+
+
+def test_the_float32_kernel_is_onednn_on_amd_and_torchs_on_intel(monkeypatch):
+    """auto: oneDNN on AMD and Hygon (MKL's slow CPUs here), torch's matmul on Intel and unknown
+    CPUs; the environment variable and a float32_kernel block override it, the block winning."""
+    weight = torch.randn(4, 3)
+    monkeypatch.delenv(kernels.KERNEL_VARIABLE, raising=False)
+    for vendor, expected in (("AuthenticAMD", True), ("HygonGenuine", True), ("GenuineIntel", False), ("", False)):
+        monkeypatch.setattr(kernels, "cpu_vendor", lambda vendor=vendor: vendor)
+        kernels.onednn_beats_mkl.cache_clear()
+        assert uses_onednn(weight) == expected, vendor
+        assert isinstance(model_linears_on_onednn(), kernels._ModelLinearsOnOneDNN) == expected, vendor
+    kernels.onednn_beats_mkl.cache_clear()
+    monkeypatch.setenv(kernels.KERNEL_VARIABLE, "onednn")
+    assert uses_onednn(weight)
+    with float32_kernel("torch"):
+        assert not uses_onednn(weight)
+        with float32_kernel("onednn"), torch.backends.mkldnn.flags(enabled=False):
+            assert not uses_onednn(weight)  # torch told to leave oneDNN: it does
+    monkeypatch.setenv(kernels.KERNEL_VARIABLE, "mkl")
+    valid = r"\('auto', 'onednn', 'torch'\)"
+    with pytest.raises(ValueError, match=rf"LM_SUPERPOSITION_FLOAT32_KERNEL must be one of {valid}, got 'mkl'"):
+        uses_onednn(weight)
+    with pytest.raises(ValueError, match="float32 kernel must be one of"), float32_kernel("fast"):
+        pass
+
+
+def test_cpu_vendor_reads_this_machine():
+    """On Linux x86 the vendor comes from /proc/cpuinfo; elsewhere it may be empty, never an error."""
+    vendor = kernels.cpu_vendor()
+    assert isinstance(vendor, str)
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists() and "vendor_id" in cpuinfo.read_text():
+        assert vendor and vendor in cpuinfo.read_text()
