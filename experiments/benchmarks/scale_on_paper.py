@@ -49,6 +49,14 @@ def speed_rows(path: Path, label_column: str) -> pd.DataFrame:
     return table[table["table"] == "speed"].set_index(label_column)
 
 
+def machine_of(csv_path: Path) -> str:
+    """The CPU named in the "Machine:" line of the benchmark report beside `csv_path` (same name, .md)."""
+    for line in csv_path.with_suffix(".md").read_text().splitlines():
+        if line.startswith("Machine: "):
+            return line.removeprefix("Machine: ").split(",")[0].strip()
+    raise SystemExit(f"{csv_path.with_suffix('.md')} has no 'Machine:' line: which CPU measured it is unknown")
+
+
 def pick(rows: pd.DataFrame, prefix: str) -> pd.Series:
     matches = rows[rows.index.str.startswith(prefix)]
     if len(matches) != 1:
@@ -85,6 +93,8 @@ def main(argv=None) -> int:
     parser.add_argument("--d-sae", type=int, default=1280, help="latents per SAE in the training benchmark")
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "results" / "benchmarks" / "scale_on_paper.md")
     args = parser.parse_args(argv)
+    for name in ("paper_stack", "paper_stack_bf16", "training"):  # named relative to the repository below
+        setattr(args, name, getattr(args, name).resolve())
 
     measure = speed_rows(args.paper_stack, "measurement")
     measure_bf16 = speed_rows(args.paper_stack_bf16, "measurement")
@@ -157,7 +167,8 @@ def main(argv=None) -> int:
             f"Full-depth training: matmul FLOPs per token {gemma_training_flops_per_token(args.d_sae, 55) / 1e6:.0f} M "
             f"(forward + 55 SAEs' encode, decode and backward); the measurement of that run is not included (it is "
             "the Pythia row's kind of work, at 55 hooks and the run's own width)  \n"
-            "This CPU: AMD EPYC, 2 cores; 1 thread per process. The torchrun and GPU columns are estimates "
+            f"This CPU: {machine_of(args.paper_stack)} (the measurement), {machine_of(args.training)} (the "
+            "training); 1 thread per process. The torchrun and GPU columns are estimates "
             f"(see the script's docstring): GPU at {GPU_EFFICIENCY:.0%} of the H200's dense peak, no GPU has run "
             "this code yet.",
             markdown(table),
