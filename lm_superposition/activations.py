@@ -85,7 +85,7 @@ def forward_activations(
     would go on through the unembedding (for Gemma 3, a 262k-wide matmul per token), so
     there the final norm's input stops it.
 
-    The model's float32 linear layers run on oneDNN where torch would use MKL
+    On CPUs where oneDNN beats MKL (AMD's), the model's float32 linear layers run on oneDNN
     (`kernels.model_linears_on_onednn`).
     """
     names = list(names)

@@ -87,7 +87,8 @@ def encodes_in_place(sae) -> bool:
 
 def encodes_fused(sae) -> bool:
     """True where `encode` computes a plain StandardSAE's codes (`encodes_in_place`) as one oneDNN
-    linear with the bias and ReLU fused into it (`kernels.uses_onednn`: float32 on a CPU)."""
+    linear with the bias and ReLU fused into it (`kernels.uses_onednn`: float32 on a CPU where
+    oneDNN is the chosen kernel, AMD's by default)."""
     return encodes_in_place(sae) and uses_onednn(sae.W_enc)
 
 
@@ -96,8 +97,8 @@ def encode(
 ) -> torch.Tensor:
     """sae.encode(activations), computed the fastest way the SAE allows.
 
-    - `encodes_fused(sae)` (float32 on a CPU), outside autograd: oneDNN's linear with the bias and
-      ReLU fused (`kernels.linear`; 1.8x torch's default float32 matmul on this project's CPU).
+    - `encodes_fused(sae)` (float32 on an AMD CPU), outside autograd: oneDNN's linear with the bias
+      and ReLU fused (`kernels.linear`; 1.8x torch's default float32 matmul on the project's AMD).
     - otherwise, where `encodes_in_place(sae)` and `out` ([>= tokens, d_sae]) is given: the codes
       written into `out` by one addmm and an in-place ReLU. SAE-Lens's encode allocates three
       [tokens, d_sae] tensors and passes over them twice after the matmul; at 32,768 features each

@@ -384,8 +384,9 @@ class Roofline:
 
     kernels: "torch.matmul" times torch's default kernel (MKL for float32 on this CPU);
     "fastest" also times oneDNN's linear (`matmul_kernels`, what ours encodes float32 with) and
-    keeps the faster per shape. On this project's AMD EPYC oneDNN ran float32 matmuls 1.8-2.2x faster
-    than MKL, so a roofline of torch.matmul alone is no bound: ours passes it.
+    keeps the faster per shape. On the project's AMD EPYC oneDNN ran float32 matmuls 1.8-2.2x faster
+    than MKL, so a roofline of torch.matmul alone is no bound there: ours passes it. On an Intel
+    Xeon MKL was the faster, for all shapes but one.
     """
 
     KERNELS = ("torch.matmul", "fastest")

@@ -55,7 +55,7 @@ from .quality import evaluate_saes
 # (experiments/benchmarks/vs_sparsify.py; results/benchmarks/peers/): `SparseTopKTrainingSAE`
 # (codes kept sparse from encode to decode, top-k over few candidates, no input gradient,
 # auxiliary loss over the dead latents only, decoder norms without their cancelling gradient),
-# float32 matmuls on oneDNN (`kernels.linear`), torch's fused Adam (`_new_trainer`), the cyclic
+# float32 matmuls on the faster CPU kernel (`kernels.linear`), torch's fused Adam (`_new_trainer`), the cyclic
 # garbage collector paused (`_cyclic_gc_paused`), shuffle buffers filled in place
 # (`_fixed_size_batches`), precision (`autocast`: bfloat16 matmuls) and the forward pass
 # (`autocast_lm`).
@@ -223,7 +223,7 @@ class _CentredLinear(torch.autograd.Function):
     Activations are data: the gradient of x only reaches the centre, as -W @ grad.sum(0), one
     matvec where autograd would form x's [tokens, d_in] gradient (a matmul as large as the
     encode) and sum it. So pass x detached and the centre here; with centre None, x gets its own
-    gradient. The matmuls are `kernels.linear` (oneDNN in float32 on a CPU); under autocast the
+    gradient. The matmuls are `kernels.linear` (oneDNN in float32 on an AMD CPU); under autocast the
     forward runs in bfloat16 as in SAE-Lens, and so does the W gradient.
 
     The W gradient is the dense x.T @ grad, although TopK leaves grad zero outside each token's
