@@ -5,7 +5,8 @@ CPUs. On the project's AMD EPYC, MKL ran at less than half of oneDNN's speed (on
 other CPU kernel library, the one its bfloat16 matmuls already use) at every shape tried: 2.2x for
 the forward's shapes, 1.8x for the SAE encode [1024, 512] x [512, 32768]
 (results/benchmarks/peers/vs_paper_stack.md, roofline table). On an Intel Xeon with AMX it was
-the other way round: MKL 1.1-1.4x faster than oneDNN (results/benchmarks/peers/xeon/), and
+the other way round: MKL 1.1-1.5x faster than oneDNN for the encode and three of the forward's
+four linear shapes, oneDNN faster only for the MLP's output (results/benchmarks/peers/xeon/), and
 oneDNN's linear, which allocates its output, paid for fresh pages on every call. Hence
 `float32_kernel`: oneDNN on AMD (and Hygon) x86 CPUs, torch's own matmul everywhere else, unless
 told otherwise. torch reaches oneDNN's float32 linear only through a private op of its compiler
@@ -46,7 +47,7 @@ def float32_kernel(kernel: str):
 
 
 def chosen_float32_kernel() -> str:
-    """ "onednn" or "torch": the kernel `linear` picks for float32 now (before `uses_onednn`'s checks)."""
+    """The kernel `linear` picks for float32 now, "onednn" or "torch" (before `uses_onednn`'s checks)."""
     kernel = _chosen_kernel[-1] if _chosen_kernel else os.environ.get(KERNEL_VARIABLE, "auto")
     if kernel not in FLOAT32_KERNELS:
         raise ValueError(f"{KERNEL_VARIABLE} must be one of {FLOAT32_KERNELS}, got {kernel!r}")

@@ -13,8 +13,8 @@ from lm_superposition.kernels import float32_kernel, linear, uses_onednn
 def matmul_kernels(a: torch.Tensor, b: torch.Tensor) -> dict[str, Callable[[], object]]:
     """{kernel: a call without arguments that computes a @ b}: torch.matmul into a preallocated
     output, and for 2-D float32 operands on a CPU, oneDNN's linear (`lm_superposition.kernels`),
-    whichever kernel the package would pick: on the project's AMD EPYC oneDNN ran 1.8-2.2x faster
-    than torch.matmul's MKL, on an Intel Xeon MKL was the faster.
+    timed whichever kernel the package would pick on this CPU: on the project's AMD EPYC oneDNN ran
+    1.8-2.2x faster than torch.matmul's MKL, on an Intel Xeon MKL was the faster.
 
     oneDNN's linear allocates its output, so it is timed in row slices of at most
     ENCODE_CHUNK_ELEMENTS output elements, as the analyzer calls it: those come from the heap,

@@ -55,8 +55,8 @@ from .quality import evaluate_saes
 # (experiments/benchmarks/vs_sparsify.py; results/benchmarks/peers/): `SparseTopKTrainingSAE`
 # (codes kept sparse from encode to decode, top-k over few candidates, no input gradient,
 # auxiliary loss over the dead latents only, decoder norms without their cancelling gradient),
-# float32 matmuls on the faster CPU kernel (`kernels.linear`), torch's fused Adam (`_new_trainer`), the cyclic
-# garbage collector paused (`_cyclic_gc_paused`), shuffle buffers filled in place
+# float32 matmuls on the CPU's faster kernel (`kernels.linear`), torch's fused Adam (`_new_trainer`),
+# the cyclic garbage collector paused (`_cyclic_gc_paused`), shuffle buffers filled in place
 # (`_fixed_size_batches`), precision (`autocast`: bfloat16 matmuls) and the forward pass
 # (`autocast_lm`).
 
