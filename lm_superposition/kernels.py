@@ -18,6 +18,7 @@ oneDNN matmuls too (the SAE training step's).
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import functools
 import os
 import platform
@@ -28,7 +29,8 @@ from torch.overrides import TorchFunctionMode
 
 FLOAT32_KERNELS = ("auto", "onednn", "torch")
 KERNEL_VARIABLE = "LM_SUPERPOSITION_FLOAT32_KERNEL"
-_chosen_kernel: list[str] = []  # set by `float32_kernel(...)` blocks, innermost last
+# the kernel of the innermost `float32_kernel(...)` block; per thread and per asyncio task
+_chosen_kernel: contextvars.ContextVar[str | None] = contextvars.ContextVar("float32_kernel", default=None)
 
 
 @contextlib.contextmanager
@@ -39,16 +41,16 @@ def float32_kernel(kernel: str):
     rounding, not bit for bit."""
     if kernel not in FLOAT32_KERNELS:
         raise ValueError(f"float32 kernel must be one of {FLOAT32_KERNELS}, got {kernel!r}")
-    _chosen_kernel.append(kernel)
+    token = _chosen_kernel.set(kernel)
     try:
         yield
     finally:
-        _chosen_kernel.pop()
+        _chosen_kernel.reset(token)
 
 
 def chosen_float32_kernel() -> str:
     """The kernel `linear` picks for float32 now, "onednn" or "torch" (before `uses_onednn`'s checks)."""
-    kernel = _chosen_kernel[-1] if _chosen_kernel else os.environ.get(KERNEL_VARIABLE, "auto")
+    kernel = _chosen_kernel.get() or os.environ.get(KERNEL_VARIABLE, "auto")
     if kernel not in FLOAT32_KERNELS:
         raise ValueError(f"{KERNEL_VARIABLE} must be one of {FLOAT32_KERNELS}, got {kernel!r}")
     if kernel == "auto":

@@ -113,3 +113,17 @@ def test_cpu_vendor_reads_this_machine():
     cpuinfo = Path("/proc/cpuinfo")
     if cpuinfo.exists() and "vendor_id" in cpuinfo.read_text():
         assert vendor and vendor in cpuinfo.read_text()
+
+
+def test_a_float32_kernel_block_holds_in_its_own_thread_only(monkeypatch):
+    """The block's choice is per thread: another thread started inside it keeps the default."""
+    import threading
+
+    monkeypatch.setenv(kernels.KERNEL_VARIABLE, "torch")
+    seen = []
+    with float32_kernel("onednn"):
+        worker = threading.Thread(target=lambda: seen.append(kernels.chosen_float32_kernel()))
+        worker.start()
+        worker.join()
+        assert kernels.chosen_float32_kernel() == "onednn"
+    assert seen == ["torch"] and kernels.chosen_float32_kernel() == "torch"
