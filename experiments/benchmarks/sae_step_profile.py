@@ -10,8 +10,8 @@ step), side by side in one run, alternating:
                    float32, and under SAE-Lens's bfloat16 autocast (`autocast`); with SAE-Lens's
                    own TopKTrainingSAE (dense codes, decode and W_enc gradient) and with the
                    project's SparseTopKTrainingSAE (codes kept sparse, sparse decode, top-k over
-                   a few candidates a token, no input gradient, float32 matmuls on oneDNN,
-                   fused Adam);
+                   a few candidates a token, no input gradient, float32 matmuls on the CPU's
+                   faster kernel (`kernels.linear`: oneDNN on AMD), fused Adam);
   bare_matmuls     the matmuls of that step alone: encode and decode forward, their backward
                    (4 more matmuls of the same sizes), no top-k, no optimiser, in float32 and
                    in bfloat16;

@@ -7,13 +7,15 @@ side in one run, alternating, median of --repeats calls:
              over all latents, against `saes.training._top_k_latents` (torch.topk over the few
              candidates that reach the k-th largest of the 32-latent chunk maxima);
   W_enc grad the encoder's W gradient for an output gradient with each token's k latents and,
-             as the auxiliary loss adds, --dead latents dense: the dense x.T @ grad on oneDNN
-             (`kernels.linear`, what `_CentredLinear` runs), against summing over the nonzeros
-             latent by latent (embedding_bag; a matmul for latents used by more than 1/8 of the
-             tokens) and copying the [d_sae, d_in] sums into W's [d_in, d_sae] layout, as the
-             step did until session 7 (its `_LinearWithSparseGrad`, written out again here);
+             as the auxiliary loss adds, --dead latents dense: the dense x.T @ grad by
+             `kernels.linear` (what `_CentredLinear` runs: oneDNN on an AMD CPU, MKL on Intel's),
+             against summing over the nonzeros latent by latent (embedding_bag; a matmul for
+             latents used by more than 1/8 of the tokens) and copying the [d_sae, d_in] sums into
+             W's [d_in, d_sae] layout, as the step did until session 7 (its
+             `_LinearWithSparseGrad`, written out again here);
   aux decode the auxiliary loss's decode of --dead latents, [tokens, dead] @ [dead, d_in], with
-             both gradients: `kernels.linear` (oneDNN) against torch's matmul (MKL in float32).
+             both gradients: `kernels.linear` (oneDNN on AMD; on Intel's CPUs the same MKL as the
+             other side) against torch's matmul (MKL in float32).
 
     python experiments/benchmarks/training_step_parts.py --threads 1
 """

@@ -29,7 +29,7 @@ Precision (--precision, one contender of ours per value): float32, the validated
 the model's forward passes and the SAE training steps under bfloat16 autocast
 (`SAETrainingConfig(autocast_lm=True, autocast=True)`: weights and Adam stay float32);
 bfloat16-forward, the forward passes alone under it (`autocast_lm=True`), the SAE steps in
-float32, whose matmuls run on oneDNN (`kernels.linear`). Sparsify
+float32, whose matmuls run on the CPU's faster kernel (`kernels.linear`: oneDNN on AMD). Sparsify
 runs as its CLI does on a CPU: the model in the checkpoint's dtype (float32 here), float32 SAEs
 (its CLI picks bfloat16 only on a GPU that supports it); --sparsify-bf16 adds a contender with
 the model loaded in bfloat16, as its CLI does on such GPUs.

@@ -159,9 +159,9 @@ class SparseTopKTrainingSAE(TopKTrainingSAE):
         # (none where there are at most k_aux, as every token then selects all of them: 60% of
         # the 55-hook peer benchmark's SAE steps, 29% had more), and the decode as a
         # [tokens, dead] @ [dead, d_in] matmul. The same k_aux, scale, selection and loss; the
-        # checks and the reshaping as there. The decode is `kernels.linear`: in float32 on a CPU it
-        # and its two gradients run on oneDNN, 1.1 / 2.2 ms with 200 / 500 dead latents against
-        # torch's 1.8 / 4.4 (experiments/benchmarks/training_step_parts.py).
+        # checks and the reshaping as there. The decode is `kernels.linear`: in float32 on an AMD CPU
+        # it and its two gradients run on oneDNN, 1.1 / 2.2 ms with 200 / 500 dead latents against
+        # torch's 1.8 / 4.4 there (experiments/benchmarks/training_step_parts.py).
         if (
             hidden_pre.ndim != 2
             or dead_neuron_mask is None
@@ -229,10 +229,11 @@ class _CentredLinear(torch.autograd.Function):
     The W gradient is the dense x.T @ grad, although TopK leaves grad zero outside each token's
     k latents and the dead latents of the auxiliary loss. Summing over its nonzeros instead
     (embedding_bag, the way eai-sparsify's fused encoder does) was this project's path until the
-    matmul ran on oneDNN. Now the matmul takes the same time whatever the gradient, while the
-    sums grow with the dead latents and need a copy into W's layout: at the peer benchmark's
-    shape, 1.4 ms for the sums against 1.75 for the matmul with no dead latents, 1.9 / 2.9 ms
-    against 1.7 with 200 / 500 of 1,280 dead (experiments/benchmarks/training_step_parts.py,
+    matmul ran on oneDNN (on the project's AMD CPU, where these times were taken). Now the matmul
+    takes the same time whatever the gradient, while the sums grow with the dead latents and need
+    a copy into W's layout: at the peer benchmark's shape, 1.4 ms for the sums against 1.75 for
+    the matmul with no dead latents, 1.9 / 2.9 ms against 1.7 with 200 / 500 of 1,280 dead
+    (experiments/benchmarks/training_step_parts.py,
     results/benchmarks/training_step_parts.md); on the 55-hook peer benchmark 89% of the SAE
     steps had dead latents, 29% more than 320 (see calculate_topk_aux_loss).
     """
