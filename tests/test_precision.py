@@ -19,7 +19,7 @@ from lm_superposition.activations import stream_activations
 from lm_superposition.analyze import LayerwiseAnalyzer, sae_budget
 from lm_superposition.codes import LowPrecisionEncoder
 from lm_superposition.config import RunSettings, SAETrainingConfig
-from lm_superposition.metric import SUM_DTYPE, FeatureBudget, _entropies, entropy
+from lm_superposition.metric import SUM_DTYPE, FeatureBudget, _mixture_entropies, entropy
 from lm_superposition.saes.quality import evaluate_sae, evaluate_saes
 
 HOOKS = ["blocks.0.hook_resid_post", "blocks.1.hook_mlp_out"]
@@ -156,11 +156,18 @@ def test_ce_with_shared_passes_equals_sae_lens_get_recons_loss(tiny_model, make_
     assert shared[3].ce_loss_reconstructed != pytest.approx(shared[4].ce_loss_reconstructed, rel=1e-5)
 
 
-def test_one_pass_entropies_equal_the_entropy_of_each_row():
-    budgets = torch.rand(5, 300, dtype=torch.float64) ** 3
-    budgets[1, :150] = 0  # zeros are 0 ln 0 = 0
-    expected = torch.tensor([entropy(row) for row in budgets], dtype=torch.float64)
-    assert torch.allclose(_entropies(budgets), expected, rtol=1e-12)
+@pytest.mark.parametrize("dtype, rtol", [(torch.float64, 1e-12), (torch.float32, 1e-6)])
+def test_mixture_entropies_equal_the_entropy_of_each_mixed_budget(dtype, rtol):
+    sums = torch.rand(4, 700, dtype=torch.float64) ** 3
+    sums[:, :150] = 0  # zeros are 0 ln 0 = 0
+    weights = torch.rand(6, 4, dtype=torch.float64)
+    weights[2] = 0  # an all-zero budget: no entropy
+    expected = torch.tensor(
+        [entropy(row) if row.sum() > 0 else math.nan for row in weights @ sums], dtype=torch.float64
+    )
+    got = _mixture_entropies(weights.to(dtype), sums.to(dtype), latents_at_a_time=256)  # 3 slabs, the last short
+    assert got.dtype == torch.float64
+    assert torch.allclose(got, expected, rtol=rtol, atol=0, equal_nan=True)
 
 
 def test_bootstrap_and_curve_are_read_off_the_same_budget():
