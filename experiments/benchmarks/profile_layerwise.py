@@ -5,6 +5,7 @@ The same workload as layerwise_speed.py (Pythia-70M-shaped random model, one ran
 --batches batches profiled. Prints the functions with the most time of their own.
 
     python -m experiments.benchmarks.profile_layerwise            # 2 batches of 1,016 tokens
+    python -m experiments.benchmarks.profile_layerwise --encode-dtype bfloat16
 """
 
 from __future__ import annotations
@@ -23,11 +24,18 @@ def main(argv=None) -> None:
     parser.add_argument("--batches", type=int, default=2, help="batches of 8 windows to profile after the warm-up")
     parser.add_argument("--d-sae", type=int, default=32_768)
     parser.add_argument("--top", type=int, default=15, help="how many functions to list")
+    parser.add_argument("--encode-dtype", default=None, help="the analyzer's encode_dtype, e.g. bfloat16")
     args = parser.parse_args(argv)
 
     setup = Setup("cpu", "float32", args.d_sae, batch_size=8, context=128, threads=None)
     model = pythia_shaped_model(setup)
-    analyzer = LayerwiseAnalyzer(model, random_saes(model, setup), model_name=MODEL_NAME, batch_size=setup.batch_size)
+    analyzer = LayerwiseAnalyzer(
+        model,
+        random_saes(model, setup),
+        model_name=MODEL_NAME,
+        batch_size=setup.batch_size,
+        encode_dtype=args.encode_dtype,
+    )
     windows = random_windows((args.batches + 1) * setup.measured_per_batch, setup)
     analyzer.run_seed(windows[: setup.batch_size], progress=False)  # warm-up: buffers, MKL's packing
 
