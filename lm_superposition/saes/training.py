@@ -16,6 +16,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from itertools import chain, islice
 from pathlib import Path
 
+import numpy as np
 import torch
 from sae_lens import (
     SAE,
@@ -86,6 +87,15 @@ class SparseTopKTrainingSAE(TopKTrainingSAE):
         x = step_input.sae_in
         if x.ndim != 2 or self.cfg.use_sparse_activations or self.hook_sae_acts_post.fwd_hooks:
             return super().training_forward_pass(step_input)  # what the dense codes serve
+        # W_dec is fixed within a step: its row norms (used three times) are computed once
+        self._step_norms = self._decoder_norms() if self.cfg.rescale_acts_by_decoder_norm else None
+        try:
+            return self._sparse_training_forward_pass(step_input)
+        finally:
+            self._step_norms = None
+
+    def _sparse_training_forward_pass(self, step_input: TrainStepInput) -> TrainStepOutput:
+        x = step_input.sae_in
         hidden_pre = self._hidden_pre(x)
         latents = _top_k_latents(hidden_pre, self.cfg.k)  # SAE-Lens's TopK activation
         values = hidden_pre.gather(-1, latents).relu()
@@ -141,7 +151,12 @@ class SparseTopKTrainingSAE(TopKTrainingSAE):
         activations by them and divides the codes by them again before decoding (main and
         auxiliary decode alike), so their gradients through the two cancel exactly: computing
         them would cost a step two norm backward passes over W_dec (~0.8 ms each at 1,280 x 640)
-        and a dense product with the pre-activations for a sum that is zero up to rounding."""
+        and a dense product with the pre-activations for a sum that is zero up to rounding.
+        Within one `training_forward_pass` they are computed once, not three times (0.4 ms each
+        in the 55-hook peer benchmark, where W_dec is rarely still in cache)."""
+        step_norms = getattr(self, "_step_norms", None)
+        if step_norms is not None:
+            return step_norms
         with torch.no_grad():
             return self.W_dec.norm(dim=-1)
 
@@ -177,10 +192,22 @@ class SparseTopKTrainingSAE(TopKTrainingSAE):
             codes = torch.zeros_like(codes).scatter(-1, top.indices, top.values)
         if self.cfg.rescale_acts_by_decoder_norm:
             codes = codes / self._decoder_norms()[dead]
-        recons = self.reshape_fn_out(linear(codes, self.W_dec[dead]), self.d_head)
+        decoder = self.W_dec[dead]
+        # The matmuls' width rounded up with zero latents (which add exactly nothing): the
+        # number of dead latents changes from step to step, and oneDNN compiles a kernel for
+        # each new matmul shape (bfloat16 under autocast on any CPU, float32 on AMD's), ~8 ms
+        # against 0.9 ms for a shape seen before ([254, n] @ [n, 640], Intel Xeon, session 9).
+        padding = -num_dead % AUX_WIDTH_STEP
+        if padding:
+            codes = torch.nn.functional.pad(codes, (0, padding))
+            decoder = torch.nn.functional.pad(decoder, (0, 0, 0, padding))
+        recons = self.reshape_fn_out(linear(codes, decoder), self.d_head)
         auxk_loss = (recons - (sae_in - sae_out).detach()).pow(2).sum(dim=-1).mean()
         return self.cfg.aux_loss_coefficient * min(num_dead / k_aux, 1.0) * auxk_loss
 
+
+# The auxiliary loss's decode runs over a multiple of this many latents (see calculate_topk_aux_loss).
+AUX_WIDTH_STEP = 128
 
 # Latents are split into chunks of this many for `_top_k_latents`' threshold.
 TOP_K_CHUNK = 32
@@ -207,7 +234,7 @@ def _top_k_latents(hidden_pre: torch.Tensor, k: int) -> torch.Tensor:
         threshold = chunk_maxima.topk(k, dim=-1, sorted=False).values.amin(-1, keepdim=True)
         if not threshold.isfinite().all():  # NaN (which topk ranks first) or -inf
             return hidden_pre.topk(k, dim=-1, sorted=False).indices
-        rows, latents = (hidden_pre >= threshold).nonzero(as_tuple=True)  # row by row
+        rows, latents = _true_entries(hidden_pre >= threshold)  # row by row
         per_row = torch.bincount(rows, minlength=tokens)
         slot = torch.arange(len(rows), device=rows.device) - (per_row.cumsum(0) - per_row)[rows]  # place in its row
         candidates = hidden_pre.new_full((tokens, int(per_row.max())), float("-inf"))
@@ -215,6 +242,17 @@ def _top_k_latents(hidden_pre: torch.Tensor, k: int) -> torch.Tensor:
         candidate_latents = torch.zeros_like(candidates, dtype=torch.long)
         candidate_latents[rows, slot] = latents
         return candidate_latents.gather(-1, candidates.topk(k, dim=-1, sorted=False).indices)
+
+
+def _true_entries(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows, columns) of a 2-d boolean mask's True entries, row by row, as mask.nonzero(as_tuple=True).
+
+    On a CPU through numpy, whose nonzero of a boolean array is vectorised where torch's CPU
+    nonzero goes one element at a time (see codes.nonzero_entries)."""
+    if mask.device.type != "cpu":
+        return mask.nonzero(as_tuple=True)
+    flat = torch.from_numpy(np.flatnonzero(mask.numpy()))
+    return flat // mask.shape[1], flat % mask.shape[1]
 
 
 class _CentredLinear(torch.autograd.Function):
