@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from lm_superposition import kernels
-from lm_superposition.kernels import float32_kernel, linear, model_linears_on_onednn, uses_onednn
+from lm_superposition.kernels import compiles_per_shape, float32_kernel, linear, model_linears_on_onednn, uses_onednn
 
 
 def _inputs():
@@ -127,3 +127,14 @@ def test_a_float32_kernel_block_holds_in_its_own_thread_only(monkeypatch):
         worker.join()
         assert kernels.chosen_float32_kernel() == "onednn"
     assert seen == ["torch"] and kernels.chosen_float32_kernel() == "torch"
+
+
+def test_compiles_per_shape_where_onednn_runs_the_matmul():
+    weight = torch.zeros(4, 3)
+    with float32_kernel("torch"):  # MKL's float32 matmul
+        assert not compiles_per_shape(weight)
+        assert compiles_per_shape(weight.bfloat16())
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert compiles_per_shape(weight)
+    with float32_kernel("onednn"):
+        assert compiles_per_shape(weight) == uses_onednn(weight)

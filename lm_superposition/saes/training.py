@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 
 from ..activations import stream_activations
 from ..config import SAETrainingConfig
-from ..kernels import linear
+from ..kernels import compiles_per_shape, linear
 from ..models import Model, hook_point
 from .loading import save_sae
 from .quality import evaluate_saes
@@ -193,11 +193,12 @@ class SparseTopKTrainingSAE(TopKTrainingSAE):
         if self.cfg.rescale_acts_by_decoder_norm:
             codes = codes / self._decoder_norms()[dead]
         decoder = self.W_dec[dead]
-        # The matmuls' width rounded up with zero latents (which add exactly nothing): the
-        # number of dead latents changes from step to step, and oneDNN compiles a kernel for
-        # each new matmul shape (bfloat16 under autocast on any CPU, float32 on AMD's), ~8 ms
-        # against 0.9 ms for a shape seen before ([254, n] @ [n, 640], Intel Xeon, session 9).
-        padding = -num_dead % AUX_WIDTH_STEP
+        # Where oneDNN runs the matmuls, their width is rounded up with zero latents (which add
+        # exactly nothing): the number of dead latents changes from step to step, and oneDNN
+        # compiles a kernel for each new shape (`kernels.compiles_per_shape`). On this project's
+        # Xeon, a bfloat16 auxiliary decode with its gradients took 7-9 ms padded against 17 ms
+        # unpadded at a new width each step; in float32 on MKL, 7-8 ms unpadded, 8-10 ms padded.
+        padding = -num_dead % AUX_WIDTH_STEP if compiles_per_shape(self.W_dec) else 0
         if padding:
             codes = torch.nn.functional.pad(codes, (0, padding))
             decoder = torch.nn.functional.pad(decoder, (0, 0, 0, padding))
