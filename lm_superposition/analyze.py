@@ -28,10 +28,9 @@ from .codes import (
     CodeReader,
     LowPrecisionEncoder,
     decode,
-    encode,
     encodes_fused,
     encodes_in_place,
-    sparse_codes,
+    sparse_encode,
     with_values,
 )
 from .data import PAD_DOC_ID, TokenWindows
@@ -223,7 +222,7 @@ class _SlotReader:
         for act_chunk, doc_chunk in zip(acts.split(self.chunk), doc_chunks):
             # ~99% of the codes are zeros: everything after the encode reads only the nonzeros.
             act_chunk = act_chunk.to(self.dtype)
-            codes = sparse_codes(encode(self.sae, act_chunk, out=buffer, weights=self.low_precision))
+            codes = sparse_encode(self.sae, act_chunk, out=buffer, weights=self.low_precision)
             budget.update(self.codes.weighted(codes), doc_chunk)
             if variance is not None:
                 if codes.dtype != self.dtype:  # reduced-precision codes: decode the nonzeros in the SAE's dtype

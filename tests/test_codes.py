@@ -19,6 +19,7 @@ from sae_lens import (
 from experiments.toy import TiedSAE
 from lm_superposition.analyze import sae_budget
 from lm_superposition.codes import (
+    LowPrecisionEncoder,
     decode,
     decoder_norms,
     duplicate_groups,
@@ -26,7 +27,9 @@ from lm_superposition.codes import (
     encodes_fused,
     encodes_in_place,
     nonzero_entries,
+    relu_nonzero_entries,
     sparse_codes,
+    sparse_encode,
 )
 from lm_superposition.kernels import float32_kernel
 from lm_superposition.metric import FeatureBudget
@@ -91,6 +94,50 @@ def test_sparse_decode_equals_the_dense_decode(sae_class, config_class, extra, d
         sparse, dense = decode(sae, sparse_codes(codes)), sae.decode(codes)
     assert sparse.layout == torch.strided and sparse.dtype == dense.dtype
     assert torch.allclose(sparse.float(), dense.float(), atol=1e-5 if dtype == "float32" else 0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
+def test_relu_nonzero_entries_are_those_of_the_relu(dtype):
+    """The ReLU folded into the scan: the entries of relu(x).nonzero(), at every special value
+    (NaN of either sign is kept, as torch's ReLU keeps it; +-0.0 and -inf are zeros)."""
+    pre = torch.randn(6, 50, generator=torch.Generator().manual_seed(2)).to(dtype)
+    special = [math.nan, 0.0, 0.0, -0.0, math.inf, -math.inf, 1e-30, -1e-30, 0.0, 0.0]
+    pre.view(-1)[: len(special)] = torch.tensor(special, dtype=dtype)
+    pre.view(-1)[-3:] = torch.tensor([torch.finfo(dtype).tiny, -torch.finfo(dtype).max, torch.finfo(dtype).max])
+    # negative NaNs, by their bits (-math.nan does not keep its sign through every cast): all ones,
+    # the one next to -inf, and -inf itself, read as signed integers of the float's width
+    mantissa_bits = {torch.float64: 52, torch.float32: 23, torch.float16: 10, torch.bfloat16: 7}[dtype]
+    as_integers = pre.view({2: torch.int16, 4: torch.int32, 8: torch.int64}[dtype.itemsize]).view(-1)
+    as_integers[1], as_integers[8], as_integers[9] = -1, -(2**mantissa_bits - 1), -(2**mantissa_bits)
+    assert pre.view(-1)[[1, 8]].isnan().all() and pre.view(-1)[9] == -math.inf
+    positions, values = relu_nonzero_entries(pre)
+    expected_positions, expected_values = nonzero_entries(pre.relu())
+    assert torch.equal(positions, expected_positions)
+    assert torch.equal(values.isnan(), expected_values.isnan())
+    assert torch.equal(values[~values.isnan()], expected_values[~expected_values.isnan()])
+    assert {0, 1, 8} <= set(positions.tolist()) and 9 not in positions  # the NaNs, not -inf
+
+
+@pytest.mark.parametrize("encoder", ["addmm", "bfloat16"])
+def test_sparse_encode_equals_the_sparse_codes_of_encode(encoder):
+    """With the ReLU left to the scan, the same CSR codes as encoding and then scanning."""
+    torch.manual_seed(0)
+    sae = StandardSAE(StandardSAEConfig(d_in=16, d_sae=64, apply_b_dec_to_input=True))
+    with torch.no_grad(), float32_kernel("torch"):
+        for parameter in sae.parameters():
+            parameter.normal_(0, 0.5)
+        sae.b_enc.sub_(1.0)  # sparse codes, as trained SAEs have
+        activations = torch.randn(10, 16)
+        weights = LowPrecisionEncoder(sae, torch.bfloat16) if encoder == "bfloat16" else None
+        buffer = torch.full((32, 64), math.nan, dtype=torch.bfloat16 if weights else torch.float32)
+        expected = sparse_codes(encode(sae, activations, out=buffer.clone(), weights=weights))
+        got = sparse_encode(sae, activations, out=buffer, weights=weights)
+        assert 0 < got.values().numel() < 10 * 64 / 2
+        for part in ("crow_indices", "col_indices", "values"):
+            assert torch.equal(getattr(got, part)(), getattr(expected, part)()), part
+        # an SAE encode does not compute itself: the plain scan of its codes
+        topk = TopKSAE(TopKSAEConfig(d_in=16, d_sae=64, k=3))
+        assert torch.equal(sparse_encode(topk, activations, out=buffer).to_dense(), topk.encode(activations))
 
 
 @pytest.mark.parametrize("onednn", [True, False])
