@@ -82,12 +82,14 @@ def relu_nonzero_entries(pre_activations: torch.Tensor) -> tuple[torch.Tensor, t
     of every entry that is > 0 or NaN (torch's ReLU keeps NaN, so a broken SAE still shows),
     positions ascending. Values are the pre-activations' own (a NaN keeps its sign).
 
-    The ReLU wrote the whole [tokens, d_sae] matrix once more before the scan read it: on the
-    Intel Xeon of session 10, 15 ms of a 1,024 x 32,768 bfloat16 encode's ~100 ms. Read as signed
-    integers of their width, floats keep their order among positives, and the negative NaNs
-    are the 2^mantissa - 1 integers just below zero, every other negative float lies further
-    down. So one integer comparison finds the candidates, and among them (~2%) only the
-    exact zeros (+0.0, the integer 0) are dropped.
+    The ReLU passes over the whole [tokens, d_sae] matrix once more, reading and writing it,
+    before the scan reads it again. Read as signed integers of their width, floats keep their
+    order among positives, the negative NaNs are the 2^mantissa - 1 integers just below zero,
+    and every other negative float lies further down. So one integer comparison finds the
+    candidates, and among them (~2%) only the exact zeros (+0.0, the integer 0) are dropped.
+    On the Intel Xeon of session 10, ReLU + `nonzero_entries` against this for 1,016 x 32,768
+    codes with 1.8% positive, medians: bfloat16 63 -> 46 ms, float32 70 -> 57 ms. Inside the
+    analyzer's run_seed (Pythia-70M shape, 19 hooks, 1 thread) the encode plus scan took 2-4% less.
     """
     flat = pre_activations.reshape(-1)
     mantissa_bits = _MANTISSA_BITS.get(pre_activations.dtype)
