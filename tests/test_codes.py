@@ -135,7 +135,7 @@ def test_sparse_encode_equals_the_sparse_codes_of_encode(encoder):
         assert 0 < got.values().numel() < 10 * 64 / 2
         for part in ("crow_indices", "col_indices", "values"):
             assert torch.equal(getattr(got, part)(), getattr(expected, part)()), part
-        # an SAE encode does not compute itself: the plain scan of its codes
+        # an SAE whose pre-activations encode does not compute: its codes, scanned as they are
         topk = TopKSAE(TopKSAEConfig(d_in=16, d_sae=64, k=3))
         assert torch.equal(sparse_encode(topk, activations, out=buffer).to_dense(), topk.encode(activations))
 
