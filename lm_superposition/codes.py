@@ -74,7 +74,7 @@ def nonzero_entries(codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.from_numpy(positions), torch.from_numpy(candidates[kept]).view(codes.dtype)
 
 
-_SIGNED_INTEGER_OF_WIDTH = {1: np.int8, 2: np.int16, 4: np.int32}
+_SIGNED_INTEGER_OF_WIDTH = {1: np.int8, 2: np.int16, 4: np.int32, 8: np.int64}
 
 
 def relu_nonzero_entries(pre_activations: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -95,7 +95,8 @@ def relu_nonzero_entries(pre_activations: torch.Tensor) -> tuple[torch.Tensor, t
     mantissa_bits = _MANTISSA_BITS.get(pre_activations.dtype)
     if mantissa_bits is None or flat.device.type != "cpu":
         return nonzero_entries(pre_activations.relu())
-    integers = flat.detach().view(_TORCH_SIGNED_INTEGER[flat.element_size()]).numpy()
+    # as bytes first: numpy has no bfloat16
+    integers = flat.detach().view(torch.uint8).numpy().view(_SIGNED_INTEGER_OF_WIDTH[flat.element_size()])
     candidates = np.flatnonzero(integers >= -(2**mantissa_bits - 1))
     values = integers[candidates]
     kept = values != 0
@@ -103,7 +104,6 @@ def relu_nonzero_entries(pre_activations: torch.Tensor) -> tuple[torch.Tensor, t
 
 
 _MANTISSA_BITS = {torch.float64: 52, torch.float32: 23, torch.float16: 10, torch.bfloat16: 7}
-_TORCH_SIGNED_INTEGER = {2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
 def csr_entries(codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -150,8 +150,9 @@ def encode(
     """
     if _computes_pre_activations(sae, out, weights):
         return _pre_activations(sae, activations, out, weights).relu_()
-    if weights is not None:
-        return weights.encode(activations)
+    if weights is not None:  # an SAE class of its own: its encode, its matmuls cast by autocast
+        with torch.autocast(activations.device.type, dtype=weights.dtype):
+            return sae.encode(activations)
     if encodes_fused(sae) and not torch.is_grad_enabled():
         return linear(sae.process_sae_in(activations), sae.W_enc, sae.b_enc, relu=True)
     return sae.encode(activations)
@@ -178,7 +179,7 @@ def _computes_pre_activations(sae, out: torch.Tensor | None, weights: LowPrecisi
     oneDNN's fused linear encodes it."""
     if weights is not None:
         return weights.in_place
-    return out is not None and encodes_in_place(sae) and not (encodes_fused(sae) and not torch.is_grad_enabled())
+    return out is not None and encodes_in_place(sae) and (torch.is_grad_enabled() or not encodes_fused(sae))
 
 
 def _pre_activations(
@@ -202,8 +203,8 @@ class LowPrecisionEncoder:
 
     For a plain StandardSAE (`encodes_in_place`) the rounded W_enc (and b_enc, see below) are kept
     once, so the weights are not cast again on every call; any other SAE class runs its own
-    `encode` under torch.autocast, which casts its matmuls' inputs on the fly and adds the bias
-    in float32.
+    `encode` under torch.autocast (see `encode`), which casts its matmuls' inputs on the fly and
+    adds the bias in float32.
     """
 
     def __init__(self, sae, dtype: torch.dtype):
@@ -221,13 +222,6 @@ class LowPrecisionEncoder:
             high = bias.to(dtype)
             low = (bias - high.to(bias.dtype)).to(dtype)
             self.W_enc = torch.cat([sae.W_enc.detach().to(dtype), high[None], low[None]])
-
-    def encode(self, activations: torch.Tensor) -> torch.Tensor:
-        """The codes of `activations`, in self.dtype."""
-        if self.in_place:
-            return self.pre_activations(activations).relu_()
-        with torch.autocast(activations.device.type, dtype=self.dtype):
-            return self.sae.encode(activations)
 
     def pre_activations(self, activations: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """process_sae_in(activations) @ W_enc + b_enc of an in-place SAE, in self.dtype (into `out`
