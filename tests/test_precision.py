@@ -247,25 +247,32 @@ def test_sparse_topk_training_sae_under_autocast_trains_as_sae_lens(n_dead):
     assert torch.allclose(dense.W_enc.grad, sparse.W_enc.grad, rtol=2e-2, atol=2e-2 * dense.W_enc.grad.abs().max())
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 def test_top_k_latents_are_torch_topks(dtype):
     """The same top-k values per row as torch.topk (the latents too, where no two values tie),
-    also where the candidate search cannot run: NaN and -inf rows, fewer than k chunks."""
-    from lm_superposition.saes.training import TOP_K_CHUNK, _top_k_latents
+    also in rows with NaN (largest in both), -inf and ties, at k = 1 and k = the whole width."""
+    from lm_superposition.saes.training import _top_k_latents
 
     torch.manual_seed(0)
-    pre = (torch.randn(300, 40 * TOP_K_CHUNK) + torch.randn(40 * TOP_K_CHUNK)).to(dtype)
+    pre = (torch.randn(300, 1280) + torch.randn(1280)).to(dtype)
     pre[3, :] = float("-inf")
     pre[4, 7] = float("nan")
     pre[5, :] = 1.0  # all tied
-    for hidden_pre, k in ((pre, 32), (pre[6:], 32), (pre[6:, : 8 * TOP_K_CHUNK], 9), (pre[6:], 1)):
+    pre[6, ::2] = float("-inf")
+    for hidden_pre, k in (
+        (pre, 32),
+        (pre[7:], 32),
+        (pre[7:, :256].t().contiguous().t(), 9),
+        (pre[7:], 1),
+        (pre[:, :40], 40),
+    ):
         latents = _top_k_latents(hidden_pre, k)
         expected = hidden_pre.topk(k, dim=-1, sorted=False)
-        assert latents.shape == (len(hidden_pre), k)
+        assert latents.shape == (len(hidden_pre), k) and latents.dtype == torch.int64
         got = hidden_pre.gather(-1, latents)
         assert torch.equal(got.sort(-1).values.nan_to_num(), expected.values.sort(-1).values.nan_to_num())
         assert all(len(set(row.tolist())) == k for row in latents)  # k distinct latents a row
-        if dtype == torch.float32 and hidden_pre is not pre:  # no ties among random float32 values
+        if dtype != torch.bfloat16 and hidden_pre.shape[0] == 293:  # no ties among random float values
             assert torch.equal(latents.sort(-1).values, expected.indices.sort(-1).values)
 
 

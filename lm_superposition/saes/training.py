@@ -54,7 +54,7 @@ from .quality import evaluate_saes
 # (top-k, Adam's update, the sparse decode) that stacking would not shrink. The levers were the
 # arithmetic and the interpreter, each measured on the 55-hook peer benchmark
 # (experiments/benchmarks/vs_sparsify.py; results/benchmarks/peers/): `SparseTopKTrainingSAE`
-# (codes kept sparse from encode to decode, top-k over few candidates, no input gradient,
+# (codes kept sparse from encode to decode, top-k selected in numpy, no input gradient,
 # auxiliary loss over the dead latents only, decoder norms without their cancelling gradient),
 # float32 matmuls on the CPU's faster kernel (`kernels.linear`), torch's fused Adam (`_new_trainer`),
 # the cyclic garbage collector paused (`_cyclic_gc_paused`), shuffle buffers filled in place
@@ -73,7 +73,7 @@ class SparseTopKTrainingSAE(TopKTrainingSAE):
     option (`use_sparse_activations`) fails in the backward pass on CPU (aten::view has no
     SparseCPU kernel). Here, the way eai-sparsify's fused decoder works, the codes stay each
     token's k (latent, value) pairs and the decode is an `embedding_bag` over them; the top k
-    is found among few candidates (`_top_k_latents`); the encoder gives b_dec its gradient
+    is selected row by row in numpy (`_top_k_latents`); the encoder gives b_dec its gradient
     without an input gradient (`_CentredLinear`); the auxiliary loss works on the dead latents'
     columns only. The same losses and gradients up to summation order (tests/test_precision.py),
     and everything else (losses, optimiser, schedules, dead-latent tracking, saving as an
@@ -188,8 +188,8 @@ class SparseTopKTrainingSAE(TopKTrainingSAE):
         dead = dead_neuron_mask.nonzero().squeeze(1)
         codes = hidden_pre[:, dead]
         if num_dead > k_aux:  # each token keeps its k_aux largest
-            top = codes.topk(k_aux, dim=-1, sorted=False)
-            codes = torch.zeros_like(codes).scatter(-1, top.indices, top.values)
+            top = _top_k_latents(codes, k_aux)
+            codes = torch.zeros_like(codes).scatter(-1, top, codes.gather(-1, top))
         if self.cfg.rescale_acts_by_decoder_norm:
             codes = codes / self._decoder_norms()[dead]
         decoder = self.W_dec[dead]
@@ -210,50 +210,24 @@ class SparseTopKTrainingSAE(TopKTrainingSAE):
 # The auxiliary loss's decode runs over a multiple of this many latents (see calculate_topk_aux_loss).
 AUX_WIDTH_STEP = 128
 
-# Latents are split into chunks of this many for `_top_k_latents`' threshold.
-TOP_K_CHUNK = 32
 
+def _top_k_latents(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """[tokens, k]: the latents of each token's k largest scores, as torch.topk (sorted=False) finds
+    them (which of equal values it picks may differ; NaN counts as largest in both).
 
-def _top_k_latents(hidden_pre: torch.Tensor, k: int) -> torch.Tensor:
-    """[tokens, k]: the latents of each token's k largest pre-activations, as torch.topk finds them
-    (which of equal values it picks may differ), in half its time.
-
-    torch.topk (sorted=False) selects among all 1,280 values of a row one at a time: 2.1 ms of a
-    10-15 ms SAE step at the 55-hook peer benchmark's shape ([254, 1,280], k 32; 1 thread). Here
-    vectorised passes narrow each row to a few candidates first: the k-th largest of the maxima
-    of its chunks of TOP_K_CHUNK latents is a value that at least k entries reach (each of those
-    k maxima), so every entry of the top k is >= it, and few others are (~60 of 1,280 per row).
-    torch.topk then runs over those candidates only: 1.2 ms for the whole
-    (experiments/benchmarks/training_step_parts.py). Rows with NaN or -inf at the threshold, and
-    shapes with fewer than k chunks, take torch.topk itself.
+    On a CPU through numpy's argpartition, a selection per row in C: at the 55-hook peer
+    benchmark's shape ([254, 1,280], k 32; 1 thread) 1.1 ms against torch.topk's 3.3 ms and the
+    2.1 ms of this project's earlier search among candidates found by vectorised passes, on the
+    Intel Xeon of session 11 (experiments/benchmarks/training_step_parts.py). Half-precision
+    scores are widened to float32 first (exactly) as numpy has no bfloat16.
     """
-    tokens, width = hidden_pre.shape
-    if width % TOP_K_CHUNK or width // TOP_K_CHUNK < k:
-        return hidden_pre.topk(k, dim=-1, sorted=False).indices
+    if scores.device.type != "cpu" or scores.ndim != 2:
+        return scores.topk(k, dim=-1, sorted=False).indices
     with torch.no_grad():
-        chunk_maxima = hidden_pre.reshape(tokens, -1, TOP_K_CHUNK).amax(-1)
-        threshold = chunk_maxima.topk(k, dim=-1, sorted=False).values.amin(-1, keepdim=True)
-        if not threshold.isfinite().all():  # NaN (which topk ranks first) or -inf
-            return hidden_pre.topk(k, dim=-1, sorted=False).indices
-        rows, latents = _true_entries(hidden_pre >= threshold)  # row by row
-        per_row = torch.bincount(rows, minlength=tokens)
-        slot = torch.arange(len(rows), device=rows.device) - (per_row.cumsum(0) - per_row)[rows]  # place in its row
-        candidates = hidden_pre.new_full((tokens, int(per_row.max())), float("-inf"))
-        candidates[rows, slot] = hidden_pre[rows, latents]
-        candidate_latents = torch.zeros_like(candidates, dtype=torch.long)
-        candidate_latents[rows, slot] = latents
-        return candidate_latents.gather(-1, candidates.topk(k, dim=-1, sorted=False).indices)
-
-
-def _true_entries(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(rows, columns) of a 2-d boolean mask's True entries, row by row, as mask.nonzero(as_tuple=True).
-
-    On a CPU through numpy, whose nonzero of a boolean array is vectorised where torch's CPU
-    nonzero goes one element at a time (see codes.nonzero_entries)."""
-    if mask.device.type != "cpu":
-        return mask.nonzero(as_tuple=True)
-    flat = torch.from_numpy(np.flatnonzero(mask.numpy()))
-    return flat // mask.shape[1], flat % mask.shape[1]
+        rows = scores.detach()
+        if rows.dtype not in (torch.float32, torch.float64):
+            rows = rows.float()
+        return torch.from_numpy(np.argpartition(rows.numpy(), -k, axis=1)[:, -k:])
 
 
 class _CentredLinear(torch.autograd.Function):
