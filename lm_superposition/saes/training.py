@@ -216,10 +216,11 @@ def _top_k_latents(scores: torch.Tensor, k: int) -> torch.Tensor:
     them (which of equal values it picks may differ; NaN counts as largest in both).
 
     On a CPU through numpy's argpartition, a selection per row in C: at the 55-hook peer
-    benchmark's shape ([254, 1,280], k 32; 1 thread) 1.1 ms against torch.topk's 3.3 ms and the
-    2.1 ms of this project's earlier search among candidates found by vectorised passes, on the
-    Intel Xeon of session 11 (experiments/benchmarks/training_step_parts.py). Half-precision
-    scores are widened to float32 first (exactly) as numpy has no bfloat16.
+    benchmark's shape ([254, 1,280], k 32; 1 thread) 2.2 ms against torch.topk's 4.4 ms and the
+    3.6 ms of the search among candidates this step used before (sessions 7 to 10) on the Intel
+    Xeon of session 11 (experiments/benchmarks/training_step_parts.py,
+    results/benchmarks/xeon/training_step_parts.md). Half-precision scores are widened to float32
+    first (exactly), as numpy has no bfloat16.
     """
     if scores.device.type != "cpu" or scores.ndim != 2:
         return scores.topk(k, dim=-1, sorted=False).indices
