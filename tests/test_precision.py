@@ -262,7 +262,7 @@ def test_top_k_latents_are_torch_topks(dtype):
     for hidden_pre, k in (
         (pre, 32),
         (pre[7:], 32),
-        (pre[7:, :256].t().contiguous().t(), 9),
+        (pre[7:, :256].t().contiguous().t(), 9),  # column-major: not contiguous in its rows
         (pre[7:], 1),
         (pre[:, :40], 40),
     ):
