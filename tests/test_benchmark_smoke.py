@@ -47,7 +47,7 @@ def test_sae_step_profile_runs_at_a_tiny_size(tmp_path):
 
 
 def test_training_step_parts_agree_at_a_tiny_size(tmp_path):
-    """The script exits 1 unless both W gradients agree and both top-k give the same latents."""
+    """The script exits 1 unless both W gradients agree and every top-k gives the same latents."""
     result = subprocess.run(
         [sys.executable, str(BENCHMARKS / "training_step_parts.py"), "--d-in", "16", "--d-sae", "128", "--k", "4",
          "--tokens", "40", "--dead", "0", "30", "--repeats", "2", "--threads", "1", "--out", str(tmp_path)],
@@ -55,7 +55,7 @@ def test_training_step_parts_agree_at_a_tiny_size(tmp_path):
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     rows = [line for line in (tmp_path / "training_step_parts.md").read_text().splitlines() if line.startswith("| ")]
-    assert len(rows) == 1 + 2 + 2 * 2 + 2  # header, two top-k, two W gradients per dead count, two aux decodes at 30
+    assert len(rows) == 1 + 3 + 2 * 2 + 2  # header, three top-k, two W gradients per dead count, two aux decodes at 30
 
 
 def test_scale_on_paper_turns_the_committed_rates_into_hours(tmp_path):
