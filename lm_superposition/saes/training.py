@@ -225,10 +225,10 @@ def _top_k_latents(scores: torch.Tensor, k: int) -> torch.Tensor:
     if scores.device.type != "cpu" or scores.ndim != 2:
         return scores.topk(k, dim=-1, sorted=False).indices
     with torch.no_grad():
-        rows = scores.detach()
-        if rows.dtype not in (torch.float32, torch.float64):
-            rows = rows.float()
-        return torch.from_numpy(np.argpartition(rows.numpy(), -k, axis=1)[:, -k:])
+        scores = scores.detach()
+        if scores.dtype not in (torch.float32, torch.float64):
+            scores = scores.float()
+        return torch.from_numpy(np.argpartition(scores.numpy(), -k, axis=1)[:, -k:])
 
 
 class _CentredLinear(torch.autograd.Function):
