@@ -26,12 +26,11 @@ from .activations import stream_activations
 from .atomic import atomic_file
 from .codes import (
     CodeReader,
-    LowPrecisionEncoder,
+    LowPrecisionSAE,
     decode,
     encodes_fused,
     encodes_in_place,
     sparse_encode,
-    with_values,
 )
 from .data import PAD_DOC_ID, TokenWindows
 from .distributed import world_size_and_rank
@@ -203,7 +202,7 @@ class _SlotReader:
         self.d_sae, self.d_in = sae.W_dec.shape  # any SAE with encode, decode and W_dec (toy SAEs too)
         self.dtype = sae.W_dec.dtype
         reduced = encode_dtype in (torch.bfloat16, torch.float16) and encode_dtype != self.dtype
-        self.low_precision = LowPrecisionEncoder(sae, encode_dtype) if reduced else None
+        self.low_precision = LowPrecisionSAE(sae, encode_dtype) if reduced else None
         self.code_dtype = encode_dtype if reduced else self.dtype
         # codes written into one reused buffer (see codes.encode): an in-place SAE, unless oneDNN encodes it
         self.buffered = encodes_in_place(sae) and (self.low_precision is not None or not encodes_fused(sae))
@@ -225,9 +224,7 @@ class _SlotReader:
             codes = sparse_encode(self.sae, act_chunk, out=buffer, weights=self.low_precision)
             budget.update(self.codes.weighted(codes), doc_chunk)
             if variance is not None:
-                if codes.dtype != self.dtype:  # reduced-precision codes: decode the nonzeros in the SAE's dtype
-                    codes = with_values(codes, codes.values().to(self.dtype))
-                variance.update(act_chunk, decode(self.sae, codes))
+                variance.update(act_chunk, decode(self.sae, codes, self.low_precision))
 
     def _buffer(self) -> torch.Tensor:
         """One [tokens, d_sae] buffer per code shape, reused by every SAE of that shape and every batch."""
@@ -277,7 +274,7 @@ class LayerwiseAnalyzer:
     encode_chunk_tokens: tokens encoded at a time; None sizes slices by ENCODE_CHUNK_ELEMENTS
         (IN_PLACE_CHUNK_ELEMENTS for SAEs that `encode` computes into a reused buffer).
     encode_dtype: "bfloat16" (or "float16") runs the SAE encode at reduced precision
-        (`codes.LowPrecisionEncoder`: 2-4x faster matmuls on CPUs with AVX512-BF16 and on GPUs; F
+        (`codes.LowPrecisionSAE`: 2-4x faster matmuls on CPUs with AVX512-BF16 and on GPUs; F
         differs from the float32 encode in its last digits, see results/benchmarks/); None,
         "float32" or "float64": the SAE's own precision. The budget is summed in float64 either way.
     """

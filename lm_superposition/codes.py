@@ -90,6 +90,10 @@ def relu_nonzero_entries(pre_activations: torch.Tensor) -> tuple[torch.Tensor, t
     On the Intel Xeon of session 10, ReLU + `nonzero_entries` against this for 1,016 x 32,768
     codes with 1.8% positive, medians: bfloat16 63 -> 46 ms, float32 70 -> 57 ms. Inside the
     analyzer's run_seed (Pythia-70M shape, 19 hooks, 1 thread) the encode plus scan took 2-4% less.
+
+    The comparison's mask is found a slab of SCAN_SLAB_ELEMENTS at a time, so that the mask is
+    still in the core's cache when its nonzeros are listed: for 1,024 x 32,768 codes on the Xeon of
+    session 12, bfloat16 31 -> 24 ms, float32 39 -> 33 ms against one mask of the whole matrix.
     """
     flat = pre_activations.reshape(-1)
     mantissa_bits = _MANTISSA_BITS.get(pre_activations.dtype)
@@ -97,13 +101,21 @@ def relu_nonzero_entries(pre_activations: torch.Tensor) -> tuple[torch.Tensor, t
         return nonzero_entries(pre_activations.relu())
     # as bytes first: numpy has no bfloat16
     integers = flat.detach().view(torch.uint8).numpy().view(_SIGNED_INTEGER_OF_WIDTH[flat.element_size()])
-    candidates = np.flatnonzero(integers >= -(2**mantissa_bits - 1))
+    lowest_kept = -(2**mantissa_bits - 1)
+    candidates = np.concatenate(
+        [
+            np.flatnonzero(integers[start : start + SCAN_SLAB_ELEMENTS] >= lowest_kept) + start
+            for start in range(0, max(len(integers), 1), SCAN_SLAB_ELEMENTS)  # one empty slab for no codes
+        ]
+    )
     values = integers[candidates]
     kept = values != 0
     return torch.from_numpy(candidates[kept]), torch.from_numpy(values[kept]).view(pre_activations.dtype)
 
 
 _MANTISSA_BITS = {torch.float64: 52, torch.float32: 23, torch.float16: 10, torch.bfloat16: 7}
+# 2^20 codes: 2 MiB of bfloat16 (4 MiB float32) and a 1 MiB mask, about one core's L2 cache
+SCAN_SLAB_ELEMENTS = 2**20
 
 
 def csr_entries(codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -133,7 +145,7 @@ def encodes_fused(sae) -> bool:
 
 
 def encode(
-    sae, activations: torch.Tensor, out: torch.Tensor | None = None, weights: LowPrecisionEncoder | None = None
+    sae, activations: torch.Tensor, out: torch.Tensor | None = None, weights: LowPrecisionSAE | None = None
 ) -> torch.Tensor:
     """sae.encode(activations), computed the fastest way the SAE allows.
 
@@ -144,7 +156,7 @@ def encode(
       [tokens, d_sae] tensors and passes over them twice after the matmul; at 32,768 features each
       is 127 MiB per 1,024 tokens, mapped and page-faulted afresh on every call.
 
-    weights: a reduced-precision copy of the encoder (`LowPrecisionEncoder`): the matmul runs in
+    weights: a reduced-precision copy of the encoder (`LowPrecisionSAE`): the matmul runs in
     its dtype (into `out`, which must be of that dtype, for an in-place SAE; under torch.autocast
     for any other SAE). The codes come back in that dtype.
     """
@@ -159,7 +171,7 @@ def encode(
 
 
 def sparse_encode(
-    sae, activations: torch.Tensor, out: torch.Tensor | None = None, weights: LowPrecisionEncoder | None = None
+    sae, activations: torch.Tensor, out: torch.Tensor | None = None, weights: LowPrecisionSAE | None = None
 ) -> torch.Tensor:
     """sparse_codes(encode(sae, activations, out, weights)): the codes as a CSR matrix of their nonzeros.
 
@@ -173,7 +185,7 @@ def sparse_encode(
     return sparse_codes(encode(sae, activations, out, weights))
 
 
-def _computes_pre_activations(sae, out: torch.Tensor | None, weights: LowPrecisionEncoder | None) -> bool:
+def _computes_pre_activations(sae, out: torch.Tensor | None, weights: LowPrecisionSAE | None) -> bool:
     """True where `encode` computes process_sae_in(x) @ W_enc + b_enc itself and applies the ReLU
     after: an in-place SAE with a reduced-precision encoder, or with a buffer `out` unless
     oneDNN's fused linear encodes it."""
@@ -183,7 +195,7 @@ def _computes_pre_activations(sae, out: torch.Tensor | None, weights: LowPrecisi
 
 
 def _pre_activations(
-    sae, activations: torch.Tensor, out: torch.Tensor | None, weights: LowPrecisionEncoder | None
+    sae, activations: torch.Tensor, out: torch.Tensor | None, weights: LowPrecisionSAE | None
 ) -> torch.Tensor:
     target = None if out is None else out[: activations.shape[0]]
     if weights is not None:
@@ -191,20 +203,26 @@ def _pre_activations(
     return torch.addmm(sae.b_enc, sae.process_sae_in(activations), sae.W_enc, out=target)
 
 
-class LowPrecisionEncoder:
-    """An SAE's encoder in bfloat16 (or float16): the measure's one large matmul at reduced precision.
+class LowPrecisionSAE:
+    """An SAE's encoder in bfloat16 (or float16), the measure's one large matmul at reduced
+    precision, and its decoder rows alike for the decode of variance explained.
 
     The encode is nearly all of a measurement's arithmetic (tokens x d_in x d_sae multiply-adds
     per hook), and CPUs with AVX512-BF16 or AMX, like GPUs, run bfloat16 matmuls 2-4x faster than
     float32 (results/benchmarks/). Inputs and weights are rounded to 8 significant bits, products
-    are accumulated in float32 by the matmul kernels, and everything after the encode stays as it
-    was: the |z| * ||W_dec|| budget is summed in float64 and the decode for variance explained
-    runs in the SAE's own dtype. The price is in F's last digits (the benchmark reports it).
+    are accumulated in float32 by the matmul kernels, and the |z| * ||W_dec|| budget is summed in
+    float64 as at full precision. The price is in F's last digits (the benchmark reports it).
 
     For a plain StandardSAE (`encodes_in_place`) the rounded W_enc (and b_enc, see below) are kept
     once, so the weights are not cast again on every call; any other SAE class runs its own
     `encode` under torch.autocast (see `encode`), which casts its matmuls' inputs on the fly and
     adds the bias in float32.
+
+    A StandardSAE that decodes by rows (`_decodes_by_rows`) also keeps W_dec rounded, for `decode`:
+    its speed is that of gathering each token's active decoder rows, and rows of half the bytes
+    took 23 ms instead of 38 for 1,024 tokens x 233 active latents x 512 (the Intel Xeon of session
+    12). The reconstruction is rounded to 8 bits too, which moves variance explained in its 5th or
+    6th digit (the benchmark reports it). Other SAEs decode the codes in their own dtype.
     """
 
     def __init__(self, sae, dtype: torch.dtype):
@@ -222,6 +240,7 @@ class LowPrecisionEncoder:
             high = bias.to(dtype)
             low = (bias - high.to(bias.dtype)).to(dtype)
             self.W_enc = torch.cat([sae.W_enc.detach().to(dtype), high[None], low[None]])
+        self.W_dec = sae.W_dec.detach().to(dtype) if _decodes_by_rows(sae) else None
 
     def pre_activations(self, activations: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """process_sae_in(activations) @ W_enc + b_enc of an in-place SAE, in self.dtype (into `out`
@@ -240,29 +259,43 @@ def _matmul_decoders() -> frozenset:
     return frozenset(cls.decode for cls in (StandardSAE, TopKSAE, JumpReLUSAE, GatedSAE, TrainingSAE, TopKTrainingSAE))
 
 
-def decode(sae, codes: torch.Tensor) -> torch.Tensor:
+def decode(sae, codes: torch.Tensor, weights: LowPrecisionSAE | None = None) -> torch.Tensor:
     """sae.decode(codes), as a sparse matmul when `codes` is a CSR matrix and the SAE allows it.
 
     A sparse decode costs nonzeros x d_in multiply-adds instead of tokens x d_sae x d_in.
     Falls back to the dense decode where it cannot: other SAE classes, TopK's rescale by
-    decoder norm, and half precision (torch has no CPU kernel for it; on GPUs it is untested
-    here, so it is not risked).
+    decoder norm, and an SAE held in half precision (its sparse decode is untested here, so it
+    is not risked).
+
+    weights: the reduced-precision copy whose encode gave `codes` (`LowPrecisionSAE`). Codes of
+    its dtype are decoded with its rounded decoder rows where it keeps them, and otherwise cast to
+    the SAE's dtype first. The reconstruction comes back in the SAE's dtype either way.
     """
-    sparse_ok = (
+    csr = codes.layout == torch.sparse_csr
+    reduced_rows = (
+        csr
+        and weights is not None
+        and weights.W_dec is not None
+        and codes.dtype == weights.dtype
+        and _decodes_by_rows(sae)  # asked again: a hook may have been added since the copy was made
+    )
+    rows = weights.W_dec if reduced_rows else sae.W_dec
+    if csr and not reduced_rows and codes.dtype != rows.dtype:
+        codes = with_values(codes, codes.values().to(rows.dtype))
+    sparse_ok = reduced_rows or (
         type(sae).decode in _matmul_decoders()
         and not getattr(getattr(sae, "cfg", None), "rescale_acts_by_decoder_norm", False)
         and codes.dtype in (torch.float32, torch.float64)
     )
-    if codes.layout == torch.sparse_csr and sparse_ok and _decodes_by_rows(sae):
+    if csr and sparse_ok and _decodes_by_rows(sae):
         # codes @ W_dec as a weighted sum of each token's decoder rows: embedding_bag ran 2.3x
         # faster than torch's CSR @ dense here (results/benchmarks/peers/)
         row_starts = codes.crow_indices()[:-1]
-        weights = codes.values().to(sae.W_dec.dtype)
-        rows = torch.nn.functional.embedding_bag(
-            codes.col_indices(), sae.W_dec, row_starts, mode="sum", per_sample_weights=weights
+        summed = torch.nn.functional.embedding_bag(
+            codes.col_indices(), rows, row_starts, mode="sum", per_sample_weights=codes.values().to(rows.dtype)
         )
-        return rows + sae.b_dec
-    if codes.layout != torch.strided and not sparse_ok:
+        return summed.to(sae.W_dec.dtype) + sae.b_dec
+    if not sparse_ok and codes.layout != torch.strided:
         codes = codes.to_dense()
     return sae.decode(codes)
 
@@ -309,11 +342,12 @@ def decoder_rows(sae) -> torch.Tensor:
 def decoder_norms(sae) -> torch.Tensor:
     """||effective decoder row|| of every latent, float64 [d_sae], on the SAE's device.
 
-    A few hundred rows at a time: a float64 copy of a whole 32k x 512 decoder (128 MiB, fresh
-    pages each call) took 1.1 s of a 4,096-token round of 19 such SAEs; in slices 0.03 s, the
-    same bits (cProfile in results/benchmarks/peers/vs_paper_stack.md and its git history)."""
+    A few hundred rows at a time, widened to float64 inside the norm (vector_norm's dtype=): a
+    float64 copy of a whole 32k x 512 decoder (128 MiB, fresh pages each call) took 1.1 s of a
+    4,096-token round of 19 such SAEs. Timed alone on the Intel Xeon of session 12, per such SAE:
+    slices with their own float64 copies ~95 ms, without the copies 20-40 ms. The same bits each way."""
     rows = decoder_rows(sae)
-    return torch.cat([torch.linalg.vector_norm(part.double(), dim=1) for part in rows.split(512)])
+    return torch.cat([torch.linalg.vector_norm(part, dim=1, dtype=torch.float64) for part in rows.split(512)])
 
 
 def duplicate_groups(directions: torch.Tensor, min_cosine: float, block_rows: int = 2048) -> torch.Tensor:

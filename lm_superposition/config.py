@@ -38,7 +38,7 @@ ARCHITECTURES = ("standard", "topk")
 DTYPES = ("float32", "float64", "bfloat16", "float16")
 BACKENDS = ("bridge", "hooked")  # models.BACKENDS, repeated: this module imports no torch
 # "float32": each SAE's own precision; the others run the encode matmul at reduced precision
-# (codes.LowPrecisionEncoder), the budget still summed in float64.
+# (codes.LowPrecisionSAE), the budget still summed in float64.
 ENCODE_DTYPES = ("float32", "bfloat16", "float16")
 
 

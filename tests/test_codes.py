@@ -17,9 +17,10 @@ from sae_lens import (
 )
 
 from experiments.toy import TiedSAE
+from lm_superposition import codes as codes_module
 from lm_superposition.analyze import sae_budget
 from lm_superposition.codes import (
-    LowPrecisionEncoder,
+    LowPrecisionSAE,
     decode,
     decoder_norms,
     duplicate_groups,
@@ -96,10 +97,14 @@ def test_sparse_decode_equals_the_dense_decode(sae_class, config_class, extra, d
     assert torch.allclose(sparse.float(), dense.float(), atol=1e-5 if dtype == "float32" else 0)
 
 
+@pytest.mark.parametrize("slab", [None, 7])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
-def test_relu_nonzero_entries_are_those_of_the_relu(dtype):
+def test_relu_nonzero_entries_are_those_of_the_relu(dtype, slab, monkeypatch):
     """The ReLU folded into the scan: the entries of relu(x).nonzero(), at every special value
-    (NaN of either sign is kept, as torch's ReLU keeps it; +-0.0 and -inf are zeros)."""
+    (NaN of either sign is kept, as torch's ReLU keeps it; +-0.0 and -inf are zeros), whether the
+    matrix is scanned in one slab or in slabs of 7 codes that cut across its rows."""
+    if slab:
+        monkeypatch.setattr(codes_module, "SCAN_SLAB_ELEMENTS", slab)
     pre = torch.randn(6, 50, generator=torch.Generator().manual_seed(2)).to(dtype)
     special = [math.nan, 0.0, 0.0, -0.0, math.inf, -math.inf, 1e-30, -1e-30, 0.0, 0.0]
     pre.view(-1)[: len(special)] = torch.tensor(special, dtype=dtype)
@@ -116,6 +121,8 @@ def test_relu_nonzero_entries_are_those_of_the_relu(dtype):
     assert torch.equal(values.isnan(), expected_values.isnan())
     assert torch.equal(values[~values.isnan()], expected_values[~expected_values.isnan()])
     assert {0, 1, 8} <= set(positions.tolist()) and 9 not in positions  # the NaNs, not -inf
+    empty_positions, empty_values = relu_nonzero_entries(pre[:0])
+    assert empty_positions.numel() == 0 and empty_values.dtype == dtype
 
 
 @pytest.mark.parametrize("encoder", ["addmm", "bfloat16"])
@@ -128,7 +135,7 @@ def test_sparse_encode_equals_the_sparse_codes_of_encode(encoder):
             parameter.normal_(0, 0.5)
         sae.b_enc.sub_(1.0)  # sparse codes, as trained SAEs have
         activations = torch.randn(10, 16)
-        weights = LowPrecisionEncoder(sae, torch.bfloat16) if encoder == "bfloat16" else None
+        weights = LowPrecisionSAE(sae, torch.bfloat16) if encoder == "bfloat16" else None
         buffer = torch.full((32, 64), math.nan, dtype=torch.bfloat16 if weights else torch.float32)
         expected = sparse_codes(encode(sae, activations, out=buffer.clone(), weights=weights))
         got = sparse_encode(sae, activations, out=buffer, weights=weights)

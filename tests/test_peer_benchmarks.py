@@ -62,6 +62,8 @@ def test_paper_stack_smoke_gives_the_same_f(tmp_path):
     assert (f.F_ours > 1).all()  # a real F, not the d_sae of a mis-indexed layer output or the 1 of no codes
     # the bfloat16 encode measured the same tokens: F close to float32's (128 tokens: a loose bound)
     assert (f.rel_diff_bf16 <= 0.05).all(), f[["hook", "F_ours", "F_ours_bf16", "rel_diff_bf16"]]
+    # and reconstructed them from the bfloat16 codes and decoder rows about as float32 did
+    assert (f.rel_diff_unexplained_bf16 <= 0.05).all(), f[["hook", "rel_diff_unexplained_bf16"]]
 
 
 def test_sparsify_smoke_computes_variance_explained_for_both(tmp_path):

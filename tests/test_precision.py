@@ -17,7 +17,7 @@ from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 from lm_superposition.activations import stream_activations
 from lm_superposition.analyze import LayerwiseAnalyzer, sae_budget
-from lm_superposition.codes import LowPrecisionEncoder
+from lm_superposition.codes import LowPrecisionSAE, decode, sparse_encode
 from lm_superposition.config import RunSettings, SAETrainingConfig
 from lm_superposition.metric import SUM_DTYPE, FeatureBudget, _mixture_entropies, entropy
 from lm_superposition.saes.quality import evaluate_sae, evaluate_saes
@@ -70,9 +70,31 @@ def test_bfloat16_encode_gives_the_float32_f_within_its_price(kind):
     assert torch.equal(same.block_sums, exact.block_sums)
 
 
+def test_bfloat16_decode_reads_the_rounded_decoder_rows_unless_a_hook_needs_the_sae_own():
+    sae = standard_sae(64, 512, seed=0)
+    weights = LowPrecisionSAE(sae, torch.bfloat16)
+    with torch.no_grad():
+        codes = sparse_encode(sae, torch.randn(50, 64), weights=weights)
+        assert codes.dtype == torch.bfloat16 and codes.values().numel() > 0
+        reconstruction = decode(sae, codes, weights)
+        dense_codes = codes.to_dense().float()
+        from_rounded_rows = dense_codes @ sae.W_dec.bfloat16().float() + sae.b_dec
+        from_exact_rows = sae.decode(dense_codes)
+    assert reconstruction.dtype == torch.float32
+    # products of rounded rows, summed in float32, the sum rounded to bfloat16 once
+    torch.testing.assert_close(reconstruction, from_rounded_rows, rtol=2**-8, atol=1e-6)
+    assert not torch.allclose(reconstruction, from_exact_rows, rtol=1e-6, atol=0)  # not W_dec's own rows
+    calls = []
+    sae.hook_sae_recons.add_hook(lambda recons, hook: calls.append(1) or recons)
+    with torch.no_grad():
+        hooked = decode(sae, codes, weights)  # the SAE's own decode, its hook included
+    assert calls
+    torch.testing.assert_close(hooked, from_exact_rows)
+
+
 def test_low_precision_encoder_refuses_a_full_precision_dtype():
     with pytest.raises(ValueError, match="bfloat16 or float16"):
-        LowPrecisionEncoder(standard_sae(8, 16, seed=0), torch.float64)
+        LowPrecisionSAE(standard_sae(8, 16, seed=0), torch.float64)
 
 
 def test_analyzer_with_bfloat16_encode_measures_the_same_layers(tiny_model, make_windows):

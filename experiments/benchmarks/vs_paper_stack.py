@@ -662,8 +662,13 @@ def main(argv=None) -> int:
             if "ours" not in runs:  # no float32 ours in this run (--phases): no float32 F check
                 difference[["F_ours", "rel_diff", "rel_diff_printed"]] = math.nan
             if "ours_bf16" in runs:  # against float32 F: the paper's totals, equal to ours in float32 within 1e-8
-                difference["F_ours_bf16"] = difference.hook.map(runs["ours_bf16"][0].set_index("hook").F)
+                bf16 = runs["ours_bf16"][0].set_index("hook")
+                difference["F_ours_bf16"] = difference.hook.map(bf16.F)
                 difference["rel_diff_bf16"] = (difference.F_ours_bf16 / difference.F_paper_totals - 1).abs()
+                if "ours" in runs:  # random dictionaries explain little: compare what they leave unexplained
+                    unexplained = 1 - difference.hook.map(runs["ours"][0].set_index("hook").variance_explained)
+                    unexplained_bf16 = 1 - difference.hook.map(bf16.variance_explained)
+                    difference["rel_diff_unexplained_bf16"] = (unexplained_bf16 / unexplained - 1).abs()
             differences.append(difference)
             row = {"round": index, "order": " > ".join(order), "tokens": tokens}
             row |= {f"{name}_seconds": runs[name][1] for name in names}
@@ -723,6 +728,7 @@ def main(argv=None) -> int:
     speed["median_round_of_fp32_roofline"] = [rounds[f"{name}_of_roofline"].median() for name in names]
     max_diff, max_diff_printed = differences.rel_diff.max(), differences.rel_diff_printed.max()
     max_diff_bf16 = differences.get("rel_diff_bf16", pd.Series([math.nan])).max()
+    max_diff_unexplained_bf16 = differences.get("rel_diff_unexplained_bf16", pd.Series([math.nan])).max()
     bf16_tolerance = BF16_SMOKE_F_TOLERANCE if args.smoke else BF16_F_TOLERANCE
     per_hook = differences[differences["round"] == 1].drop(columns="round")
     table_seconds, table_seconds_bf16 = (
@@ -769,7 +775,9 @@ def main(argv=None) -> int:
             f"vs the F the paper's script prints (eps 1e-12 in its log) {max_diff_printed:.1e}  \n"
             f"bfloat16 encode: largest relative difference of F over hooks and rounds, ours in bfloat16 vs float32 "
             f"(exp(H) of the paper's float32 totals, ours's float32 F within 1e-8) "
-            f"**{max_diff_bf16:.1e}** (target <= {bf16_tolerance:g})  \n"
+            f"**{max_diff_bf16:.1e}** (target <= {bf16_tolerance:g}); "
+            f"variance explained, decoded from the bfloat16 codes and decoder rows: largest relative difference "
+            f"of the unexplained variance (1 - VE) from float32's {max_diff_unexplained_bf16:.1e}  \n"
             f"Phases run: {', '.join(names)}  \n"
             f"Table (bootstrap intervals) per call: {table_seconds:.1f} s float32, {table_seconds_bf16:.1f} s bfloat16 "
             f"(median over rounds of measure_layers minus run_seed)"
