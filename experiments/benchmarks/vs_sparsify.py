@@ -15,7 +15,9 @@ width and k, the same tokens per optimiser step and the same number of steps:
 
 Each stack is timed on its whole call, model forward passes included; training tokens/s counts the
 tokens the SAEs were trained on (BOS left out by both). They take turns round after round (the
-first of each round rotates), each round training fresh SAEs; the whole call and each stack's
+first of each round rotates), each round training fresh SAEs from its own seed (round r: SAE seed
+r - 1 on both sides), so the spread of a hook's variance explained over rounds is its SAE-seed
+spread, against which a gap between the stacks is judged; the whole call and each stack's
 forward passes alone (what the training time is made of) run in the first round only. Reported:
 wall tokens/s and CPU seconds (this process, all threads) per 1k tokens, their ratios to
 sparsify's over the same rounds, and the medians of the paired per-round ratios: on the shared
@@ -174,7 +176,7 @@ def hf_module(hook: str, modules: dict[str, str]) -> str:
 # ---- the three calls ------------------------------------------------------------------------------
 
 
-def our_config(args, setup: Setup, precision: str = "float32") -> SAETrainingConfig:
+def our_config(args, setup: Setup, precision: str = "float32", seed: int = 0) -> SAETrainingConfig:
     return SAETrainingConfig(
         autocast_lm=precision.startswith("bfloat16"),
         autocast=precision == "bfloat16",
@@ -184,13 +186,13 @@ def our_config(args, setup: Setup, precision: str = "float32") -> SAETrainingCon
         lr=args.lr,
         batch_size_tokens=args.windows_per_step * (args.context - 1),
         training_tokens=setup.train.n_tokens,
-        seed=0,
+        seed=seed,
         model_name=setup.model.cfg.model_name,
     )
 
 
-def train_ours(args, setup: Setup, precision: str = "float32") -> dict:
-    config = our_config(args, setup, precision)
+def train_ours(args, setup: Setup, precision: str = "float32", seed: int = 0) -> dict:
+    config = our_config(args, setup, precision, seed)
     stream = stream_activations(
         setup.model,
         setup.train,
@@ -208,7 +210,7 @@ def train_ours(args, setup: Setup, precision: str = "float32") -> dict:
     return {"saes": saes, "tokens": next(iter(saes.values())).cfg.metadata.training_tokens}
 
 
-def train_ours_whole(args, setup: Setup, out: Path, precision: str) -> dict:
+def train_ours_whole(args, setup: Setup, out: Path, precision: str, seed: int = 0) -> dict:
     """train_saes_for_model on the training windows plus the first --whole-eval-windows held-out
     windows, which it holds out for its own quality check (variance explained of every SAE from
     one forward pass per batch; no CE loss, which train_saes_for_model measures only where asked)."""
@@ -217,7 +219,7 @@ def train_ours_whole(args, setup: Setup, out: Path, precision: str) -> dict:
         setup.model,
         list(setup.hooks),
         windows,
-        our_config(args, setup, precision),
+        our_config(args, setup, precision, seed),
         out,
         batch_size=args.forward_batch,
         n_eval_windows=args.whole_eval_windows,
@@ -228,7 +230,7 @@ def train_ours_whole(args, setup: Setup, out: Path, precision: str) -> dict:
     return {"quality": quality, "tokens": next(iter(quality.values()))["training_tokens"]}
 
 
-def train_sparsify(args, setup: Setup, out: Path, hf_model=None) -> dict:
+def train_sparsify(args, setup: Setup, out: Path, hf_model=None, seed: int = 0) -> dict:
     from datasets import Dataset
     from sparsify import SaeConfig, TrainConfig, Trainer
 
@@ -237,6 +239,7 @@ def train_sparsify(args, setup: Setup, out: Path, hf_model=None) -> dict:
         SaeConfig(num_latents=args.width, k=args.k),
         batch_size=args.windows_per_step,
         hookpoints=list(setup.hooks.values()),
+        init_seeds=[seed],
         exclude_tokens=[setup.bos],
         log_to_wandb=False,
         save_dir=str(out),
@@ -468,15 +471,19 @@ def main(argv=None) -> int:
         activation_diff = max(((acts_ours[h] - acts_hf[h]).norm() / acts_hf[h].norm()).item() for h in setup.hooks)
 
         calls = {
-            OURS[precision]: (lambda i, precision=precision: train_ours(args, setup, precision))
+            OURS[precision]: (lambda i, precision=precision: train_ours(args, setup, precision, seed=i - 1))
             for precision in args.precision
         }
-        calls["sparsify"] = lambda i: train_sparsify(args, setup, tmp / f"sparsify{i}")
+        calls["sparsify"] = lambda i: train_sparsify(args, setup, tmp / f"sparsify{i}", seed=i - 1)
         if args.sparsify_bf16:
-            calls["sparsify_bf16"] = lambda i: train_sparsify(args, setup, tmp / f"sparsify_bf16_{i}", setup.hf_bf16)
+            calls["sparsify_bf16"] = lambda i: train_sparsify(
+                args, setup, tmp / f"sparsify_bf16_{i}", setup.hf_bf16, seed=i - 1
+            )
         once = {}  # run in the first round only: what the training's time is made of, and the whole call
         if not args.no_whole:
-            once["ours_whole"] = lambda i: train_ours_whole(args, setup, tmp / f"ours{i}", args.precision[-1])
+            once["ours_whole"] = lambda i: train_ours_whole(
+                args, setup, tmp / f"ours{i}", args.precision[-1], seed=i - 1
+            )
         if not args.no_split:
             once["ours_forward"] = lambda i: forward_ours(args, setup)
             once["sparsify_forward"] = lambda i: forward_sparsify(args, setup)
@@ -563,24 +570,46 @@ def main(argv=None) -> int:
             }
         )
     speed = pd.DataFrame(speed)
-    ve = qualities.pivot_table(index="hook", columns="stack", values="variance_explained", aggfunc="mean", sort=False)
+    by_hook = dict(index="hook", columns="stack", values="variance_explained", sort=False, dropna=False)
+    ve = qualities.pivot_table(**by_hook, aggfunc="mean")
+    # each round trains from its own SAE seed: the spread over rounds is the SAE-seed spread
+    seed_sd = qualities.pivot_table(**by_hook, aggfunc="std")
+    seeds = qualities.groupby("stack")["round"].nunique()
     ours_names = [OURS[precision] for precision in args.precision]
     ve_ok = qualities.variance_explained.map(math.isfinite).all() and {*ours_names, "sparsify"} <= set(
         qualities["stack"]
     )
+
+    def gap_in_standard_errors(name: str) -> pd.Series:
+        """Per hook: (mean VE of `name` - sparsify's) / the standard error of that difference of seed
+        means; NaN where either side has fewer than 2 seeds."""
+        variance = seed_sd[name] ** 2 / seeds[name] + seed_sd["sparsify"] ** 2 / seeds["sparsify"]
+        return (ve[name] - ve["sparsify"]) / variance.pow(0.5)
+
     equal_or_better = {name: bool((ve[name] >= ve["sparsify"]).all()) for name in ours_names}
     ve_summary = pd.DataFrame(
         [
             {
                 "stack": name,
+                "seeds": seeds[name],
                 "mean_over_hooks": ve[name].mean(),
                 "min_over_hooks": ve[name].min(),
                 "hooks_at_or_above_sparsify": int((ve[name] >= ve["sparsify"]).sum()),
+                "hooks_below_by_over_2_se": (
+                    int((gap_in_standard_errors(name) < -2).sum())
+                    if min(seeds[name], seeds["sparsify"]) > 1
+                    else math.nan
+                ),
                 "hooks": len(ve),
             }
             for name in ve.columns
         ]
     )
+    per_hook = pd.DataFrame(index=ve.index)
+    for name in ve.columns:
+        per_hook[f"{name}_mean"], per_hook[f"{name}_seed_sd"] = ve[name], seed_sd[name]
+        if name in ours_names:
+            per_hook[f"{name}_gap_in_se"] = gap_in_standard_errors(name)
 
     command = "python " + " ".join(
         shlex.quote(a) for a in [os.path.relpath(__file__, REPO_ROOT), *(sys.argv[1:] if argv is None else argv)]
@@ -614,12 +643,15 @@ def main(argv=None) -> int:
             f"{activation_diff:.1e} (largest relative Frobenius difference over the hooks)  \n"
             f"Load average (1, 5, 15 min): {load_line(load_before, load_after)}",
             markdown(speed),
-            "Held-out variance explained (mean over rounds):",
-            markdown(ve.reset_index()),
+            "Held-out variance explained per hook: mean and standard deviation over the rounds' SAE seeds; "
+            "gap_in_se: (ours' mean - sparsify's) / the standard error of that difference",
+            markdown(per_hook.reset_index()),
             "Held-out variance explained over the hooks:",
             markdown(ve_summary),
-            "Ours at equal or better variance explained than sparsify on every hook: "
-            + ", ".join(f"{name} **{'yes' if ok else 'no'}**" for name, ok in equal_or_better.items()),
+            "Ours at equal or better variance explained than sparsify on every hook (means over seeds): "
+            + ", ".join(f"{name} **{'yes' if ok else 'no'}**" for name, ok in equal_or_better.items())
+            + "; hooks_below_by_over_2_se above counts the hooks where ours is below by more than the seeds' spread "
+            "allows (2 standard errors)",
             "Per round (the first to run rotates):",
             markdown(rounds),
             "Held-out quality per round:",
