@@ -272,13 +272,8 @@ def decode(sae, codes: torch.Tensor, weights: LowPrecisionSAE | None = None) -> 
     the SAE's dtype first. The reconstruction comes back in the SAE's dtype either way.
     """
     csr = codes.layout == torch.sparse_csr
-    reduced_rows = (
-        csr
-        and weights is not None
-        and weights.W_dec is not None
-        and codes.dtype == weights.dtype
-        and _decodes_by_rows(sae)  # asked again: a hook may have been added since the copy was made
-    )
+    by_rows = csr and _decodes_by_rows(sae)  # asked every call: a hook may have been added since `weights`
+    reduced_rows = by_rows and weights is not None and weights.W_dec is not None and codes.dtype == weights.dtype
     rows = weights.W_dec if reduced_rows else sae.W_dec
     if csr and not reduced_rows and codes.dtype != rows.dtype:
         codes = with_values(codes, codes.values().to(rows.dtype))
@@ -287,7 +282,7 @@ def decode(sae, codes: torch.Tensor, weights: LowPrecisionSAE | None = None) -> 
         and not getattr(getattr(sae, "cfg", None), "rescale_acts_by_decoder_norm", False)
         and codes.dtype in (torch.float32, torch.float64)
     )
-    if csr and sparse_ok and _decodes_by_rows(sae):
+    if by_rows and sparse_ok:
         # codes @ W_dec as a weighted sum of each token's decoder rows: embedding_bag ran 2.3x
         # faster than torch's CSR @ dense here (results/benchmarks/peers/)
         row_starts = codes.crow_indices()[:-1]
