@@ -240,7 +240,13 @@ class LowPrecisionSAE:
             high = bias.to(dtype)
             low = (bias - high.to(bias.dtype)).to(dtype)
             self.W_enc = torch.cat([sae.W_enc.detach().to(dtype), high[None], low[None]])
-        self.W_dec = sae.W_dec.detach().to(dtype) if _decodes_by_rows(sae) else None
+
+    @functools.cached_property
+    def W_dec(self) -> torch.Tensor | None:
+        """The rounded decoder rows `decode` reads, made at the first decode (a measurement without
+        variance explained, e.g. `analyze.sae_budget`, never pays for the copy); None where the SAE
+        does not decode by rows."""
+        return self.sae.W_dec.detach().to(self.dtype) if _decodes_by_rows(self.sae) else None
 
     def pre_activations(self, activations: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """process_sae_in(activations) @ W_enc + b_enc of an in-place SAE, in self.dtype (into `out`
@@ -287,7 +293,7 @@ def decode(sae, codes: torch.Tensor, weights: LowPrecisionSAE | None = None) -> 
         # faster than torch's CSR @ dense here (results/benchmarks/peers/)
         row_starts = codes.crow_indices()[:-1]
         summed = torch.nn.functional.embedding_bag(
-            codes.col_indices(), rows, row_starts, mode="sum", per_sample_weights=codes.values().to(rows.dtype)
+            codes.col_indices(), rows, row_starts, mode="sum", per_sample_weights=codes.values()
         )
         return summed.to(sae.W_dec.dtype) + sae.b_dec
     if not sparse_ok and codes.layout != torch.strided:

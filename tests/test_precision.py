@@ -92,7 +92,7 @@ def test_bfloat16_decode_reads_the_rounded_decoder_rows_unless_a_hook_needs_the_
     torch.testing.assert_close(hooked, from_exact_rows)
 
 
-def test_low_precision_encoder_refuses_a_full_precision_dtype():
+def test_low_precision_sae_refuses_a_full_precision_dtype():
     with pytest.raises(ValueError, match="bfloat16 or float16"):
         LowPrecisionSAE(standard_sae(8, 16, seed=0), torch.float64)
 
