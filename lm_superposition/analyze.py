@@ -27,6 +27,7 @@ from .atomic import atomic_file
 from .codes import (
     CodeReader,
     LowPrecisionSAE,
+    ScreenedSAE,
     decode,
     encodes_fused,
     encodes_in_place,
@@ -47,6 +48,9 @@ from .sparse_coding import additivity_of, compressed_sensing_margin
 # mapped and page-faulted afresh every time. An SAE encoded into one reused buffer has no such
 # cost, and its addmm runs fastest on large slices. Measured: results/benchmarks/README.md.
 ENCODE_CHUNK_ELEMENTS = 2**22
+# encode_dtype's one value that is not a dtype: float32's codes found by a bfloat16 screen
+# (codes.ScreenedSAE); config.ENCODE_DTYPES repeats it (config imports no torch)
+SCREENED_ENCODE = "float32_screened"
 IN_PLACE_CHUNK_ELEMENTS = 2**25
 # Latents whose decoder directions are at least this aligned count as one feature (codes.duplicate_groups).
 # On the toy validation (results/toy_validation/duplicate_cosine/) r is 0.964-0.971 and the mean
@@ -195,17 +199,22 @@ class _SlotReader:
         duplicate_cosine: float,
         chunk_tokens: int | None,
         buffers: dict,
-        encode_dtype: torch.dtype | None = None,
+        encode_dtype: str | torch.dtype | None = None,
     ):
         self.sae = sae
         self.codes = CodeReader(sae, merge_duplicates=merge_duplicates, duplicate_cosine=duplicate_cosine)
         self.d_sae, self.d_in = sae.W_dec.shape  # any SAE with encode, decode and W_dec (toy SAEs too)
         self.dtype = sae.W_dec.dtype
-        reduced = encode_dtype in (torch.bfloat16, torch.float16) and encode_dtype != self.dtype
-        self.low_precision = LowPrecisionSAE(sae, encode_dtype) if reduced else None
-        self.code_dtype = encode_dtype if reduced else self.dtype
+        screened = encode_dtype == SCREENED_ENCODE
+        dtype = None if screened else _dtype(encode_dtype)
+        reduced = dtype in (torch.bfloat16, torch.float16) and dtype != self.dtype
+        self.low_precision = LowPrecisionSAE(sae, dtype) if reduced else None
+        # an SAE the screen cannot read keeps its own float32 encode: the same codes
+        self.screened = ScreenedSAE(sae) if screened and ScreenedSAE.applies(sae) else None
+        self.encoder = self.low_precision or self.screened
+        self.buffer_dtype = self.encoder.dtype if self.encoder else self.dtype
         # codes written into one reused buffer (see codes.encode): an in-place SAE, unless oneDNN encodes it
-        self.buffered = encodes_in_place(sae) and (self.low_precision is not None or not encodes_fused(sae))
+        self.buffered = encodes_in_place(sae) and (self.encoder is not None or not encodes_fused(sae))
         elements = IN_PLACE_CHUNK_ELEMENTS if self.buffered else ENCODE_CHUNK_ELEMENTS
         self.chunk = chunk_tokens or max(1, elements // self.d_sae)
         self._buffers = buffers
@@ -221,7 +230,7 @@ class _SlotReader:
         for act_chunk, doc_chunk in zip(acts.split(self.chunk), doc_chunks):
             # ~99% of the codes are zeros: everything after the encode reads only the nonzeros.
             act_chunk = act_chunk.to(self.dtype)
-            codes = sparse_encode(self.sae, act_chunk, out=buffer, weights=self.low_precision)
+            codes = sparse_encode(self.sae, act_chunk, out=buffer, weights=self.encoder)
             budget.update(self.codes.weighted(codes), doc_chunk)
             if variance is not None:
                 variance.update(act_chunk, decode(self.sae, codes, self.low_precision))
@@ -229,9 +238,9 @@ class _SlotReader:
     def _buffer(self) -> torch.Tensor:
         """One [tokens, d_sae] buffer per code shape, reused by every SAE of that shape and every batch."""
         sae = self.sae
-        key = (sae.cfg.d_sae, self.code_dtype, str(sae.device))
+        key = (sae.cfg.d_sae, self.buffer_dtype, str(sae.device))
         if key not in self._buffers or len(self._buffers[key]) < self.chunk:
-            self._buffers[key] = torch.empty(self.chunk, sae.cfg.d_sae, dtype=self.code_dtype, device=sae.device)
+            self._buffers[key] = torch.empty(self.chunk, sae.cfg.d_sae, dtype=self.buffer_dtype, device=sae.device)
         return self._buffers[key]
 
 
@@ -254,7 +263,7 @@ def sae_budget(
     width: the hook's N for psi (default d_in); doc_ids: the document of each row for the
     bootstrap (default: each row its own document); encode_dtype: as for `LayerwiseAnalyzer`.
     """
-    reader = _SlotReader(sae, merge_duplicates, duplicate_cosine, chunk_tokens, {}, _dtype(encode_dtype))
+    reader = _SlotReader(sae, merge_duplicates, duplicate_cosine, chunk_tokens, {}, encode_dtype)
     if activations.ndim != 2 or activations.shape[1] != reader.d_in:
         raise ValueError(f"activations must be [tokens, d_in={reader.d_in}], got shape {tuple(activations.shape)}")
     budget = reader.new_budget(width or reader.d_in, n_blocks)
@@ -276,7 +285,10 @@ class LayerwiseAnalyzer:
     encode_dtype: "bfloat16" (or "float16") runs the SAE encode at reduced precision
         (`codes.LowPrecisionSAE`: 2-4x faster matmuls on CPUs with AVX512-BF16 and on GPUs; F
         differs from the float32 encode in its last digits, see results/benchmarks/); None,
-        "float32" or "float64": the SAE's own precision. The budget is summed in float64 either way.
+        "float32" or "float64": the SAE's own precision. "float32_screened": float32's codes (to
+        float32 rounding) from a bfloat16 matmul that rules out inactive latents and float32 dot
+        products for the rest (`codes.ScreenedSAE`, for float32 StandardSAEs; other SAEs keep their
+        own encode). The budget is summed in float64 either way.
     """
 
     def __init__(
@@ -311,9 +323,7 @@ class LayerwiseAnalyzer:
         self.gate = gate or QualityGate()
         buffers: dict = {}
         self._readers = {
-            key: _SlotReader(
-                slot.sae, merge_duplicates, duplicate_cosine, encode_chunk_tokens, buffers, _dtype(encode_dtype)
-            )
+            key: _SlotReader(slot.sae, merge_duplicates, duplicate_cosine, encode_chunk_tokens, buffers, encode_dtype)
             for key, slot in self.slots.items()
         }
 
@@ -603,7 +613,10 @@ def _dtype(name: str | torch.dtype | None) -> torch.dtype | None:
         return name
     dtype = getattr(torch, str(name), None)
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-        raise ValueError(f"encode_dtype must be a floating-point dtype such as 'bfloat16' or 'float32', got {name!r}")
+        raise ValueError(
+            "encode_dtype must be a floating-point dtype such as 'bfloat16' or 'float32', "
+            f"or {SCREENED_ENCODE!r}, got {name!r}"
+        )
     return dtype
 
 

@@ -145,7 +145,10 @@ def encodes_fused(sae) -> bool:
 
 
 def encode(
-    sae, activations: torch.Tensor, out: torch.Tensor | None = None, weights: LowPrecisionSAE | None = None
+    sae,
+    activations: torch.Tensor,
+    out: torch.Tensor | None = None,
+    weights: LowPrecisionSAE | ScreenedSAE | None = None,
 ) -> torch.Tensor:
     """sae.encode(activations), computed the fastest way the SAE allows.
 
@@ -158,8 +161,11 @@ def encode(
 
     weights: a reduced-precision copy of the encoder (`LowPrecisionSAE`): the matmul runs in
     its dtype (into `out`, which must be of that dtype, for an in-place SAE; under torch.autocast
-    for any other SAE). The codes come back in that dtype.
+    for any other SAE). The codes come back in that dtype. Or a `ScreenedSAE`: float32's codes
+    (`out`, bfloat16, holds its screen).
     """
+    if isinstance(weights, ScreenedSAE):
+        return weights.sparse_codes(activations, out).to_dense()
     if _computes_pre_activations(sae, out, weights):
         return _pre_activations(sae, activations, out, weights).relu_()
     if weights is not None:  # an SAE class of its own: its encode, its matmuls cast by autocast
@@ -171,14 +177,22 @@ def encode(
 
 
 def sparse_encode(
-    sae, activations: torch.Tensor, out: torch.Tensor | None = None, weights: LowPrecisionSAE | None = None
+    sae,
+    activations: torch.Tensor,
+    out: torch.Tensor | None = None,
+    weights: LowPrecisionSAE | ScreenedSAE | None = None,
 ) -> torch.Tensor:
     """sparse_codes(encode(sae, activations, out, weights)): the codes as a CSR matrix of their nonzeros.
+
+    weights may also be a `ScreenedSAE` of `sae`: float32's codes, found by its bfloat16 screen
+    (`out`, [>= tokens, d_sae] bfloat16, then holds the screen).
 
     Where `encode` computes the pre-activations itself, the ReLU is left to the scan for
     nonzeros (`relu_nonzero_entries`), which saves a pass over the [tokens, d_sae] matrix; `out`
     then holds the pre-activations, not the codes.
     """
+    if isinstance(weights, ScreenedSAE):
+        return weights.sparse_codes(activations, out)
     if _computes_pre_activations(sae, out, weights):
         pre_activations = _pre_activations(sae, activations, out, weights)
         return _csr(*relu_nonzero_entries(pre_activations), pre_activations.shape)
@@ -213,7 +227,7 @@ class LowPrecisionSAE:
     are accumulated in float32 by the matmul kernels, and the |z| * ||W_dec|| budget is summed in
     float64 as at full precision. The price is in F's last digits (the benchmark reports it).
 
-    For a plain StandardSAE (`encodes_in_place`) the rounded W_enc (and b_enc, see below) are kept
+    For a plain StandardSAE (`encodes_in_place`) the rounded W_enc and b_enc (`_rounded_encoder`) are kept
     once, so the weights are not cast again on every call; any other SAE class runs its own
     `encode` under torch.autocast (see `encode`), which casts its matmuls' inputs on the fly and
     adds the bias in float32.
@@ -231,15 +245,7 @@ class LowPrecisionSAE:
         self.sae, self.dtype = sae, dtype
         self.in_place = encodes_in_place(sae)
         if self.in_place:
-            # The bias enters the matmul as two more rows of W_enc (its bfloat16 rounding and the
-            # rest), against two columns of ones: accumulated in float32 with the products, so
-            # only the output is rounded. A bias rounded to bfloat16 shifts every code of a latent
-            # by the same amount, which does not average out over tokens: near the ReLU threshold
-            # it moved F by 1.7e-3 on the peer benchmark (results/benchmarks/peers/).
-            bias = sae.b_enc.detach()
-            high = bias.to(dtype)
-            low = (bias - high.to(bias.dtype)).to(dtype)
-            self.W_enc = torch.cat([sae.W_enc.detach().to(dtype), high[None], low[None]])
+            self.W_enc = _rounded_encoder(sae, dtype)
 
     @functools.cached_property
     def W_dec(self) -> torch.Tensor | None:
@@ -251,9 +257,132 @@ class LowPrecisionSAE:
     def pre_activations(self, activations: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """process_sae_in(activations) @ W_enc + b_enc of an in-place SAE, in self.dtype (into `out`
         if given: [tokens, d_sae] of that dtype)."""
+        return torch.mm(_with_ones(self.sae.process_sae_in(activations).to(self.dtype)), self.W_enc, out=out)
+
+
+def _bias_parts(bias: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """b_enc as two `dtype` parts, its rounding and the rest, for two more rows of a rounded W_enc.
+
+    Against two columns of ones, the bias is then accumulated in float32 with the products, so
+    only the output is rounded. A bias rounded to bfloat16 shifts every code of a latent by the
+    same amount, which does not average out over tokens: near the ReLU threshold it moved F by
+    1.7e-3 on the peer benchmark (results/benchmarks/peers/)."""
+    high = bias.to(dtype)
+    return high, (bias - high.to(bias.dtype)).to(dtype)
+
+
+def _rounded_encoder(sae, dtype: torch.dtype) -> torch.Tensor:
+    """W_enc rounded to `dtype`, with b_enc below it as two more rows (`_bias_parts`)."""
+    high, low = _bias_parts(sae.b_enc.detach(), dtype)
+    return torch.cat([sae.W_enc.detach().to(dtype), high[None], low[None]])
+
+
+def _with_ones(rounded: torch.Tensor, *columns: torch.Tensor) -> torch.Tensor:
+    """[tokens, d_in] inputs of a `_rounded_encoder` matmul: two columns of ones for the bias rows, then `columns`."""
+    ones = rounded.new_ones(len(rounded), 2)
+    return torch.cat([rounded, ones, *(column[:, None].to(rounded.dtype) for column in columns)], dim=1)
+
+
+class ScreenedSAE:
+    """A plain float32 StandardSAE's codes, equal to float32's up to float32 rounding, for little
+    more than a bfloat16 encode: a bfloat16 matmul rules out the latents that cannot be active,
+    and only the others are computed in float32.
+
+    Of 32,768 latents ~200 are active per token, so the float32 encode's tokens x d_in x d_sae
+    multiply-adds go almost all to codes the ReLU then zeroes. Here the matmul runs on inputs and
+    weights rounded to bfloat16 (2-8x faster on CPUs with AVX512-BF16 or AMX and on GPUs), with
+    a bound on its error folded in (below). Every entry that bound cannot rule out (the active
+    ones and a few near the threshold: ~1.2x as many on the peer benchmark) is recomputed from
+    the float32 inputs and weights as one dot product each (`torch.sparse.sampled_addmm`), and
+    kept where it is > 0 (or NaN, as the ReLU keeps it). So the codes are float32's, from the
+    same float32 numbers, summed in another order: F moved by ~1e-9 relative on the benchmark,
+    where the bfloat16 encode (`LowPrecisionSAE`) moves it by ~4e-5.
+
+    The bound. With s = process_sae_in(x), w_j and b_j latent j's float32 weights and bias, and
+    s', w'_j their bfloat16 roundings, the screen computes in float32 arithmetic
+    S_j = s'.w'_j + b_j (bias as its two bfloat16 parts, see `_rounded_encoder`) plus
+        m_j = ||s - s'|| ||w_j|| + ||s'|| (||w_j - w'_j|| + g ||w'_j||) + g |b_j| + |b_j's last rest|,
+    by Cauchy-Schwarz a bound on |(s.w_j + b_j) - S_j| with g a bound on float32 accumulation's
+    relative error over d_in + 5 terms (2 (d_in + 5) 2^-24). m_j enters the matmul as three more
+    columns of s and rows of W_enc, each rounded up and scaled by 1 + 4g, and the output keeps its
+    sign when rounded to bfloat16. So where the screen is <= 0, s.w_j + b_j <= 0: the latent is
+    off. The inputs' and the weights' rounding are measured, not assumed, so the bound holds for
+    any activations and weights (a small absolute slack, 1e-20, covers flushed subnormals).
+
+    Costs a contiguous float32 copy of W_enc's transpose (sampled_addmm reads each latent's
+    weights in a row) and the bfloat16 screen weights: 1.5x the encoder's memory once more.
+    """
+
+    dtype = torch.bfloat16  # of the screen, the `out` buffer of `sparse_encode`
+    # the least that the screen's bound adds, whatever the numbers (see above)
+    SLACK = 1e-20
+
+    def __init__(self, sae):
+        if not self.applies(sae):
+            raise ValueError(
+                f"a screened encode needs a float32 StandardSAE with a ReLU and no encoder hooks, "
+                f"got {type(sae).__name__} in {sae.W_enc.dtype}"
+            )
+        self.sae = sae
+        # Everything is built latent by latent (rows of W_enc's transpose): norms over W_enc's
+        # columns took 60 ms per 512 x 32,768 encoder here, over the transpose's rows 6 ms.
+        weights = sae.W_enc.detach().T.contiguous()
+        bias = sae.b_enc.detach()
+        d_sae, d_in = weights.shape
+        self.accumulation = 2 * (d_in + 5) * 2.0**-24  # g above
+        screen = torch.empty(d_sae, d_in + 5, dtype=self.dtype, device=weights.device)
+        screen[:, :d_in] = weights
+        high, low = _bias_parts(bias, self.dtype)
+        screen[:, d_in], screen[:, d_in + 1] = high, low
+        rounded = screen[:, :d_in]
+        rounding_norms = torch.cat(  # a slab at a time: no float32 copy of the whole rounded encoder
+            [
+                torch.linalg.vector_norm(exact - part.float(), dim=1)
+                for exact, part in zip(weights.split(4096), rounded.split(4096))
+            ]
+        )
+        margins = (
+            torch.linalg.vector_norm(weights, dim=1),
+            rounding_norms + self.accumulation * torch.linalg.vector_norm(rounded, dim=1, dtype=torch.float32),
+            self.accumulation * bias.abs() + (bias - high.float() - low.float()).abs() + self.SLACK,
+        )
+        for column, margin in enumerate(margins, start=d_in + 2):
+            screen[:, column] = self._rounded_up(margin)
+        self.W_screen = screen.T  # [d_in + 5, d_sae]; the matmul reads this layout as fast as its transpose
+        self.W_enc_T = weights
+        self.b_enc = bias
+
+    @staticmethod
+    def applies(sae) -> bool:
+        """True for an SAE whose codes the screen can find: `encodes_in_place`, in float32."""
+        return encodes_in_place(sae) and sae.W_enc.dtype == torch.float32
+
+    def _rounded_up(self, values: torch.Tensor) -> torch.Tensor:
+        """values (>= 0) times 1 + 4g, in bfloat16 rounded up: >= the true value, whatever the roundings."""
+        values = values * (1 + 4 * self.accumulation)
+        rounded = values.to(self.dtype)
+        above = torch.nextafter(rounded, rounded.new_tensor(float("inf")))
+        return torch.where(rounded.float() < values, above, rounded)
+
+    def sparse_codes(self, activations: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The codes of `activations`, [tokens, d_sae] float32 CSR (see the class); `out`: the
+        screen's [>= tokens, d_sae] bfloat16 buffer."""
         sae_in = self.sae.process_sae_in(activations)
-        sae_in = torch.cat([sae_in, sae_in.new_ones(len(sae_in), 2)], dim=1).to(self.dtype)
-        return torch.mm(sae_in, self.W_enc, out=out)
+        rounded = sae_in.to(self.dtype)
+        residual_norms = torch.linalg.vector_norm(sae_in - rounded.float(), dim=1)
+        rounded_norms = torch.linalg.vector_norm(rounded.float(), dim=1)
+        screen_in = _with_ones(
+            rounded, self._rounded_up(residual_norms), self._rounded_up(rounded_norms), rounded.new_ones(len(rounded))
+        )
+        target = None if out is None else out[: len(sae_in)]
+        screen = torch.mm(screen_in, self.W_screen, out=target)
+        positions, _ = relu_nonzero_entries(screen)
+        shape = screen.shape
+        candidates = _csr(positions.to(sae_in.device), sae_in.new_zeros(len(positions)), shape)
+        dots = torch.sparse.sampled_addmm(candidates, sae_in, self.W_enc_T.T, beta=0.0)
+        values = dots.values() + self.b_enc[dots.col_indices()]
+        kept = ~(values <= 0)
+        return _csr(positions.to(sae_in.device)[kept], values[kept], shape)
 
 
 @functools.cache

@@ -37,9 +37,10 @@ OFFLINE_DEFAULT_MODEL = "google/gemma-3-270m-it"
 ARCHITECTURES = ("standard", "topk")
 DTYPES = ("float32", "float64", "bfloat16", "float16")
 BACKENDS = ("bridge", "hooked")  # models.BACKENDS, repeated: this module imports no torch
-# "float32": each SAE's own precision; the others run the encode matmul at reduced precision
-# (codes.LowPrecisionSAE), the budget still summed in float64.
-ENCODE_DTYPES = ("float32", "bfloat16", "float16")
+# "float32": each SAE's own precision; "bfloat16" and "float16" run the encode matmul at reduced
+# precision (codes.LowPrecisionSAE); "float32_screened" gives float32's codes from a bfloat16
+# screen (codes.ScreenedSAE; analyze.SCREENED_ENCODE). The budget is summed in float64 each way.
+ENCODE_DTYPES = ("float32", "bfloat16", "float16", "float32_screened")
 
 
 class ConfigError(ValueError):
@@ -191,7 +192,8 @@ class RunSettings:
     encode_dtype: str = option(
         "float32",
         f"precision of the SAE encode, one of {ENCODE_DTYPES}: bfloat16 runs it 2-4x faster on CPUs with "
-        "AVX512-BF16 and on GPUs, F changing in its last digits (results/benchmarks/); sums stay float64",
+        "AVX512-BF16 and on GPUs, F changing in its last digits (results/benchmarks/); float32_screened "
+        "gives float32's codes, finding the active latents with a bfloat16 screen; sums stay float64",
     )
 
     def __post_init__(self) -> None:

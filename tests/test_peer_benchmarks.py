@@ -54,11 +54,12 @@ def test_paper_stack_smoke_gives_the_same_f(tmp_path):
     run_smoke("vs_paper_stack.py", tmp_path)
     table = pd.read_csv(tmp_path / "vs_paper_stack_smoke.csv")
     speed = table[table["table"] == "speed"]
-    # ours and ours run_seed only, each in float32 and bfloat16; the paper; the three matmul rooflines
-    assert len(speed) == 8 and (speed.tokens_per_s > 0).all()
+    # ours and ours run_seed only, each in float32, bfloat16 and screened; the paper; the three matmul rooflines
+    assert len(speed) == 10 and (speed.tokens_per_s > 0).all()
     f = table[table["table"] == "f_per_hook"]
     assert len(f) == 2 * 7  # 2 rounds x the 7 paper hooks of the 2-layer smoke model
     assert (f.rel_diff <= 1e-6).all(), f[["hook", "F_ours", "F_paper_totals", "rel_diff"]]
+    assert (f.rel_diff_screened <= 1e-6).all(), f[["hook", "F_ours_screened", "F_paper_totals", "rel_diff_screened"]]
     assert (f.F_ours > 1).all()  # a real F, not the d_sae of a mis-indexed layer output or the 1 of no codes
     # the bfloat16 encode measured the same tokens: F close to float32's (128 tokens: a loose bound)
     assert (f.rel_diff_bf16 <= 0.05).all(), f[["hook", "F_ours", "F_ours_bf16", "rel_diff_bf16"]]

@@ -1,7 +1,8 @@
 """Reduced precision where it is an option (issue 16), and the quality check of many SAEs from one forward.
 
 The bfloat16 encode must give the float32 F to within its documented price, keep the budget's
-sums in float64 and leave the default untouched; bfloat16 autocast of a forward pass must hand
+sums in float64 and leave the default untouched; the screened encode must give float32's codes,
+none lost at the ReLU's threshold; bfloat16 autocast of a forward pass must hand
 back activations in the model's dtype; `evaluate_saes` must give every SAE what `evaluate_sae`
 gives it alone, CE loss only where asked. Speed is the benchmarks' business, never asserted here.
 """
@@ -17,7 +18,7 @@ from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 from lm_superposition.activations import stream_activations
 from lm_superposition.analyze import LayerwiseAnalyzer, sae_budget
-from lm_superposition.codes import LowPrecisionSAE, decode, sparse_encode
+from lm_superposition.codes import LowPrecisionSAE, ScreenedSAE, decode, sparse_encode
 from lm_superposition.config import RunSettings, SAETrainingConfig
 from lm_superposition.metric import SUM_DTYPE, FeatureBudget, _mixture_entropies, entropy
 from lm_superposition.saes.quality import evaluate_sae, evaluate_saes
@@ -97,6 +98,72 @@ def test_low_precision_sae_refuses_a_full_precision_dtype():
         LowPrecisionSAE(standard_sae(8, 16, seed=0), torch.float64)
 
 
+def near_threshold_sae() -> tuple[StandardSAE, torch.Tensor]:
+    """A StandardSAE and activations where many pre-activations lie within bfloat16's error of the
+    ReLU's threshold: a quarter of the latents' biases cancel token 0's product to ~1e-4 of its
+    sum of magnitudes (bfloat16's error is up to ~4e-3 of it), and
+    tokens differ in scale by 10^4 (so any margin fixed in advance is wrong for some)."""
+    torch.manual_seed(0)
+    sae = StandardSAE(StandardSAEConfig(d_in=64, d_sae=512, apply_b_dec_to_input=True))
+    activations = torch.randn(300, 64) * 10 ** torch.empty(300, 1).uniform_(-2, 2)
+    with torch.no_grad():
+        sae.W_enc.normal_().mul_(torch.rand(512) + 0.1)
+        sae.b_dec.normal_(0, 0.01)
+        products = sae.process_sae_in(activations).double() @ sae.W_enc.double()
+        sae.b_enc.copy_(-products.quantile(0.97, dim=0))  # ~3% of the codes on
+        sums_of_magnitudes = sae.process_sae_in(activations[0]).abs().double() @ sae.W_enc.abs().double()
+        noise = 1e-4 * sums_of_magnitudes[:128] * torch.randn(128, dtype=torch.float64)
+        sae.b_enc[:128] = (-products[0, :128] + noise).float()
+    return sae, activations
+
+
+def test_screened_encode_keeps_every_active_latent_even_at_the_threshold():
+    sae, activations = near_threshold_sae()
+    with torch.no_grad():
+        codes = sparse_encode(sae, activations, weights=ScreenedSAE(sae)).to_dense()
+        exact = sae.process_sae_in(activations).double() @ sae.W_enc.double() + sae.b_enc.double()
+        rounded = sparse_encode(sae, activations, weights=LowPrecisionSAE(sae, torch.bfloat16)).to_dense()
+    assert codes.dtype == torch.float32
+    # float32's rounding of each dot product: a few ulps of the sum of |products|
+    scale = sae.process_sae_in(activations).abs().double() @ sae.W_enc.abs().double() + sae.b_enc.abs().double()
+    tolerance = 1e-6 * scale
+    on, off = exact > tolerance, exact < -tolerance
+    assert on[0].sum() > 40  # token 0 has latents just above the threshold...
+    assert (rounded[on] == 0).any()  # ...that a bfloat16 encode alone loses
+    assert (codes[on] > 0).all() and (codes[off] == 0).all()
+    assert ((codes.double() - exact.clamp_min(0)).abs() <= tolerance).all()
+
+
+def test_screened_encode_keeps_nan_as_the_relu_does_and_reads_only_plain_float32_saes():
+    sae = standard_sae(16, 64, seed=0)
+    activations = torch.randn(5, 16)
+    activations[2, 3] = float("nan")
+    with torch.no_grad():
+        codes = sparse_encode(sae, activations, weights=ScreenedSAE(sae)).to_dense()
+        expected = sae.encode(activations)
+    assert codes[2].isnan().all() and expected[2].isnan().all()
+    torch.testing.assert_close(codes[[0, 1, 3, 4]], expected[[0, 1, 3, 4]])
+    with pytest.raises(ValueError, match="float32 StandardSAE.*TopKSAE"):
+        ScreenedSAE(TopKSAE(TopKSAEConfig(d_in=16, d_sae=64, k=4)))
+    assert not ScreenedSAE.applies(standard_sae(16, 64, seed=0).double())
+
+
+@pytest.mark.parametrize("kind", ["standard", "topk"])
+def test_screened_encode_gives_the_float32_f(kind):
+    torch.manual_seed(0)
+    if kind == "standard":
+        sae = standard_sae(64, 512, seed=0)
+    else:  # not screened: its own float32 encode, bit for bit
+        sae = TopKSAE(TopKSAEConfig(d_in=64, d_sae=512, k=16))
+    activations = torch.randn(20_000, 64)
+    exact = sae_budget(sae, activations, merge_duplicates=False)
+    screened = sae_budget(sae, activations, merge_duplicates=False, encode_dtype="float32_screened")
+    assert abs(screened.effective_features() / exact.effective_features() - 1) < 1e-6
+    assert screened.mean_l0 == exact.mean_l0
+    if kind == "topk":
+        assert torch.equal(screened.block_sums, exact.block_sums)
+
+
 def test_analyzer_with_bfloat16_encode_measures_the_same_layers(tiny_model, make_windows):
     saes = {hook: standard_sae(tiny_model.cfg.d_model, 256, seed=i, hook=hook) for i, hook in enumerate(HOOKS)}
     windows = make_windows(16, 32, 97, bos=None, pad=None)
@@ -113,11 +180,29 @@ def test_analyzer_with_bfloat16_encode_measures_the_same_layers(tiny_model, make
     assert ((1 - reduced.variance_explained) / (1 - exact.variance_explained) - 1).abs().max() < 0.01
 
 
+def test_analyzer_with_screened_encode_measures_the_float32_layers(tiny_model, make_windows):
+    saes = {hook: standard_sae(tiny_model.cfg.d_model, 256, seed=i, hook=hook) for i, hook in enumerate(HOOKS)}
+    windows = make_windows(16, 32, 97, bos=None, pad=None)
+    exact, screened = (
+        LayerwiseAnalyzer(tiny_model, saes, model_name="tiny", batch_size=4, n_blocks=8, encode_dtype=dtype)
+        .measure(windows, ce_windows=0, progress=False)
+        .set_index("hook")
+        for dtype in ("float32", "float32_screened")
+    )
+    assert ((screened.F / exact.F - 1).abs() < 1e-6).all()
+    assert (screened.mean_l0 == exact.mean_l0).all()
+    # random SAEs explain nothing (VE far below 0): compare the unexplained variance relative to itself
+    assert ((1 - screened.variance_explained) / (1 - exact.variance_explained) - 1).abs().max() < 1e-6
+
+
 def test_encode_dtype_is_a_checked_run_setting():
     assert RunSettings().encode_dtype == "float32"
     assert RunSettings(encode_dtype="bfloat16").encode_dtype == "bfloat16"
+    assert RunSettings(encode_dtype="float32_screened").encode_dtype == "float32_screened"
     with pytest.raises(ValueError, match="encode_dtype"):
         RunSettings(encode_dtype="int8")
+    with pytest.raises(ValueError, match="float32_screened"):  # the API names every valid value too
+        sae_budget(standard_sae(8, 16, seed=0), torch.randn(4, 8), encode_dtype="int8")
 
 
 def test_autocast_training_is_off_by_default_and_not_the_validated_recipe():

@@ -24,7 +24,9 @@ documents as windows without BOS (`TokenWindows(bos_token_id=None)`), so both me
 same tokens with the same context.
 
 Also measured, on the same documents: ours with the SAE encode in bfloat16 (`encode_dtype=
-"bfloat16"`, the public call and run_seed alone), and the roofline: the bare matmuls of the
+"bfloat16"`, the public call and run_seed alone), ours with float32's codes found by a bfloat16
+screen (`encode_dtype="float32_screened"`, likewise; its F is checked against the paper's
+totals like float32's), and the roofline: the bare matmuls of the
 forward pass and of the 19 encodes (the actual shapes: 6 blocks of [1024, 512] x [512, 1536 /
 512 / 2048] and [1024, 2048] x [2048, 512] plus attention's [128, 64] x [64, 128] per head, and
 19 x [1024, 512] x [512, 32768] per batch of 8 documents), each timed in float32 and in bfloat16
@@ -48,7 +50,7 @@ Needs the `bench` extra's peers: nnsight 0.8.1 and dictionary-learning 0.1.0 (in
 --no-deps; see results/benchmarks/peers/README.md).
 
     python experiments/benchmarks/vs_paper_stack.py --smoke        # tiny model; exits 1 if F differs > 1e-6
-                                                                   # (bfloat16 vs float32: > 1e-3)
+                                                                   # (float32 or screened; bfloat16: > 1e-3)
     python experiments/benchmarks/vs_paper_stack.py --threads 1 --profile 25   # full size: 4 rounds x 32 x 128 tokens
 """
 
@@ -603,6 +605,8 @@ PHASES = {
     "ours_run_seed": "ours, measurement only: LayerwiseAnalyzer.run_seed (no table)",
     "ours_bf16": "ours, bfloat16 encode: measure_layers(..., encode_dtype='bfloat16')",
     "ours_bf16_run_seed": "ours, bfloat16 encode, measurement only: run_seed",
+    "ours_screened": "ours, float32 codes from a bfloat16 screen: measure_layers(..., encode_dtype='float32_screened')",
+    "ours_screened_run_seed": "ours, float32 codes from a bfloat16 screen, measurement only: run_seed",
     "paper": "paper: nnsight trace + dictionary_learning AutoEncoder, one document at a time",
     "roofline": "roofline: float32 matmuls of forward + encode, the faster of torch.matmul and oneDNN per shape",
     "roofline_torch_matmul": "roofline of torch.matmul alone (MKL; the roofline of runs before oneDNN): float32",
@@ -631,6 +635,9 @@ def main(argv=None) -> int:
         paper = PaperStack(folder, dictionaries, args.d_sae)
         ours = Ours(folder, dictionaries, args.d_sae, args.batch_size, args.backend)
         ours_bf16 = Ours(folder, dictionaries, args.d_sae, args.batch_size, args.backend, "bfloat16", like=ours)
+        ours_screened = Ours(
+            folder, dictionaries, args.d_sae, args.batch_size, args.backend, "float32_screened", like=ours
+        )
         rooflines = {
             name: Roofline(config, args.d_sae, len(ours.hooks), args.batch_size, args.context, dtype, kernels)
             for name, (dtype, kernels) in ROOFLINES.items()
@@ -640,6 +647,8 @@ def main(argv=None) -> int:
             "ours_run_seed": ours.run_seed,
             "ours_bf16": ours_bf16.measure,
             "ours_bf16_run_seed": ours_bf16.run_seed,
+            "ours_screened": ours_screened.measure,
+            "ours_screened_run_seed": ours_screened.run_seed,
             "paper": paper.measure,
             **{name: roofline.seconds for name, roofline in rooflines.items()},
         }
@@ -669,6 +678,10 @@ def main(argv=None) -> int:
                     unexplained = 1 - difference.hook.map(runs["ours"][0].set_index("hook").variance_explained)
                     unexplained_bf16 = 1 - difference.hook.map(bf16.variance_explained)
                     difference["rel_diff_unexplained_bf16"] = (unexplained_bf16 / unexplained - 1).abs()
+            if "ours_screened" in runs:  # float32's codes: against the paper's totals, like float32
+                screened = runs["ours_screened"][0].set_index("hook")
+                difference["F_ours_screened"] = difference.hook.map(screened.F)
+                difference["rel_diff_screened"] = (difference.F_ours_screened / difference.F_paper_totals - 1).abs()
             differences.append(difference)
             row = {"round": index, "order": " > ".join(order), "tokens": tokens}
             row |= {f"{name}_seconds": runs[name][1] for name in names}
@@ -681,6 +694,7 @@ def main(argv=None) -> int:
                 | {
                     "max_rel_diff_F": difference.rel_diff.max(),
                     "max_rel_diff_F_bf16": difference.get("rel_diff_bf16", pd.Series([math.nan])).max(),
+                    "max_rel_diff_F_screened": difference.get("rel_diff_screened", pd.Series([math.nan])).max(),
                     "load_1min": os.getloadavg()[0],
                 }
             )
@@ -689,7 +703,7 @@ def main(argv=None) -> int:
             documents = random_documents(args.documents, args.context, config["vocab_size"], seed=args.rounds + 1)
             profiles = {
                 name: profile_top(partial(calls[name], documents), args.profile)
-                for name in ("ours_bf16", "ours")
+                for name in ("ours_bf16", "ours_screened", "ours")
                 if name in calls
             }
             duplicate_seconds = ours.duplicate_search_seconds()
@@ -729,13 +743,14 @@ def main(argv=None) -> int:
     max_diff, max_diff_printed = differences.rel_diff.max(), differences.rel_diff_printed.max()
     max_diff_bf16 = differences.get("rel_diff_bf16", pd.Series([math.nan])).max()
     max_diff_unexplained_bf16 = differences.get("rel_diff_unexplained_bf16", pd.Series([math.nan])).max()
+    max_diff_screened = differences.get("rel_diff_screened", pd.Series([math.nan])).max()
     bf16_tolerance = BF16_SMOKE_F_TOLERANCE if args.smoke else BF16_F_TOLERANCE
     per_hook = differences[differences["round"] == 1].drop(columns="round")
-    table_seconds, table_seconds_bf16 = (
+    table_seconds, table_seconds_bf16, table_seconds_screened = (
         (rounds[f"{call}_seconds"] - rounds[f"{call}_run_seed_seconds"]).median()
         if {call, f"{call}_run_seed"} <= set(names)
         else math.nan
-        for call in ("ours", "ours_bf16")
+        for call in ("ours", "ours_bf16", "ours_screened")
     )
 
     command = "python " + " ".join(
@@ -778,8 +793,11 @@ def main(argv=None) -> int:
             f"**{max_diff_bf16:.1e}** (target <= {bf16_tolerance:g}); "
             f"variance explained, decoded from the bfloat16 codes and decoder rows: largest relative difference "
             f"of the unexplained variance (1 - VE) from float32's {max_diff_unexplained_bf16:.1e}  \n"
+            f"float32 codes from a bfloat16 screen: largest relative difference of F over hooks and rounds vs "
+            f"exp(H) of the paper's float32 totals **{max_diff_screened:.1e}** (target <= {F_TOLERANCE:g})  \n"
             f"Phases run: {', '.join(names)}  \n"
-            f"Table (bootstrap intervals) per call: {table_seconds:.1f} s float32, {table_seconds_bf16:.1f} s bfloat16 "
+            f"Table (bootstrap intervals) per call: {table_seconds:.1f} s float32, "
+            f"{table_seconds_bf16:.1f} s bfloat16, {table_seconds_screened:.1f} s screened "
             f"(median over rounds of measure_layers minus run_seed)"
             + (
                 f"; measure_layers' default merge_duplicates=True would add {duplicate_seconds:.1f} s per SAE per call "
@@ -820,6 +838,9 @@ def main(argv=None) -> int:
         return 1
     if "ours_bf16" in names and not max_diff_bf16 <= bf16_tolerance:
         print(f"FAIL: the bfloat16 encode moves F by {max_diff_bf16:.2e} > {bf16_tolerance:g}", file=sys.stderr)
+        return 1
+    if "ours_screened" in names and not max_diff_screened <= F_TOLERANCE:
+        print(f"FAIL: the screened encode moves F by {max_diff_screened:.2e} > {F_TOLERANCE:g}", file=sys.stderr)
         return 1
     return 0
 
