@@ -8,12 +8,13 @@ and passes over the dense matrix cost more than the encode itself (results/bench
 from __future__ import annotations
 
 import functools
+import math
 import warnings
 
 import numpy as np
 import torch
 
-from .kernels import linear, uses_onednn
+from .kernels import fast_bfloat16, linear, uses_onednn
 
 
 def sparse_codes(codes: torch.Tensor) -> torch.Tensor:
@@ -257,7 +258,9 @@ class LowPrecisionSAE:
     def pre_activations(self, activations: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """process_sae_in(activations) @ W_enc + b_enc of an in-place SAE, in self.dtype (into `out`
         if given: [tokens, d_sae] of that dtype)."""
-        return torch.mm(_with_ones(self.sae.process_sae_in(activations).to(self.dtype)), self.W_enc, out=out)
+        sae_in = self.sae.process_sae_in(activations).to(self.dtype)
+        ones = sae_in.new_ones(len(sae_in))
+        return torch.mm(_with_columns(sae_in, ones, ones), self.W_enc, out=out)  # ones: the bias rows
 
 
 def _bias_parts(bias: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -277,10 +280,30 @@ def _rounded_encoder(sae, dtype: torch.dtype) -> torch.Tensor:
     return torch.cat([sae.W_enc.detach().to(dtype), high[None], low[None]])
 
 
-def _with_ones(rounded: torch.Tensor, *columns: torch.Tensor) -> torch.Tensor:
-    """[tokens, d_in] inputs of a `_rounded_encoder` matmul: two columns of ones for the bias rows, then `columns`."""
-    ones = rounded.new_ones(len(rounded), 2)
-    return torch.cat([rounded, ones, *(column[:, None].to(rounded.dtype) for column in columns)], dim=1)
+# The least that a bfloat16 screen's error bound adds, whatever the numbers: covers flushed subnormals
+# (ScreenedSAE, duplicate_groups).
+SCREEN_SLACK = 1e-20
+
+
+def _accumulation_error(terms: int) -> float:
+    """A bound on the relative error of float32 accumulation over `terms` products (with the
+    pairwise sums of bfloat16 dot-product instructions counted twice): 2 terms 2^-24."""
+    return 2 * terms * 2.0**-24
+
+
+def _rounded_up(values: torch.Tensor, accumulation: float, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """values (>= 0) times 1 + 4 accumulation, in `dtype` rounded up: >= the true value, whatever the
+    roundings of the float32 arithmetic that computed `values`."""
+    values = values * (1 + 4 * accumulation)
+    rounded = values.to(dtype)
+    above = torch.nextafter(rounded, rounded.new_tensor(float("inf")))
+    return torch.where(rounded.float() < values, above, rounded)
+
+
+def _with_columns(rounded: torch.Tensor, *columns: torch.Tensor) -> torch.Tensor:
+    """[n, d] `rounded` with `columns` ([n] each, cast to its dtype) appended: a reduced-precision
+    matmul's inputs with the columns that meet its extra weight rows (bias parts, error bounds)."""
+    return torch.cat([rounded, *(column[:, None].to(rounded.dtype) for column in columns)], dim=1)
 
 
 class ScreenedSAE:
@@ -315,8 +338,6 @@ class ScreenedSAE:
     """
 
     dtype = torch.bfloat16  # of the screen, the `out` buffer of `sparse_encode`
-    # the least that the screen's bound adds, whatever the numbers (see above)
-    SLACK = 1e-20
 
     def __init__(self, sae):
         if not self.applies(sae):
@@ -330,7 +351,7 @@ class ScreenedSAE:
         weights = sae.W_enc.detach().T.contiguous()
         bias = sae.b_enc.detach()
         d_sae, d_in = weights.shape
-        self.accumulation = 2 * (d_in + 5) * 2.0**-24  # g above
+        self.accumulation = _accumulation_error(d_in + 5)  # g above
         screen = torch.empty(d_sae, d_in + 5, dtype=self.dtype, device=weights.device)
         screen[:, :d_in] = weights
         high, low = _bias_parts(bias, self.dtype)
@@ -345,10 +366,10 @@ class ScreenedSAE:
         margins = (
             torch.linalg.vector_norm(weights, dim=1),
             rounding_norms + self.accumulation * torch.linalg.vector_norm(rounded, dim=1, dtype=torch.float32),
-            self.accumulation * bias.abs() + (bias - high.float() - low.float()).abs() + self.SLACK,
+            self.accumulation * bias.abs() + (bias - high.float() - low.float()).abs() + SCREEN_SLACK,
         )
         for column, margin in enumerate(margins, start=d_in + 2):
-            screen[:, column] = self._rounded_up(margin)
+            screen[:, column] = _rounded_up(margin, self.accumulation)
         self.W_screen = screen.T  # [d_in + 5, d_sae]; the matmul reads this layout as fast as its transpose
         self.W_enc_T = weights
         self.b_enc = bias
@@ -358,13 +379,6 @@ class ScreenedSAE:
         """True for an SAE whose codes the screen can find: `encodes_in_place`, in float32."""
         return encodes_in_place(sae) and sae.W_enc.dtype == torch.float32
 
-    def _rounded_up(self, values: torch.Tensor) -> torch.Tensor:
-        """values (>= 0) times 1 + 4g, in bfloat16 rounded up: >= the true value, whatever the roundings."""
-        values = values * (1 + 4 * self.accumulation)
-        rounded = values.to(self.dtype)
-        above = torch.nextafter(rounded, rounded.new_tensor(float("inf")))
-        return torch.where(rounded.float() < values, above, rounded)
-
     def sparse_codes(self, activations: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """The codes of `activations`, [tokens, d_sae] float32 CSR (see the class); `out`: the
         screen's [>= tokens, d_sae] bfloat16 buffer."""
@@ -372,8 +386,14 @@ class ScreenedSAE:
         rounded = sae_in.to(self.dtype)
         residual_norms = torch.linalg.vector_norm(sae_in - rounded.float(), dim=1)
         rounded_norms = torch.linalg.vector_norm(rounded.float(), dim=1)
-        screen_in = _with_ones(
-            rounded, self._rounded_up(residual_norms), self._rounded_up(rounded_norms), rounded.new_ones(len(rounded))
+        ones = rounded.new_ones(len(rounded))
+        screen_in = _with_columns(
+            rounded,
+            ones,  # the bias rows
+            ones,
+            _rounded_up(residual_norms, self.accumulation),
+            _rounded_up(rounded_norms, self.accumulation),
+            ones,
         )
         target = None if out is None else out[: len(sae_in)]
         screen = torch.mm(screen_in, self.W_screen, out=target)
@@ -481,18 +501,24 @@ def decoder_norms(sae) -> torch.Tensor:
     return torch.cat([torch.linalg.vector_norm(part, dim=1, dtype=torch.float64) for part in rows.split(512)])
 
 
-def duplicate_groups(directions: torch.Tensor, min_cosine: float, block_rows: int = 2048) -> torch.Tensor:
+def duplicate_groups(
+    directions: torch.Tensor, min_cosine: float, block_rows: int = 2048, screen: bool | None = None
+) -> torch.Tensor:
     """For each latent, the lowest index of its group: latents joined by any chain of decoder
     directions with cosine >= min_cosine form one group (connected components). [d_sae] int64.
 
     Two latents that write the same direction describe one feature; an SAE that splits a
     feature over duplicates would otherwise count it several times. Cosines are computed a
     block of rows at a time, so a 32k-latent dictionary never needs its whole Gram matrix.
+
+    screen: find the pairs with bfloat16 Gram blocks and a bound on their error, then check the
+    few candidates in float32 (`_cosine_screen`): the same pairs, to float32 rounding. None: where
+    bfloat16 matmuls are fast (`kernels.fast_bfloat16`). The Gram blocks are the cost (d_sae^2 x
+    d_in multiply-adds, ~0.5 TFLOP for the upper half at 32k latents of width 512).
     """
-    # float32: a cosine threshold needs no more precision, and the Gram blocks are the cost
-    # (d_sae^2 x d_in multiply-adds: ~1 TFLOP for 32k latents of width 512).
     unit = torch.nn.functional.normalize(directions.float(), dim=1)
     n = unit.shape[0]
+    operands = _cosine_screen(unit, min_cosine) if (fast_bfloat16(unit.device) if screen is None else screen) else None
     parent = list(range(n))
 
     def root(i: int) -> int:
@@ -502,14 +528,69 @@ def duplicate_groups(directions: torch.Tensor, min_cosine: float, block_rows: in
         return i
 
     for start in range(0, n, block_rows):
-        cosines = unit[start : start + block_rows] @ unit[start:].T  # pairs i < j only: half the Gram matrix
-        rows, cols = (cosines >= min_cosine).nonzero(as_tuple=True)
-        for i, j in zip((rows + start).tolist(), (cols + start).tolist()):
+        rows, cols = _aligned_pairs(unit, start, min(start + block_rows, n), min_cosine, operands)
+        for i, j in zip(rows.tolist(), cols.tolist()):
             if i < j:
                 a, b = root(i), root(j)
                 if a != b:
                     parent[max(a, b)] = min(a, b)
     return torch.tensor([root(i) for i in range(n)], dtype=torch.int64)
+
+
+def _aligned_pairs(
+    unit: torch.Tensor, start: int, stop: int, min_cosine: float, screen: tuple[torch.Tensor, torch.Tensor] | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(i, j) of every pair with i in [start, stop), j >= start (half the Gram matrix) and cosine
+    >= min_cosine; `screen`: the operands of `_cosine_screen`, or None for a float32 Gram block."""
+    if screen is None:
+        # cosine - (the float32 just below min_cosine) > 0 is cosine >= min_cosine, and one fast
+        # scan (`relu_nonzero_entries`) finds it: 0.3 s against 0.03-0.06 s per 2,048 x 32,768 block
+        below = torch.nextafter(torch.tensor(min_cosine), torch.tensor(-math.inf))
+        positions, values = relu_nonzero_entries((unit[start:stop] @ unit[start:].T).sub_(below))
+        positions = positions[values > 0]  # not NaN
+    else:
+        left, right = screen
+        positions, _ = relu_nonzero_entries(left[start:stop] @ right[start:].T)
+    width = len(unit) - start
+    rows, cols = positions.to(unit.device) // width + start, positions.to(unit.device) % width + start
+    if screen is not None:  # the candidates, in float32
+        kept = (unit[rows] * unit[cols]).sum(1) >= min_cosine
+        rows, cols = rows[kept], cols[kept]
+    return rows, cols
+
+
+def _cosine_screen(unit: torch.Tensor, min_cosine: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """bfloat16 operands (left, right), [n, d + 5] each, such that left[i] . right[j] > 0 wherever
+    the cosine of unit rows i and j can be >= min_cosine, as `ScreenedSAE` bounds its encode:
+    with u' the rows rounded to bfloat16, |u_i.u_j - u'_i.u'_j| <= ||u_i - u'_i|| ||u_j|| + ||u'_i||
+    ||u_j - u'_j||, plus g ||u'_i|| ||u'_j|| for float32 accumulation, plus g min_cosine and a slack;
+    each margin rounded up, min_cosine rounded down. Where the product is <= 0 the pair is apart."""
+    accumulation = _accumulation_error(unit.shape[1] + 5)
+    rounded = unit.to(torch.bfloat16)
+    residual = torch.linalg.vector_norm(unit - rounded.float(), dim=1)
+    norms = torch.linalg.vector_norm(unit, dim=1)
+    rounded_norms = torch.linalg.vector_norm(rounded, dim=1, dtype=torch.float32)
+    threshold = torch.tensor(min_cosine, dtype=torch.bfloat16)
+    if threshold.float() > min_cosine:
+        threshold = torch.nextafter(threshold, threshold.new_tensor(-math.inf))
+    ones = torch.ones_like(norms)
+    left = _with_columns(
+        rounded,
+        _rounded_up(residual, accumulation),
+        _rounded_up(rounded_norms, accumulation),
+        _rounded_up(accumulation * rounded_norms, accumulation),
+        ones,
+        ones,
+    )
+    right = _with_columns(
+        rounded,
+        _rounded_up(norms, accumulation),
+        _rounded_up(residual, accumulation),
+        _rounded_up(rounded_norms, accumulation),
+        _rounded_up(ones * (accumulation * min_cosine + SCREEN_SLACK), accumulation),
+        -threshold * ones,
+    )
+    return left, right
 
 
 class CodeReader:

@@ -66,6 +66,29 @@ def onednn_beats_mkl() -> bool:
     return cpu_vendor() in ("AuthenticAMD", "HygonGenuine")
 
 
+def fast_bfloat16(device: torch.device | str) -> bool:
+    """True where bfloat16 matmuls run several times faster than float32: CUDA GPUs with bfloat16
+    support, and x86 CPUs with AMX or AVX512-BF16 (the project's Xeon: 3-8x, results/benchmarks/
+    peers/xeon/vs_paper_stack.md, roofline table). Elsewhere a CPU emulates bfloat16 and runs it
+    slower than float32, so the bfloat16 screens (codes.ScreenedSAE, codes.duplicate_groups) are
+    not used there by default."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return device.type == "cpu" and bool(_cpu_flags() & {"amx_bf16", "avx512_bf16"})
+
+
+@functools.cache
+def _cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags as /proc/cpuinfo lists them (empty where it cannot be read)."""
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        for line in cpuinfo.read_text(errors="replace").splitlines():
+            if line.startswith("flags"):
+                return frozenset(line.split(":", 1)[1].split())
+    return frozenset()
+
+
 def cpu_vendor() -> str:
     """The x86 vendor string (GenuineIntel, AuthenticAMD, ...), or "" where it cannot be read."""
     cpuinfo = Path("/proc/cpuinfo")

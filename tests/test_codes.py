@@ -311,9 +311,36 @@ def test_duplicated_latents_count_once():
     )  # the raw measure splits them
 
 
-def test_duplicate_groups_are_connected_components():
+@pytest.mark.parametrize("screen", [False, True])
+def test_duplicate_groups_are_connected_components(screen):
     directions = torch.tensor([[1.0, 0.0], [0.99, 0.141], [0.96, 0.28], [0.0, 1.0], [-1.0, 0.0]])
     # 0-1 and 1-2 are above 0.98, 0-2 is not: one chain, one group; 3 and 4 stand alone (opposite is not a duplicate)
-    assert duplicate_groups(directions, 0.98).tolist() == [0, 0, 0, 3, 4]
-    assert duplicate_groups(directions, 0.999).tolist() == [0, 1, 2, 3, 4]
-    assert duplicate_groups(directions, 0.98, block_rows=2).tolist() == [0, 0, 0, 3, 4]
+    assert duplicate_groups(directions, 0.98, screen=screen).tolist() == [0, 0, 0, 3, 4]
+    assert duplicate_groups(directions, 0.999, screen=screen).tolist() == [0, 1, 2, 3, 4]
+    assert duplicate_groups(directions, 0.98, block_rows=2, screen=screen).tolist() == [0, 0, 0, 3, 4]
+
+
+@pytest.mark.parametrize("screen", [False, True])
+def test_duplicate_groups_at_the_threshold_are_float64s(screen):
+    """Pairs of directions whose cosine is within 1e-4 to 4e-3 of the threshold, on either side:
+    closer than bfloat16's rounding, so the screen's bound must hold for the groups to come out
+    right; one direction is NaN and joins no group."""
+    torch.manual_seed(0)
+    threshold, d = 0.875, 64  # exact in bfloat16: no slack from rounding the threshold
+    base = torch.nn.functional.normalize(torch.randn(200, d, dtype=torch.float64), dim=1)
+    other = torch.randn(200, d, dtype=torch.float64)
+    other -= (other * base).sum(1, keepdim=True) * base  # orthogonal to its base direction
+    other = torch.nn.functional.normalize(other, dim=1)
+    offsets = torch.empty(200, dtype=torch.float64).uniform_(1e-4, 4e-3) * (torch.arange(200) % 2 * 2 - 1)
+    cosines = threshold + offsets
+    partners = cosines[:, None] * base + (1 - cosines[:, None] ** 2).sqrt() * other
+    directions = torch.stack([base, partners], dim=1).reshape(400, d) * torch.rand(400, 1, dtype=torch.float64)
+    directions[7] = math.nan
+    expected = torch.arange(400)
+    expected[1::2] = torch.where(cosines >= threshold, torch.arange(0, 400, 2), torch.arange(1, 400, 2))
+    expected[7] = 7  # NaN: apart from its partner
+    rounded = torch.nn.functional.normalize(partners.float(), dim=1).bfloat16().float()
+    bfloat16_cosines = (torch.nn.functional.normalize(base.float(), dim=1).bfloat16().float() * rounded).sum(1)
+    assert ((bfloat16_cosines >= threshold) != (cosines >= threshold)).any()  # bfloat16 alone errs here
+    groups = duplicate_groups(directions.float(), threshold, block_rows=64, screen=screen)
+    assert torch.equal(groups, expected)
