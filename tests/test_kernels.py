@@ -115,6 +115,18 @@ def test_cpu_vendor_reads_this_machine():
         assert vendor and vendor in cpuinfo.read_text()
 
 
+def test_fast_bfloat16_needs_amx_or_avx512_bf16_on_a_cpu(monkeypatch):
+    """The bfloat16 screens run by default only where a CPU has bfloat16 matmul units."""
+    real = kernels._cpu_flags.__wrapped__()  # this machine's, read afresh
+    for flags, expected in (({"amx_bf16", "avx512f"}, True), ({"avx512_bf16"}, True), ({"avx512f", "avx2"}, False)):
+        monkeypatch.setattr(kernels, "_cpu_flags", lambda flags=flags: frozenset(flags))
+        assert kernels.fast_bfloat16("cpu") == expected, flags
+    assert not kernels.fast_bfloat16("meta")
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists() and "flags" in cpuinfo.read_text():
+        assert "fpu" in real or "sse2" in real  # a list of x86 flags was read
+
+
 def test_a_float32_kernel_block_holds_in_its_own_thread_only(monkeypatch):
     """The block's choice is per thread: another thread started inside it keeps the default."""
     import threading
