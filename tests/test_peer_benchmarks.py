@@ -4,7 +4,8 @@ Each script runs in a subprocess with --smoke and exits non-zero when its own ch
 vs_paper_stack.py when F of ours and of the paper's nnsight + dictionary_learning stack differ
 by more than 1e-6 relative on any hook (or ours with the bfloat16 encode moves F by more than its
 smoke tolerance); vs_sparsify.py when held-out variance explained was not computed for every
-trainer or the stacks' activations disagree. Speed is never asserted here.
+trainer or the stacks' activations disagree. sparsify_optimizer_probe.py must train every variant
+and leave the package's recipe as it found it. Speed is never asserted here.
 
 The peers (nnsight, dictionary-learning, eai-sparsify) are the optional `bench` extra. Without
 them these tests skip; with LM_SUPERPOSITION_REQUIRE_BENCH=1 (set by CI, which installs the
@@ -21,7 +22,11 @@ import pandas as pd
 import pytest
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "experiments" / "benchmarks"
-PEERS = {"vs_paper_stack.py": ("nnsight", "dictionary_learning"), "vs_sparsify.py": ("sparsify",)}
+PEERS = {
+    "vs_paper_stack.py": ("nnsight", "dictionary_learning"),
+    "vs_sparsify.py": ("sparsify",),
+    "sparsify_optimizer_probe.py": ("sparsify", "schedulefree"),
+}
 
 
 def require_peers(script: str) -> None:
@@ -89,3 +94,21 @@ def test_sparsify_smoke_computes_variance_explained_for_both(tmp_path):
     ours = quality[quality["stack"] == "ours_bf16"].set_index("hook").variance_explained
     own = quality[quality["stack"].str.startswith("ours_whole")].set_index("hook").variance_explained
     assert (ours - own.loc[ours.index]).abs().max() < 1e-3
+
+
+def test_optimizer_probe_trains_every_variant_and_puts_the_recipe_back(tmp_path):
+    run_smoke("sparsify_optimizer_probe.py", tmp_path)
+    table = pd.read_csv(tmp_path / "sparsify_optimizer_probe.csv")
+    by_stack = table.pivot_table(index="hook", columns="stack", values="variance_explained")
+    assert by_stack.shape == (2, 5) and by_stack.notna().all().all()  # sparsify and the four variants of ours
+    # the variants train different SAEs from the same seed and tokens, not the same one four times
+    ours = by_stack[[column for column in by_stack if column.startswith("ours")]]
+    assert ours.T.drop_duplicates().shape[0] == 4
+
+    import experiments.benchmarks.sparsify_optimizer_probe as probe
+    from lm_superposition.saes import training
+
+    before = (training._new_trainer, training._to_inference_sae, training.TopKTrainingSAEConfig)
+    with probe.variant(signum=True, decoder_init_norm=1.0):
+        assert training._new_trainer is not before[0]
+    assert (training._new_trainer, training._to_inference_sae, training.TopKTrainingSAEConfig) == before
