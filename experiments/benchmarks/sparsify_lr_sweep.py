@@ -19,7 +19,6 @@ import os
 os.environ.setdefault("TQDM_DISABLE", "1")
 
 import argparse
-import shlex
 import sys
 import tempfile
 import time
@@ -30,10 +29,10 @@ import torch
 
 try:
     import vs_sparsify as peer
-    from vs_paper_stack import load_line, machine_line, markdown
+    from vs_paper_stack import load_line, write_report
 except ImportError:
     from experiments.benchmarks import vs_sparsify as peer
-    from experiments.benchmarks.vs_paper_stack import load_line, machine_line, markdown
+    from experiments.benchmarks.vs_paper_stack import load_line, write_report
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -84,22 +83,14 @@ def main(argv=None) -> int:
         )
         .reset_index()
     )
-    command = "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(__file__, REPO_ROOT), *argv])
-    text = "\n\n".join(
-        [
-            "# Our learning rate against eai-sparsify's held-out variance explained",
-            f"Command: `{command}`  \n"
-            f"Machine: {machine_line()}  \n"
-            f"Setup: vs_sparsify.py's, {len(setup.hooks)} hooks of Gemma 3 270M, {setup.train.n_tokens:,} training "
-            f"tokens, TopK k={args.k}, {args.width} latents; ours {ours_args.precision}, Adam (SAE-Lens); "
-            "sparsify its defaults  \n"
-            f"Load average (1, 5, 15 min): {load_line(load_before, load_after)}",
-            markdown(summary),
-        ]
-    )
-    print(text)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "sparsify_lr_sweep.md").write_text(text + "\n")
+    facts = [
+        f"Setup: vs_sparsify.py's, {len(setup.hooks)} hooks of Gemma 3 270M, {setup.train.n_tokens:,} training "
+        f"tokens, TopK k={args.k}, {args.width} latents; ours {ours_args.precision}, Adam (SAE-Lens); "
+        "sparsify its defaults",
+        f"Load average (1, 5, 15 min): {load_line(load_before, load_after)}",
+    ]
+    title = "Our learning rate against eai-sparsify's held-out variance explained"
+    write_report(args.out / "sparsify_lr_sweep.md", title, __file__, argv, facts, summary)
     per_hook.to_csv(args.out / "sparsify_lr_sweep.csv", index=False)
     return 0
 

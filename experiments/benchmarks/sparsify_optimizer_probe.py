@@ -26,7 +26,6 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 
 import argparse
 import functools
-import shlex
 import sys
 import tempfile
 import time
@@ -38,10 +37,10 @@ import torch
 
 try:
     import vs_sparsify as peer
-    from vs_paper_stack import load_line, machine_line, markdown
+    from vs_paper_stack import load_line, write_report
 except ImportError:
     from experiments.benchmarks import vs_sparsify as peer
-    from experiments.benchmarks.vs_paper_stack import load_line, machine_line, markdown
+    from experiments.benchmarks.vs_paper_stack import load_line, write_report
 
 from lm_superposition.saes import training
 
@@ -137,24 +136,16 @@ def main(argv=None) -> int:
             "hooks": len(mean_ve),
         }
     )
-    command = "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(__file__, REPO_ROOT), *argv])
-    text = "\n\n".join(
-        [
-            "# Ours with sparsify's optimiser and decoder init against ours and sparsify: held-out VE",
-            f"Command: `{command}`  \n"
-            f"Machine: {machine_line()}  \n"
-            f"Setup: vs_sparsify.py's, {len(setup.hooks)} hooks of Gemma 3 270M, {setup.train.n_tokens:,} training "
-            f"tokens, TopK k={args.k}, {args.width} latents, SAE seeds {ours_args.seeds}; ours bfloat16 at lr "
-            f"{args.lr} for Adam; sparsify its defaults  \n"
-            f"Load average (1, 5, 15 min): {load_line(load_before, load_after)}",
-            markdown(summary),
-            "Held-out variance explained per hook (mean over seeds):",
-            markdown(mean_ve.reset_index()),
-        ]
-    )
-    print(text)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "sparsify_optimizer_probe.md").write_text(text + "\n")
+    facts = [
+        f"Setup: vs_sparsify.py's, {len(setup.hooks)} hooks of Gemma 3 270M, {setup.train.n_tokens:,} training "
+        f"tokens, TopK k={args.k}, {args.width} latents, SAE seeds {ours_args.seeds}; ours bfloat16 at lr "
+        f"{args.lr} for Adam; sparsify its defaults",
+        f"Load average (1, 5, 15 min): {load_line(load_before, load_after)}",
+    ]
+    title = "Ours with sparsify's optimiser and decoder init against ours and sparsify: held-out VE"
+    per_hook_title = "Held-out variance explained per hook (mean over seeds):"
+    report = args.out / "sparsify_optimizer_probe.md"
+    write_report(report, title, __file__, argv, facts, summary, per_hook_title, mean_ve.reset_index())
     per_hook.to_csv(args.out / "sparsify_optimizer_probe.csv", index=False)
     return 0
 

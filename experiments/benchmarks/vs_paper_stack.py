@@ -507,14 +507,17 @@ def alternating_medians(calls: dict, repeats: int) -> dict[str, float]:
     return {name: statistics.median(seconds) for name, seconds in times.items()}
 
 
-def write_report(path: Path, title: str, script: str, argv, facts: list[str], table: pd.DataFrame) -> None:
+def write_report(
+    path: Path, title: str, script: str, argv, facts: list[str], table: pd.DataFrame, *more: str | pd.DataFrame
+) -> None:
     """Print a benchmark's report and write it to `path`: the title, the command that reproduces it
     (`script` run with `argv`, None: this process's arguments), the machine, one line per fact,
-    the table."""
+    the table, then `more` (lines of text and further tables) in order."""
     arguments = sys.argv[1:] if argv is None else argv
     command = "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(script, REPO_ROOT), *arguments])
     header = "  \n".join([f"Command: `{command}`", f"Machine: {machine_line()}", *facts])
-    text = "\n\n".join([f"# {title}", header, markdown(table)])
+    sections = [markdown(part) if isinstance(part, pd.DataFrame) else part for part in (table, *more)]
+    text = "\n\n".join([f"# {title}", header, *sections])
     print(text)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text + "\n")
