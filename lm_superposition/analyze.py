@@ -210,8 +210,8 @@ class _SlotReader:
         reduced = dtype in (torch.bfloat16, torch.float16) and dtype != self.dtype
         self.low_precision = LowPrecisionSAE(sae, dtype) if reduced else None
         # an SAE the screen cannot read keeps its own float32 encode: the same codes
-        self.screened = ScreenedSAE(sae) if screened and ScreenedSAE.applies(sae) else None
-        self.encoder = self.low_precision or self.screened
+        screen = ScreenedSAE(sae) if screened and ScreenedSAE.applies(sae) else None
+        self.encoder = self.low_precision or screen
         self.buffer_dtype = self.encoder.dtype if self.encoder else self.dtype
         # codes written into one reused buffer (see codes.encode): an in-place SAE, unless oneDNN encodes it
         self.buffered = encodes_in_place(sae) and (self.encoder is not None or not encodes_fused(sae))

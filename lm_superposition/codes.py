@@ -300,6 +300,17 @@ def _rounded_up(values: torch.Tensor, accumulation: float, dtype: torch.dtype = 
     return torch.where(rounded.float() < values, above, rounded)
 
 
+def _rounding_norms(exact: torch.Tensor, rounded: torch.Tensor) -> torch.Tensor:
+    """||exact - rounded|| of every row, [n] float32: what rounding to `rounded.dtype` moved each
+    row by. A slab of rows at a time, so no float32 copy of a whole rounded encoder is made."""
+    return torch.cat(
+        [
+            torch.linalg.vector_norm(part - low.float(), dim=1)
+            for part, low in zip(exact.split(4096), rounded.split(4096))
+        ]
+    )
+
+
 def _with_columns(rounded: torch.Tensor, *columns: torch.Tensor) -> torch.Tensor:
     """[n, d] `rounded` with `columns` ([n] each, cast to its dtype) appended: a reduced-precision
     matmul's inputs with the columns that meet its extra weight rows (bias parts, error bounds)."""
@@ -357,15 +368,10 @@ class ScreenedSAE:
         high, low = _bias_parts(bias, self.dtype)
         screen[:, d_in], screen[:, d_in + 1] = high, low
         rounded = screen[:, :d_in]
-        rounding_norms = torch.cat(  # a slab at a time: no float32 copy of the whole rounded encoder
-            [
-                torch.linalg.vector_norm(exact - part.float(), dim=1)
-                for exact, part in zip(weights.split(4096), rounded.split(4096))
-            ]
-        )
         margins = (
             torch.linalg.vector_norm(weights, dim=1),
-            rounding_norms + self.accumulation * torch.linalg.vector_norm(rounded, dim=1, dtype=torch.float32),
+            _rounding_norms(weights, rounded)
+            + self.accumulation * torch.linalg.vector_norm(rounded, dim=1, dtype=torch.float32),
             self.accumulation * (high.float().abs() + low.float().abs())
             + (bias - high.float() - low.float()).abs()
             + SCREEN_SLACK,
@@ -386,26 +392,23 @@ class ScreenedSAE:
         screen's [>= tokens, d_sae] bfloat16 buffer."""
         sae_in = self.sae.process_sae_in(activations)
         rounded = sae_in.to(self.dtype)
-        residual_norms = torch.linalg.vector_norm(sae_in - rounded.float(), dim=1)
-        rounded_norms = torch.linalg.vector_norm(rounded.float(), dim=1)
         ones = rounded.new_ones(len(rounded))
         screen_in = _with_columns(
             rounded,
             ones,  # the bias rows
             ones,
-            _rounded_up(residual_norms, self.accumulation),
-            _rounded_up(rounded_norms, self.accumulation),
+            _rounded_up(_rounding_norms(sae_in, rounded), self.accumulation),
+            _rounded_up(torch.linalg.vector_norm(rounded, dim=1, dtype=torch.float32), self.accumulation),
             ones,
         )
         target = None if out is None else out[: len(sae_in)]
         screen = torch.mm(screen_in, self.W_screen, out=target)
-        positions, _ = relu_nonzero_entries(screen)
-        shape = screen.shape
-        candidates = _csr(positions.to(sae_in.device), sae_in.new_zeros(len(positions)), shape)
+        positions = relu_nonzero_entries(screen)[0].to(sae_in.device)
+        candidates = _csr(positions, sae_in.new_zeros(len(positions)), screen.shape)
         dots = torch.sparse.sampled_addmm(candidates, sae_in, self.W_enc_T.T, beta=0.0)
         values = dots.values() + self.b_enc[dots.col_indices()]
         kept = ~(values <= 0)
-        return _csr(positions.to(sae_in.device)[kept], values[kept], shape)
+        return _csr(positions[kept], values[kept], screen.shape)
 
 
 @functools.cache
@@ -572,7 +575,7 @@ def _cosine_screen(unit: torch.Tensor, min_cosine: float) -> tuple[torch.Tensor,
     each margin rounded up, min_cosine rounded down. Where the product is <= 0 the pair is apart."""
     accumulation = _accumulation_error(unit.shape[1] + 5)
     rounded = unit.to(torch.bfloat16)
-    residual = torch.linalg.vector_norm(unit - rounded.float(), dim=1)
+    residual = _rounding_norms(unit, rounded)
     norms = torch.linalg.vector_norm(unit, dim=1)
     rounded_norms = torch.linalg.vector_norm(rounded, dim=1, dtype=torch.float32)
     threshold = torch.tensor(min_cosine, dtype=torch.bfloat16)

@@ -81,24 +81,25 @@ def fast_bfloat16(device: torch.device | str) -> bool:
 @functools.cache
 def _cpu_flags() -> frozenset[str]:
     """The CPU's feature flags as /proc/cpuinfo lists them (empty where it cannot be read)."""
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.exists():
-        for line in cpuinfo.read_text(errors="replace").splitlines():
-            if line.startswith("flags"):
-                return frozenset(line.split(":", 1)[1].split())
-    return frozenset()
+    return frozenset((_cpuinfo_field("flags") or "").split())
 
 
 def cpu_vendor() -> str:
     """The x86 vendor string (GenuineIntel, AuthenticAMD, ...), or "" where it cannot be read."""
+    if Path("/proc/cpuinfo").exists():
+        return _cpuinfo_field("vendor_id") or ""
+    text = platform.processor()  # e.g. Windows: "AMD64 Family 25 Model 1 Stepping 1, AuthenticAMD"
+    return next((vendor for vendor in ("GenuineIntel", "AuthenticAMD", "HygonGenuine") if vendor in text), "")
+
+
+def _cpuinfo_field(key: str) -> str | None:
+    """The value of the first CPU's `key` line in /proc/cpuinfo, stripped; None where there is none."""
     cpuinfo = Path("/proc/cpuinfo")
     if cpuinfo.exists():
         for line in cpuinfo.read_text(errors="replace").splitlines():
-            if line.startswith("vendor_id"):
+            if line.startswith(key):
                 return line.split(":", 1)[1].strip()
-        return ""
-    text = platform.processor()  # e.g. Windows: "AMD64 Family 25 Model 1 Stepping 1, AuthenticAMD"
-    return next((vendor for vendor in ("GenuineIntel", "AuthenticAMD", "HygonGenuine") if vendor in text), "")
+    return None
 
 
 def uses_onednn(weight: torch.Tensor) -> bool:

@@ -49,9 +49,7 @@ def main(argv=None) -> int:
     load_before = os.getloadavg()
     rows = []
     with tempfile.TemporaryDirectory(prefix="sparsify_lr_sweep-") as tmp:
-        setup = peer.Setup(args, Path(tmp))
-        args.width = args.width or 2 * setup.d_in
-        acts_ours, acts_hf = peer.held_out_activations(setup)
+        setup, acts_ours, acts_hf = peer.prepared(args, Path(tmp))
 
         def held_out(name, reconstruct, saes, acts, lr, seconds):
             for hook, sae in saes.items():

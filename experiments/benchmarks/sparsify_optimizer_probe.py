@@ -100,9 +100,7 @@ def main(argv=None) -> int:
     load_before = os.getloadavg()
     rows = []
     with tempfile.TemporaryDirectory(prefix="sparsify_optimizer_probe-") as tmp:
-        setup = peer.Setup(args, Path(tmp))
-        args.width = args.width or 2 * setup.d_in
-        acts_ours, acts_hf = peer.held_out_activations(setup)
+        setup, acts_ours, acts_hf = peer.prepared(args, Path(tmp))
         for seed in ours_args.seeds:
             start = time.perf_counter()
             sparsify = peer.train_sparsify(args, setup, Path(tmp) / f"sparsify{seed}", seed=seed)

@@ -286,6 +286,15 @@ def forward_sparsify(args, setup: Setup) -> dict:
 
 
 @torch.no_grad()
+def prepared(args, folder: Path) -> tuple[Setup, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """The setup every training comparison starts from (this script's, sparsify_lr_sweep.py's,
+    sparsify_optimizer_probe.py's): `Setup` in `folder`, --width defaulted to 2 d_in, and the
+    held-out activations of both stacks (`held_out_activations`)."""
+    setup = Setup(args, folder)
+    args.width = args.width or 2 * setup.d_in
+    return setup, *held_out_activations(setup)
+
+
 def held_out_activations(setup: Setup) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """({hook: [tokens, d]} from TL, the same from the HF model), held-out windows, BOS left out."""
     ours = {hook: [] for hook in setup.hooks}
@@ -465,9 +474,7 @@ def main(argv=None) -> int:
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="vs_sparsify-") as tmp:
         tmp = Path(tmp)
-        setup = Setup(args, tmp)
-        args.width = args.width or 2 * setup.d_in
-        acts_ours, acts_hf = held_out_activations(setup)
+        setup, acts_ours, acts_hf = prepared(args, tmp)
         activation_diff = max(((acts_ours[h] - acts_hf[h]).norm() / acts_hf[h].norm()).item() for h in setup.hooks)
 
         calls = {
