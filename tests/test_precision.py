@@ -18,7 +18,7 @@ from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 from lm_superposition.activations import stream_activations
 from lm_superposition.analyze import LayerwiseAnalyzer, sae_budget
-from lm_superposition.codes import LowPrecisionSAE, ScreenedSAE, decode, sparse_encode
+from lm_superposition.codes import LowPrecisionSAE, ScreenedSAE, _sampled_dots, _stable_order, decode, sparse_encode
 from lm_superposition.config import RunSettings, SAETrainingConfig
 from lm_superposition.metric import SUM_DTYPE, FeatureBudget, _mixture_entropies, entropy
 from lm_superposition.saes.quality import evaluate_sae, evaluate_saes
@@ -132,6 +132,19 @@ def test_screened_encode_keeps_every_active_latent_even_at_the_threshold():
     assert (rounded[on] == 0).any()  # ...that a bfloat16 encode alone loses
     assert (codes[on] > 0).all() and (codes[off] == 0).all()
     assert ((codes.double() - exact.clamp_min(0)).abs() <= tolerance).all()
+
+
+@pytest.mark.parametrize("n_rows", [300, 2**16 + 5])  # numpy's radix sort, torch's sort
+def test_sampled_dots_are_the_products_at_the_positions_in_their_order(n_rows):
+    generator = torch.Generator().manual_seed(0)
+    inputs, rows = torch.randn(7, 4, generator=generator), torch.randn(n_rows, 4, generator=generator)
+    positions = torch.randperm(7 * n_rows, generator=generator)[:500].sort().values
+    tokens, latents = positions // n_rows, positions % n_rows
+    order = _stable_order(latents, n_rows)
+    assert torch.equal(latents[order], latents.sort().values)  # by latent...
+    assert all((tokens[order][latents[order] == j].diff() > 0).all() for j in latents.unique())  # ...tokens ascending
+    expected = (inputs[tokens] * rows[latents]).sum(1)
+    torch.testing.assert_close(_sampled_dots(tokens, latents, inputs, rows), expected)
 
 
 def test_screened_encode_keeps_nan_as_the_relu_does_and_reads_only_plain_float32_saes():
