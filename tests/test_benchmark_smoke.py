@@ -58,6 +58,19 @@ def test_training_step_parts_agree_at_a_tiny_size(tmp_path):
     assert len(rows) == 1 + 3 + 2 * 2 + 2  # header, three top-k, two W gradients per dead count, two aux decodes at 30
 
 
+def test_screened_encode_parts_agree_at_a_tiny_size(tmp_path):
+    """The script exits 1 unless session 13's and today's dot products, kept codes and rounding norms are equal."""
+    result = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "screened_encode_parts.py"), "--d-in", "16", "--d-sae", "256",
+         "--tokens", "64", "--chunk", "32", "--repeats", "1", "--threads", "1", "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=300, cwd=BENCHMARKS,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = (tmp_path / "screened_encode_parts.md").read_text()
+    assert "dots True, keep True, norms True" in report
+    assert len([line for line in report.splitlines() if line.startswith("| ")]) == 1 + 9
+
+
 def test_scale_on_paper_turns_the_committed_rates_into_hours(tmp_path):
     out = tmp_path / "scale.md"
     result = subprocess.run(
