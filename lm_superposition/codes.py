@@ -304,8 +304,8 @@ def _rounding_norms(exact: torch.Tensor, rounded: torch.Tensor) -> torch.Tensor:
     """||exact - rounded|| of every row, [n] float32: what rounding to `rounded.dtype` moved each
     row by. The differences go a slab of rows at a time through one reused float32 buffer (each
     is exact in float32: a float32 minus its own rounding), so no float32 copy of a whole rounded
-    encoder is made: 24 ms per 32,768 x 512 on the Xeon of session 14, 68 ms with a new float32
-    copy of each slab's rounding."""
+    encoder is made: 29 ms per 32,768 x 512 on the Xeon of session 14, 68 ms with a new float32
+    copy of each slab's rounding (experiments/benchmarks/screened_encode_parts.py)."""
     norms = exact.new_empty(len(exact), dtype=torch.float32)
     buffer = exact.new_empty(min(len(exact), 512), exact.shape[1], dtype=torch.float32)
     for start in range(0, len(exact), len(buffer)):
@@ -344,7 +344,7 @@ class ScreenedSAE:
     by Cauchy-Schwarz a bound on |(s.w_j + b_j) - S_j| with g a bound on float32 accumulation's
     relative error over d_in + 5 terms (2 (d_in + 5) 2^-24); ||s'|| and ||w'_j|| enter as their
     bounds ||s|| + ||s - s'|| and ||w_j|| + ||w_j - w'_j|| (triangle inequality), which spares a
-    float32 pass over the bfloat16 copies (39 ms per 32,768 x 512 encoder). m_j enters the matmul
+    float32 pass over the bfloat16 copies (51 ms per 32,768 x 512 encoder). m_j enters the matmul
     as three more columns of s and rows of W_enc, each rounded up and scaled by 1 + 4g, and the
     output keeps its sign when rounded to bfloat16. So where the screen is <= 0, s.w_j + b_j <= 0: the latent is
     off. The inputs' and the weights' rounding are measured, not assumed, so the bound holds for
@@ -418,8 +418,8 @@ class ScreenedSAE:
 def _relu_at(positions: torch.Tensor, pre_activations: torch.Tensor, shape: torch.Size) -> torch.Tensor:
     """The codes of the pre-activations at the given row-major flat positions (ascending), as a
     CSR matrix of `shape`: those > 0 or NaN (as the ReLU keeps them), found by the ReLU's scan
-    (`relu_nonzero_entries`) and taken by index_select, which cost a third of boolean masks' time
-    (experiments/benchmarks/screened_encode_parts.py)."""
+    (`relu_nonzero_entries`) and taken by index_select: 4.6 ms per 1,024-token chunk against 8.9
+    with boolean masks (experiments/benchmarks/screened_encode_parts.py)."""
     kept, values = relu_nonzero_entries(pre_activations)
     return _csr(positions.index_select(0, kept.to(positions.device)), values.to(positions.device), shape)
 
@@ -432,8 +432,9 @@ def _sampled_dots(
 
     torch.sparse.sampled_addmm computes them, latent by latent: over the transposed pattern each
     of `rows` is read from memory once per call, where token by token it is read again for every
-    token that needs it. For 1,024 tokens x 230 latents of 32,768 x 512 float32 on the Xeon of
-    session 14: 24 ms against 49 ms, plus 4 ms to order the positions.
+    token that needs it. For 1,024 tokens x 283 candidates of 32,768 x 512 float32 on the Xeon of
+    session 14: 46 ms, the ordering included, against 88 ms token by token
+    (experiments/benchmarks/screened_encode_parts.py).
     """
     n_rows = len(rows)
     order = _stable_order(latents, n_rows)  # the pattern latent by latent, tokens ascending in each
@@ -454,7 +455,8 @@ def _sampled_dots(
 
 def _stable_order(keys: torch.Tensor, bound: int) -> torch.Tensor:
     """argsort of integer `keys` in [0, bound), stable. On the CPU with bound <= 2^16 through
-    numpy, which sorts 16-bit integers by radix sort: 4 ms for 270,000 keys, 32 ms as int64."""
+    numpy, which sorts 16-bit integers by radix sort (in linear time; 4 ms for 270,000 keys here,
+    32 ms for the same keys as int64)."""
     if keys.device.type == "cpu" and bound <= 2**16:
         return torch.from_numpy(np.argsort(keys.numpy().astype(np.uint16), kind="stable"))
     return torch.sort(keys, stable=True).indices
