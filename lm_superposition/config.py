@@ -89,6 +89,11 @@ class SAETrainingConfig:
     d_sae: int | None = option(None, "number of SAE features (overrides expansion_factor)")
     l1_coefficient: float = option(1.0, "L1 penalty on |z| * ||W_dec|| in normalised units (standard only)")
     k: int = option(32, "active features per token (topk only)")
+    aux_loss_coefficient: float = option(
+        1.0,
+        "topk only: weight of SAE-Lens's auxiliary loss that trains dead latents on the residual "
+        "(SAE-Lens's default 1; eai-sparsify's default is 0, none)",
+    )
     lr: float | None = option(None, "learning rate; left out: 2e-4 * sqrt(16384 / d_sae)")
     batch_size_tokens: int = option(4096, "tokens per SAE training step")
     training_tokens: int = option(2_000_000, "tokens of SAE training, repeats over epochs included")
@@ -126,12 +131,10 @@ class SAETrainingConfig:
             check_positive_int("d_sae", self.d_sae)
         if self.lr is not None and not (isinstance(self.lr, (int, float)) and self.lr > 0 and math.isfinite(self.lr)):
             raise ValueError(f"lr must be a positive number, got {self.lr!r}")
-        if not (
-            isinstance(self.l1_coefficient, (int, float))
-            and self.l1_coefficient >= 0
-            and math.isfinite(self.l1_coefficient)
-        ):
-            raise ValueError(f"l1_coefficient must be a non-negative number, got {self.l1_coefficient!r}")
+        for name in ("l1_coefficient", "aux_loss_coefficient"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and value >= 0 and math.isfinite(value)):
+                raise ValueError(f"{name} must be a non-negative number, got {value!r}")
 
     def width_for(self, d_in: int) -> int:
         """Number of SAE features for an input of width d_in."""

@@ -7,6 +7,7 @@ import huggingface_hub.constants
 import pytest
 import torch
 from sae_lens import SAE, StandardSAE, TopKSAE
+from sae_lens.saes.sae import TrainStepInput
 from safetensors.torch import save_file
 
 from lm_superposition.models import HookPoint, hook_order, hook_point
@@ -207,6 +208,23 @@ def test_train_saes_rejects_bad_batches():
         SAETrainingConfig(architecture="gated")
     with pytest.raises(ValueError, match="k <= d_sae"):
         SAETrainingConfig(architecture="topk", k=50, d_sae=20).width_for(4)
+    with pytest.raises(ValueError, match="aux_loss_coefficient must be a non-negative number, got -1"):
+        SAETrainingConfig(architecture="topk", aux_loss_coefficient=-1)
+
+
+def test_topk_auxiliary_loss_is_weighted_as_configured(toy_data):
+    """The coefficient reaches SAE-Lens's TopK SAE, and 0 trains dead latents not at all."""
+    from lm_superposition.saes.training import _new_trainer
+
+    train, _, _ = toy_data
+    for coefficient in (1.0, 0.0):
+        config = SAETrainingConfig(architecture="topk", k=4, aux_loss_coefficient=coefficient, **TOY_CONFIG)
+        trainer = _new_trainer("hook", train.shape[1], config)
+        assert trainer.sae.cfg.aux_loss_coefficient == coefficient
+        every_latent_dead = torch.ones(trainer.sae.cfg.d_sae, dtype=torch.bool)
+        step = TrainStepInput(train[:64], {}, every_latent_dead, n_training_steps=0, is_logging_step=False)
+        aux = trainer.sae.training_forward_pass(step).losses["auxiliary_reconstruction_loss"]
+        assert (aux > 0) if coefficient else (aux == 0)
 
 
 # --- disk ---------------------------------------------------------------------------------------

@@ -184,6 +184,7 @@ def our_config(args, setup: Setup, precision: str = "float32", seed: int = 0) ->
         k=args.k,
         d_sae=args.width,
         lr=args.lr,
+        aux_loss_coefficient=args.aux_loss_coefficient,
         batch_size_tokens=args.windows_per_step * (args.context - 1),
         training_tokens=setup.train.n_tokens,
         seed=seed,
@@ -393,6 +394,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         default=5e-3,
         help="our learning rate (default 5e-3: the best held-out variance explained of 2e-3, 5e-3 and 1e-2 on the "
         "55-hook run, sparsify_lr_sweep.py); sparsify keeps its own default",
+    )
+    parser.add_argument(
+        "--aux-loss-coefficient",
+        type=float,
+        default=0.0,
+        help="our TopK auxiliary loss on dead latents (default 0: as sparsify's default auxk_alpha; the "
+        "package's default, SAE-Lens's, is 1)",
     )
     parser.add_argument(
         "--rounds", type=int, default=2, help="times each of the three trains, taking turns (default 2)"
@@ -642,9 +650,10 @@ def main(argv=None) -> int:
             f"({setup.train.n_tokens:,} tokens without BOS); a step: {args.windows_per_step} windows for sparsify "
             f"({args.windows // args.windows_per_step} steps), "
             f"{args.windows_per_step * (args.context - 1)} tokens for ours "
-            f"({steps_ours} steps); ours lr {args.lr:g} (Adam, SAE-Lens), "
+            f"({steps_ours} steps); ours lr {args.lr:g} (Adam, SAE-Lens), auxiliary loss "
+            f"{args.aux_loss_coefficient:g}, "
             f"forward passes of {args.forward_batch} windows; "
-            f"sparsify's defaults otherwise (signum, schedule-free, lr 5e-3 / sqrt(latents / 2^14))  \n"
+            f"sparsify's defaults otherwise (signum, schedule-free, lr 5e-3 / sqrt(latents / 2^14), auxk_alpha 0)  \n"
             f"Held out: {args.eval_windows} windows ({held_out_tokens:,} tokens); "
             f"the stacks' activations there differ by "
             f"{activation_diff:.1e} (largest relative Frobenius difference over the hooks)  \n"

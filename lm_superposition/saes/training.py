@@ -410,7 +410,9 @@ def _new_trainer(hook_name: str, d_in: int, config: SAETrainingConfig) -> SAETra
             StandardTrainingSAEConfig(l1_coefficient=config.l1_coefficient, l1_warm_up_steps=steps // 20, **common)
         )
     else:
-        sae = SparseTopKTrainingSAE(TopKTrainingSAEConfig(k=config.k, **common))
+        sae = SparseTopKTrainingSAE(
+            TopKTrainingSAEConfig(k=config.k, aux_loss_coefficient=config.aux_loss_coefficient, **common)
+        )
     trainer_config = SAETrainerConfig(
         total_training_samples=config.training_tokens,
         train_batch_size_samples=config.batch_size_tokens,
