@@ -35,7 +35,6 @@ import argparse
 import contextlib
 import io
 import sys
-from pathlib import Path
 from unittest import mock
 
 import pandas as pd
@@ -46,12 +45,15 @@ from lm_superposition.config import SAETrainingConfig
 from lm_superposition.saes import training
 from lm_superposition.saes.training import SparseTopKTrainingSAE, _initialise_from_data, _new_trainer
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-
 try:
-    from vs_paper_stack import alternating_medians, load_line, write_report
+    from vs_paper_stack import alternating_medians, load_line, parse_micro_benchmark, write_report
 except ImportError:
-    from experiments.benchmarks.vs_paper_stack import alternating_medians, load_line, write_report
+    from experiments.benchmarks.vs_paper_stack import (
+        alternating_medians,
+        load_line,
+        parse_micro_benchmark,
+        write_report,
+    )
 
 
 def trainer_step(
@@ -109,13 +111,7 @@ def main(argv=None) -> int:
     parser.add_argument("--k", type=int, default=32)
     parser.add_argument("--tokens", type=int, default=254, help="tokens per step (the peer benchmark's 2 windows)")
     parser.add_argument("--hooks", type=int, default=55, help="SAEs stacked for the batched matmul (55: full depth)")
-    parser.add_argument("--repeats", type=int, default=30, help="timed calls of each, alternating (median kept)")
-    parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--out", type=Path, default=REPO_ROOT / "results" / "benchmarks")
-    args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    load_before = os.getloadavg()
+    args, load_before = parse_micro_benchmark(parser, argv, repeats=30)
     shape = (args.d_in, args.d_sae)
     step_variants = {
         "SAE-Lens's dense TopK": TopKTrainingSAE,

@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from pathlib import Path
 
 import pandas as pd
 import torch
@@ -33,12 +32,15 @@ from sae_lens import StandardSAE, StandardSAEConfig
 
 from lm_superposition.codes import ScreenedSAE, _csr, _relu_at, _rounding_norms, _sampled_dots, relu_nonzero_entries
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-
 try:
-    from vs_paper_stack import alternating_medians, load_line, write_report
+    from vs_paper_stack import alternating_medians, load_line, parse_micro_benchmark, write_report
 except ImportError:
-    from experiments.benchmarks.vs_paper_stack import alternating_medians, load_line, write_report
+    from experiments.benchmarks.vs_paper_stack import (
+        alternating_medians,
+        load_line,
+        parse_micro_benchmark,
+        write_report,
+    )
 
 ACTIVE_FRACTION = 0.007  # ~230 of 32,768 latents, the peer benchmark's dictionaries' L0
 
@@ -84,13 +86,7 @@ def main(argv=None) -> int:
     parser.add_argument("--d-sae", type=int, default=32_768)
     parser.add_argument("--tokens", type=int, default=4096, help="activations encoded by the whole row")
     parser.add_argument("--chunk", type=int, default=1024, help="tokens per encode (the analyzer's at 32,768 latents)")
-    parser.add_argument("--repeats", type=int, default=9)
-    parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--out", type=Path, default=REPO_ROOT / "results" / "benchmarks")
-    args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    load_before = os.getloadavg()
+    args, load_before = parse_micro_benchmark(parser, argv, repeats=9)
     torch.manual_seed(0)
     activations = torch.randn(args.tokens, args.d_in) + 0.5 * torch.randn(args.d_in)
     sae = synthetic_sae(args.d_in, args.d_sae, activations)

@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -35,12 +34,15 @@ import torch
 from lm_superposition.kernels import linear, uses_onednn
 from lm_superposition.saes.training import _top_k_latents, _weighted_row_sums
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-
 try:
-    from vs_paper_stack import alternating_medians, load_line, write_report
+    from vs_paper_stack import alternating_medians, load_line, parse_micro_benchmark, write_report
 except ImportError:
-    from experiments.benchmarks.vs_paper_stack import alternating_medians, load_line, write_report
+    from experiments.benchmarks.vs_paper_stack import (
+        alternating_medians,
+        load_line,
+        parse_micro_benchmark,
+        write_report,
+    )
 
 
 def sparse_sums_w_grad(x: torch.Tensor, grad: torch.Tensor, max_density: float = 1 / 8) -> torch.Tensor:
@@ -100,13 +102,7 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--dead", type=int, nargs="+", default=[0, 200, 500], help="dense (dead) latents in the gradient"
     )
-    parser.add_argument("--repeats", type=int, default=50)
-    parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--out", type=Path, default=REPO_ROOT / "results" / "benchmarks")
-    args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    load_before = os.getloadavg()
+    args, load_before = parse_micro_benchmark(parser, argv, repeats=50)
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(args.tokens, args.d_in, generator=generator)
     W = torch.randn(args.d_in, args.d_sae, generator=generator) / args.d_in**0.5

@@ -523,6 +523,18 @@ def write_report(
     path.write_text(text + "\n")
 
 
+def parse_micro_benchmark(parser: argparse.ArgumentParser, argv, repeats: int) -> tuple[argparse.Namespace, tuple]:
+    """The micro-benchmarks' shared start: add --repeats (default `repeats`), --threads and --out to
+    `parser`, parse `argv`, set torch's threads; returns the arguments and the load average before."""
+    parser.add_argument("--repeats", type=int, default=repeats, help="timed calls of each, alternating (median kept)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--out", type=Path, default=REPO_ROOT / "results" / "benchmarks")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return args, os.getloadavg()
+
+
 def load_line(before, after) -> str:
     return "; ".join(
         f"{when} {', '.join(f'{x:.2f}' for x in values)}" for when, values in (("before", before), ("after", after))
