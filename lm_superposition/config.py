@@ -341,6 +341,23 @@ class RunConfig:
 RESUMABLE_CHANGES = ("output", "checkpoint_every")
 
 
+def setting_default(path: str, kind: type = None):
+    """The default of the setting at a dotted fingerprint `path` (e.g. "saes.train.k"), or
+    dataclasses.MISSING where the path names no setting or the setting has no default."""
+    kind = kind or RunConfig
+    head, _, rest = path.partition(".")
+    found = {f.name: f for f in dataclasses.fields(kind)}.get(head)
+    if found is None:
+        return dataclasses.MISSING
+    if rest:
+        hint = typing.get_type_hints(kind)[head]
+        nested = next((t for t in (hint, *typing.get_args(hint)) if dataclasses.is_dataclass(t)), None)
+        return setting_default(rest, nested) if nested else dataclasses.MISSING
+    if found.default_factory is not dataclasses.MISSING:
+        return found.default_factory()
+    return found.default
+
+
 def fingerprint_digest(fingerprint: dict) -> str:
     return hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()[:16]
 

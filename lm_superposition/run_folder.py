@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .atomic import is_partial
-from .config import RESUMABLE_CHANGES
+from .config import RESUMABLE_CHANGES, setting_default
 
 MANIFEST = "manifest.json"
 # What a run writes into its folder; --overwrite deletes a folder only if it holds nothing else.
@@ -127,7 +127,12 @@ def _check_same_run(output: Path, manifest: dict) -> None:
             f"cannot resume {output}: its {MANIFEST} is unreadable or from an older version ({err!r})"
         ) from None
     now = manifest["fingerprint"]
-    differences = _differences(before, now)
+    # A setting added to the package since that run, at its default, reproduces what the run did
+    differences = [
+        (key, old, new)
+        for key, old, new in _differences(before, now)
+        if not (_lacks(before, key) and new == setting_default(key))
+    ]
     if differences:
         listed = "; ".join(f"{key}: {old!r} -> {new!r}" for key, old, new in differences[:10])
         raise ValueError(
@@ -145,6 +150,14 @@ def _differences(before, now, prefix: str = "") -> list[tuple[str, object, objec
             for d in _differences(before.get(key), now.get(key), f"{prefix}.{key}".strip("."))
         ]
     return [] if before == now else [(prefix, before, now)]
+
+
+def _lacks(fingerprint: dict, path: str) -> bool:
+    """True where the dotted `path` is absent from the fingerprint (its table is there, the key not)."""
+    *tables, key = path.split(".")
+    for table in tables:
+        fingerprint = fingerprint.get(table) if isinstance(fingerprint, dict) else None
+    return isinstance(fingerprint, dict) and key not in fingerprint
 
 
 def _listing(folder: Path, limit: int = 8) -> str:

@@ -402,6 +402,20 @@ def test_resume_refuses_a_different_config_and_lists_the_differences(change, lis
     assert (tmp_path / "run" / "manifest.json").read_text() == manifest  # the old run's record is untouched
 
 
+def test_resume_accepts_a_setting_added_since_the_run_only_at_its_default(finished_run, tmp_path):
+    raw = copy_of_run(finished_run, tmp_path / "run")
+    manifest_path = tmp_path / "run" / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    del manifest["fingerprint"]["saes"]["train"]["aux_loss_coefficient"]  # a run made before the option
+    manifest_path.write_text(json.dumps(manifest))
+    raw["saes"]["train"]["aux_loss_coefficient"] = 0.5
+    with pytest.raises(ValueError, match=r"Differences: saes.train.aux_loss_coefficient: None -> 0.5\."):
+        runs.run(RunConfig.from_dict(raw), resume=True, progress=False)
+    del raw["saes"]["train"]["aux_loss_coefficient"]
+    resumed = runs.run(RunConfig.from_dict(raw), resume=True, progress=False)
+    pd.testing.assert_frame_equal(without_paths(resumed), without_paths(finished_run[1]))
+
+
 def test_resume_accepts_another_output_and_checkpoint_every(finished_run, tmp_path):
     raw = copy_of_run(finished_run, tmp_path / "moved")
     raw["run"]["checkpoint_every"] = 7
