@@ -341,7 +341,7 @@ class RunConfig:
 RESUMABLE_CHANGES = ("output", "checkpoint_every")
 
 
-def setting_default(path: str, kind: type = None):
+def setting_default(path: str, kind: type | None = None):
     """The default of the setting at a dotted fingerprint `path` (e.g. "saes.train.k"), or
     dataclasses.MISSING where the path names no setting or the setting has no default."""
     kind = kind or RunConfig
@@ -350,8 +350,7 @@ def setting_default(path: str, kind: type = None):
     if found is None:
         return dataclasses.MISSING
     if rest:
-        hint = typing.get_type_hints(kind)[head]
-        nested = next((t for t in (hint, *typing.get_args(hint)) if dataclasses.is_dataclass(t)), None)
+        nested = _nested_dataclass(typing.get_type_hints(kind)[head])
         return setting_default(rest, nested) if nested else dataclasses.MISSING
     if found.default_factory is not dataclasses.MISSING:
         return found.default_factory()
@@ -376,7 +375,7 @@ def _build(kind, raw, where: str):
     values = {}
     for name, value in raw.items():
         hint = hints[name]
-        nested = next((t for t in (hint, *typing.get_args(hint)) if dataclasses.is_dataclass(t)), None)
+        nested = _nested_dataclass(hint)
         if nested and not (value is None and _matches(None, hint)):
             values[name] = _build(nested, value, f"{where}.{name}".strip("."))
         else:
@@ -387,6 +386,11 @@ def _build(kind, raw, where: str):
         raise
     except (ValueError, TypeError) as err:
         raise ConfigError(f"{place} {err}") from None
+
+
+def _nested_dataclass(hint):
+    """The dataclass a field's type hint names (a table of its own, maybe optional), or None."""
+    return next((t for t in (hint, *typing.get_args(hint)) if dataclasses.is_dataclass(t)), None)
 
 
 def _typed(value, hint, place: str, name: str, help: str = ""):
