@@ -33,14 +33,9 @@ from sae_lens import StandardSAE, StandardSAEConfig
 from lm_superposition.codes import ScreenedSAE, _csr, _relu_at, _rounding_norms, _sampled_dots, relu_nonzero_entries
 
 try:
-    from vs_paper_stack import alternating_medians, load_line, parse_micro_benchmark, write_report
+    import vs_paper_stack as shared
 except ImportError:
-    from experiments.benchmarks.vs_paper_stack import (
-        alternating_medians,
-        load_line,
-        parse_micro_benchmark,
-        write_report,
-    )
+    from experiments.benchmarks import vs_paper_stack as shared
 
 ACTIVE_FRACTION = 0.007  # ~230 of 32,768 latents, the peer benchmark's dictionaries' L0
 
@@ -86,7 +81,7 @@ def main(argv=None) -> int:
     parser.add_argument("--d-sae", type=int, default=32_768)
     parser.add_argument("--tokens", type=int, default=4096, help="activations encoded by the whole row")
     parser.add_argument("--chunk", type=int, default=1024, help="tokens per encode (the analyzer's at 32,768 latents)")
-    args, load_before = parse_micro_benchmark(parser, argv, repeats=9)
+    args, load_before = shared.parse_micro_benchmark(parser, argv, repeats=9)
     torch.manual_seed(0)
     activations = torch.randn(args.tokens, args.d_in) + 0.5 * torch.randn(args.d_in)
     sae = synthetic_sae(args.d_in, args.d_sae, activations)
@@ -130,7 +125,7 @@ def main(argv=None) -> int:
                 screen.sparse_codes(part, screen_out) for part in activations.split(args.chunk)
             ],
         }
-        medians = alternating_medians(calls, args.repeats)
+        medians = shared.alternating_medians(calls, args.repeats)
     table = pd.DataFrame({"part": list(medians), "ms": [1e3 * seconds for seconds in medians.values()]})
     per_token = len(positions) / len(sae_in), int((pre_activations > 0).sum()) / len(sae_in)
     facts = [
@@ -138,11 +133,11 @@ def main(argv=None) -> int:
         f"in a chunk of {args.chunk}, {per_token[1]:.0f} of them on",
         f"Same results, each pair: {', '.join(f'{name} {same}' for name, same in checks.items())}",
         f"Median of {args.repeats} alternating calls; load average (1, 5, 15 min): "
-        + load_line(load_before, os.getloadavg()),
+        + shared.load_line(load_before, os.getloadavg()),
     ]
     args.out.mkdir(parents=True, exist_ok=True)
     table.to_csv(args.out / "screened_encode_parts.csv", index=False)
-    write_report(
+    shared.write_report(
         args.out / "screened_encode_parts.md",
         "The screened encode's parts, today's against session 13's",
         __file__,
