@@ -346,8 +346,8 @@ class ScreenedSAE:
     bounds ||s|| + ||s - s'|| and ||w_j|| + ||w_j - w'_j|| (triangle inequality), which spares a
     float32 pass over the bfloat16 copies (51 ms per 32,768 x 512 encoder). m_j enters the matmul
     as three more columns of s and rows of W_enc, each rounded up and scaled by 1 + 4g, and the
-    output keeps its sign when rounded to bfloat16. So where the screen is <= 0, s.w_j + b_j <= 0: the latent is
-    off. The inputs' and the weights' rounding are measured, not assumed, so the bound holds for
+    output keeps its sign when rounded to bfloat16. So where the screen is <= 0, s.w_j + b_j <= 0:
+    the latent is off. The inputs' and the weights' rounding are measured, not assumed, so the bound holds for
     any activations and weights (a small absolute slack, 1e-20, covers flushed subnormals).
 
     Costs a contiguous float32 copy of W_enc's transpose (the dot products read each latent's

@@ -25,7 +25,6 @@ import time
 from pathlib import Path
 
 import pandas as pd
-import torch
 
 try:
     import vs_sparsify as peer
@@ -42,11 +41,7 @@ def main(argv=None) -> int:
     sweep = argparse.ArgumentParser(add_help=False)
     sweep.add_argument("--lrs", type=float, nargs="+", default=[2e-3, 5e-3, 1e-2], help="our learning rates")
     sweep.add_argument("--precision", choices=["float32", "bfloat16"], default="bfloat16")
-    ours_args, rest = sweep.parse_known_args(argv)
-    args = peer.parse_args(rest)  # vs_sparsify.py's setup options (--hooks, --windows, --threads, --out, ...)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    load_before = os.getloadavg()
+    ours_args, args, load_before = peer.parse_with(sweep, argv)
     rows = []
     with tempfile.TemporaryDirectory(prefix="sparsify_lr_sweep-") as tmp:
         setup, acts_ours, acts_hf = peer.prepared(args, Path(tmp))

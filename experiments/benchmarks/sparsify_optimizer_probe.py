@@ -33,7 +33,6 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pandas as pd
-import torch
 
 try:
     import vs_sparsify as peer
@@ -93,11 +92,7 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     probe = argparse.ArgumentParser(add_help=False)
     probe.add_argument("--seeds", type=int, nargs="+", default=[0], help="SAE seeds, each trains every contender")
-    ours_args, rest = probe.parse_known_args(argv)
-    args = peer.parse_args(rest)  # vs_sparsify.py's setup options (--hooks, --windows, --threads, --lr, --out, ...)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    load_before = os.getloadavg()
+    ours_args, args, load_before = peer.parse_with(probe, argv)
     rows = []
     with tempfile.TemporaryDirectory(prefix="sparsify_optimizer_probe-") as tmp:
         setup, acts_ours, acts_hf = peer.prepared(args, Path(tmp))

@@ -287,6 +287,17 @@ def forward_sparsify(args, setup: Setup) -> dict:
 
 
 @torch.no_grad()
+def parse_with(own: argparse.ArgumentParser, argv) -> tuple[argparse.Namespace, argparse.Namespace, tuple]:
+    """A training comparison's start (sparsify_lr_sweep.py's, sparsify_optimizer_probe.py's): its
+    `own` options out of `argv`, this script's setup options (--hooks, --windows, --threads, --lr,
+    --out, ...) from the rest, torch's threads set; returns both and the load average before."""
+    own_args, rest = own.parse_known_args(argv)
+    args = parse_args(rest)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return own_args, args, os.getloadavg()
+
+
 def prepared(args, folder: Path) -> tuple[Setup, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """The setup every training comparison starts from (this script's, sparsify_lr_sweep.py's,
     sparsify_optimizer_probe.py's): `Setup` in `folder`, --width defaulted to 2 d_in, and the
