@@ -67,7 +67,13 @@ def _check_choice(name: str, value, choices) -> None:
 
 # What the toy validation validated (results/toy_validation/): the rest of SAETrainingConfig sets
 # the budget (width, tokens, batch, lr), which each run must size and the quality gate judges.
-VALIDATED_RECIPE = {"architecture": "standard", "l1_coefficient": 1.0, "normalize_activations": True, "autocast": False}
+VALIDATED_RECIPE = {
+    "architecture": "standard",
+    "l1_coefficient": 1.0,
+    "normalize_activations": True,
+    "decoder_init_norm": 0.1,
+    "autocast": False,
+}
 
 
 @dataclass
@@ -93,6 +99,11 @@ class SAETrainingConfig:
         1.0,
         "topk only: weight of SAE-Lens's auxiliary loss that trains dead latents on the residual "
         "(SAE-Lens's default 1; eai-sparsify's default is 0, none)",
+    )
+    decoder_init_norm: float = option(
+        0.1,
+        "norm of every decoder row at initialisation, the encoder starting as the decoder's transpose "
+        "(SAE-Lens's default 0.1; eai-sparsify starts its decoder rows at norm 1)",
     )
     lr: float | None = option(None, "learning rate; left out: 2e-4 * sqrt(16384 / d_sae)")
     batch_size_tokens: int = option(4096, "tokens per SAE training step")
@@ -135,6 +146,9 @@ class SAETrainingConfig:
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and value >= 0 and math.isfinite(value)):
                 raise ValueError(f"{name} must be a non-negative number, got {value!r}")
+        norm = self.decoder_init_norm
+        if not (isinstance(norm, (int, float)) and norm > 0 and math.isfinite(norm)):
+            raise ValueError(f"decoder_init_norm must be a positive number, got {norm!r}")
 
     def width_for(self, d_in: int) -> int:
         """Number of SAE features for an input of width d_in."""

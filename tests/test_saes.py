@@ -210,6 +210,8 @@ def test_train_saes_rejects_bad_batches():
         SAETrainingConfig(architecture="topk", k=50, d_sae=20).width_for(4)
     with pytest.raises(ValueError, match="aux_loss_coefficient must be a non-negative number, got -1"):
         SAETrainingConfig(architecture="topk", aux_loss_coefficient=-1)
+    with pytest.raises(ValueError, match="decoder_init_norm must be a positive number, got 0"):
+        SAETrainingConfig(decoder_init_norm=0)
 
 
 def test_topk_auxiliary_loss_is_weighted_as_configured(toy_data):
@@ -225,6 +227,21 @@ def test_topk_auxiliary_loss_is_weighted_as_configured(toy_data):
         step = TrainStepInput(train[:64], {}, every_latent_dead, n_training_steps=0, is_logging_step=False)
         aux = trainer.sae.training_forward_pass(step).losses["auxiliary_reconstruction_loss"]
         assert (aux > 0) if coefficient else (aux == 0)
+
+
+@pytest.mark.parametrize("architecture", ["standard", "topk"])
+def test_decoder_rows_start_at_the_configured_norm(architecture):
+    """decoder_init_norm reaches SAE-Lens's initialisation (the encoder starts as the decoder's
+    transpose), and a standard SAE started at another norm is no longer the validated recipe."""
+    from lm_superposition.saes.training import _new_trainer
+
+    for norm in (0.1, 1.0):
+        config = SAETrainingConfig(architecture=architecture, k=4, decoder_init_norm=norm, **TOY_CONFIG)
+        sae = _new_trainer("hook", 12, config).sae
+        assert torch.allclose(sae.W_dec.norm(dim=1), torch.full((sae.cfg.d_sae,), norm))
+        assert torch.equal(sae.W_enc, sae.W_dec.T)
+    assert SAETrainingConfig().recipe_verdict() == "validated"
+    assert SAETrainingConfig(decoder_init_norm=1.0).recipe_verdict() == "not validated (decoder_init_norm = 1.0)"
 
 
 # --- disk ---------------------------------------------------------------------------------------

@@ -185,6 +185,7 @@ def our_config(args, setup: Setup, precision: str = "float32", seed: int = 0) ->
         d_sae=args.width,
         lr=args.lr,
         aux_loss_coefficient=args.aux_loss_coefficient,
+        decoder_init_norm=args.decoder_init_norm,
         batch_size_tokens=args.windows_per_step * (args.context - 1),
         training_tokens=setup.train.n_tokens,
         seed=seed,
@@ -412,6 +413,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         default=0.0,
         help="our TopK auxiliary loss on dead latents (default 0: as sparsify's default auxk_alpha; the "
         "package's default, SAE-Lens's, is 1)",
+    )
+    parser.add_argument(
+        "--decoder-init-norm",
+        type=float,
+        default=1.0,
+        help="norm of our decoder rows at initialisation (default 1: as sparsify, whose decoder rows start "
+        "at unit norm; the package's default, SAE-Lens's, is 0.1)",
     )
     parser.add_argument(
         "--rounds", type=int, default=2, help="times each of the three trains, taking turns (default 2)"
@@ -662,9 +670,10 @@ def main(argv=None) -> int:
             f"({args.windows // args.windows_per_step} steps), "
             f"{args.windows_per_step * (args.context - 1)} tokens for ours "
             f"({steps_ours} steps); ours lr {args.lr:g} (Adam, SAE-Lens), auxiliary loss "
-            f"{args.aux_loss_coefficient:g}, "
+            f"{args.aux_loss_coefficient:g}, decoder rows started at norm {args.decoder_init_norm:g}, "
             f"forward passes of {args.forward_batch} windows; "
-            f"sparsify's defaults otherwise (signum, schedule-free, lr 5e-3 / sqrt(latents / 2^14), auxk_alpha 0)  \n"
+            "sparsify's defaults otherwise (signum, schedule-free, lr 5e-3 / sqrt(latents / 2^14), auxk_alpha 0, "
+            "unit-norm decoder rows)  \n"
             f"Held out: {args.eval_windows} windows ({held_out_tokens:,} tokens); "
             f"the stacks' activations there differ by "
             f"{activation_diff:.1e} (largest relative Frobenius difference over the hooks)  \n"

@@ -401,6 +401,7 @@ def _new_trainer(hook_name: str, d_in: int, config: SAETrainingConfig) -> SAETra
         d_sae=config.width_for(d_in),
         device=config.device,
         normalize_activations="expected_average_only_in" if config.normalize_activations else "none",
+        decoder_init_norm=config.decoder_init_norm,
         metadata=SAEMetadata(hook_name=hook_name, model_name=config.model_name),
     )
     steps = config.total_steps
