@@ -5,7 +5,9 @@ width and k, the same tokens per optimiser step and the same number of steps:
 
   ours         `lm_superposition.train_saes` fed by `stream_activations` (one forward pass per
                batch of windows, stopping after the deepest hook, serves every SAE): the training
-               itself, what sparsify's `Trainer.fit` does;
+               itself, what sparsify's `Trainer.fit` does; started as sparsify starts where the
+               two recipes share a knob (decoder rows of norm 1, no auxiliary loss on dead
+               latents: --decoder-init-norm, --aux-loss-coefficient);
   ours, whole  `train_saes_for_model`, what `lm-superposition train-sae` runs: the same training,
                plus saving each SAE and its quality check (evaluate_sae) on the held-out windows;
   sparsify     `sparsify.Trainer(cfg, dataset, model).fit()` on the Hugging Face model, as its CLI
