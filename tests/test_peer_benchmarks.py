@@ -108,7 +108,7 @@ def test_optimizer_probe_trains_every_variant_and_puts_the_recipe_back(tmp_path)
     import experiments.benchmarks.sparsify_optimizer_probe as probe
     from lm_superposition.saes import training
 
-    before = (training._new_trainer, training._to_inference_sae, training.TopKTrainingSAEConfig)
-    with probe.variant(signum=True, decoder_init_norm=1.0):
+    before = (training._new_trainer, training._to_inference_sae)
+    with probe.signum_optimiser():
         assert training._new_trainer is not before[0]
-    assert (training._new_trainer, training._to_inference_sae, training.TopKTrainingSAEConfig) == before
+    assert (training._new_trainer, training._to_inference_sae) == before

@@ -9,10 +9,11 @@ This trains ours (bfloat16, as the benchmark's faster contender) in four variant
 changes alone and both, on vs_sparsify.py's setup (same model, hooks, tokens, steps, held-out
 windows), and sparsify once, per SAE seed, and tables held-out variance explained.
 
-A probe, not a recipe: the package's TopK recipe has no optimiser option, so the variants swap the
-trainer's optimiser after SAE-Lens builds it (`training._new_trainer`) and hand the schedule-free
-average to the inference SAE (`training._to_inference_sae`); SAE-Lens's own schedule then steps an
-optimiser nobody uses.
+A probe, not a recipe: the decoder's initial norm is a setting of ours (`decoder_init_norm`, here
+vs_sparsify.py's --decoder-init-norm, set per variant), but the package's TopK recipe has no
+optimiser option, so the signum variants swap the trainer's optimiser after SAE-Lens builds it
+(`training._new_trainer`) and hand the schedule-free average to the inference SAE
+(`training._to_inference_sae`); SAE-Lens's own schedule then steps an optimiser nobody uses.
 
     python experiments/benchmarks/sparsify_optimizer_probe.py --threads 1 --hooks paper --windows 128 \
         --out results/benchmarks/peers/xeon/optimizer_probe
@@ -25,11 +26,10 @@ import os
 os.environ.setdefault("TQDM_DISABLE", "1")
 
 import argparse
-import functools
+import contextlib
 import sys
 import tempfile
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import pandas as pd
@@ -53,18 +53,14 @@ VARIANTS = {
 }
 
 
-@contextmanager
-def variant(signum: bool, decoder_init_norm: float):
-    """Within the block, `training.train_saes` builds its TopK SAEs with `decoder_init_norm` and,
-    if `signum`, steps them with sparsify's optimiser at sparsify's default learning rate."""
+@contextlib.contextmanager
+def signum_optimiser():
+    """Within the block, `training.train_saes` steps its TopK SAEs with sparsify's optimiser at
+    sparsify's default learning rate."""
     from schedulefree import ScheduleFreeWrapper
     from sparsify.sign_sgd import SignSGD
 
-    new_trainer, to_inference_sae, config_class = (
-        training._new_trainer,
-        training._to_inference_sae,
-        training.TopKTrainingSAEConfig,
-    )
+    new_trainer, to_inference_sae = training._new_trainer, training._to_inference_sae
 
     def signum_trainer(hook_name, d_in, config):
         trainer = new_trainer(hook_name, d_in, config)
@@ -78,14 +74,11 @@ def variant(signum: bool, decoder_init_norm: float):
             trainer.optimizer.eval()
         return to_inference_sae(trainer, n_tokens)
 
-    training.TopKTrainingSAEConfig = functools.partial(config_class, decoder_init_norm=decoder_init_norm)
-    if signum:
-        training._new_trainer, training._to_inference_sae = signum_trainer, averaged_inference_sae
+    training._new_trainer, training._to_inference_sae = signum_trainer, averaged_inference_sae
     try:
         yield
     finally:
         training._new_trainer, training._to_inference_sae = new_trainer, to_inference_sae
-        training.TopKTrainingSAEConfig = config_class
 
 
 def main(argv=None) -> int:
@@ -104,8 +97,9 @@ def main(argv=None) -> int:
                 quality = peer.quality(peer.sparsify_reconstruct(sae), acts_hf[hook], args.width)
                 rows.append({"stack": "sparsify", "seed": seed, "seconds": seconds, "hook": hook, **quality})
             for name, (signum, decoder_init_norm) in VARIANTS.items():
+                args.decoder_init_norm = decoder_init_norm
                 start = time.perf_counter()
-                with variant(signum, decoder_init_norm):
+                with signum_optimiser() if signum else contextlib.nullcontext():
                     ours = peer.train_ours(args, setup, "bfloat16", seed=seed)
                 seconds = time.perf_counter() - start
                 for hook, sae in ours["saes"].items():
