@@ -55,6 +55,12 @@ def option(default=dataclasses.MISSING, help: str = "", flag: str | None = None,
     return field(default=default, metadata=metadata, **kwargs)
 
 
+def _check_finite_number(name: str, value, *, positive: bool) -> None:
+    """A finite int or float, > 0 if `positive`, else >= 0."""
+    if not (isinstance(value, (int, float)) and math.isfinite(value) and (value > 0 if positive else value >= 0)):
+        raise ValueError(f"{name} must be a {'positive' if positive else 'non-negative'} number, got {value!r}")
+
+
 def _check_non_negative_int(name: str, value) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value < 0:
         raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
@@ -140,15 +146,11 @@ class SAETrainingConfig:
             check_positive_int(name, getattr(self, name))
         if self.d_sae is not None:
             check_positive_int("d_sae", self.d_sae)
-        if self.lr is not None and not (isinstance(self.lr, (int, float)) and self.lr > 0 and math.isfinite(self.lr)):
-            raise ValueError(f"lr must be a positive number, got {self.lr!r}")
+        if self.lr is not None:
+            _check_finite_number("lr", self.lr, positive=True)
+        _check_finite_number("decoder_init_norm", self.decoder_init_norm, positive=True)
         for name in ("l1_coefficient", "aux_loss_coefficient"):
-            value = getattr(self, name)
-            if not (isinstance(value, (int, float)) and value >= 0 and math.isfinite(value)):
-                raise ValueError(f"{name} must be a non-negative number, got {value!r}")
-        norm = self.decoder_init_norm
-        if not (isinstance(norm, (int, float)) and norm > 0 and math.isfinite(norm)):
-            raise ValueError(f"decoder_init_norm must be a positive number, got {norm!r}")
+            _check_finite_number(name, getattr(self, name), positive=False)
 
     def width_for(self, d_in: int) -> int:
         """Number of SAE features for an input of width d_in."""

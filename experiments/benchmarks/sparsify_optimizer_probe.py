@@ -126,7 +126,7 @@ def main(argv=None) -> int:
     facts = [
         f"Setup: vs_sparsify.py's, {len(setup.hooks)} hooks of Gemma 3 270M, {setup.train.n_tokens:,} training "
         f"tokens, TopK k={args.k}, {args.width} latents, SAE seeds {ours_args.seeds}; ours bfloat16 at lr "
-        f"{args.lr} for Adam; sparsify its defaults",
+        f"{args.lr} for Adam, auxiliary loss {args.aux_loss_coefficient:g}; sparsify its defaults",
         f"Load average (1, 5, 15 min): {load_line(load_before, load_after)}",
     ]
     title = "Ours with sparsify's optimiser and decoder init against ours and sparsify: held-out VE"
