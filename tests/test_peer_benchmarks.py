@@ -112,3 +112,40 @@ def test_optimizer_probe_trains_every_variant_and_puts_the_recipe_back(tmp_path)
     with probe.signum_optimiser():
         assert training._new_trainer is not before[0]
     assert (training._new_trainer, training._to_inference_sae) == before
+
+
+def test_window_sums_give_the_calculators_variance_explained_for_any_windows():
+    # The held-out gap test resamples windows through these sums: with every window weighted 1 they
+    # must give SAE-Lens's value over all tokens, and with one window alone that window's value.
+    import torch
+    from sae_lens.evals import ExplainedVarianceCalculator
+
+    from experiments.benchmarks.vs_sparsify import quality
+
+    generator = torch.Generator().manual_seed(0)
+    sizes = [5, 300, 17, 1200]  # uneven, and one window split over two of quality's 1,024-token chunks
+    x = torch.randn(sum(sizes), 6, generator=generator) + 3  # a mean far from 0, as residual streams have
+    noise = 0.3 * torch.randn(x.shape, generator=generator)
+
+    def reconstruct(chunk):
+        start = next(i for i in range(0, len(x), 1024) if torch.equal(x[i : i + len(chunk)], chunk))
+        return chunk + noise[start : start + len(chunk)], torch.arange(2), 2 * len(chunk)
+
+    def calculator_on(rows):
+        calculator = ExplainedVarianceCalculator()
+        calculator.add_batch(x[rows] + noise[rows], x[rows])
+        return calculator.compute()
+
+    result = quality(reconstruct, x, d_sae=4, window_sizes=sizes)
+    sums = result["window_sums"]
+    weights = torch.cat([torch.ones(1, len(sizes)), len(sizes) * torch.eye(len(sizes))]).double()
+    resampled = sums.variance_explained(weights)
+    # (the calculator squares and sums each batch in float32, these sums in float64: float32 rounding apart)
+    assert resampled[0].item() == pytest.approx(result["variance_explained"], rel=1e-6)
+    assert resampled[0].item() == pytest.approx(calculator_on(slice(None)), rel=1e-6)
+    starts = [0, *torch.tensor(sizes).cumsum(0).tolist()]
+    for window in range(len(sizes)):
+        on_its_own = calculator_on(slice(starts[window], starts[window + 1]))
+        assert resampled[1 + window].item() == pytest.approx(on_its_own, rel=1e-6)
+    with pytest.raises(ValueError, match="windows hold 1522 tokens, the activations 1521"):
+        quality(reconstruct, x[:-1], d_sae=4, window_sizes=sizes)

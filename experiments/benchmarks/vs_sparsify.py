@@ -19,7 +19,9 @@ Each stack is timed on its whole call, model forward passes included; training t
 tokens the SAEs were trained on (BOS left out by both). They take turns round after round (the
 first of each round rotates), each round training fresh SAEs from its own seed (round r: SAE seed
 r - 1 on both sides), so the spread of a hook's variance explained over rounds is its SAE-seed
-spread, against which a gap between the stacks is judged; the whole call and each stack's
+spread, against which a gap between the stacks is judged, alone and together with the held-out
+windows' sampling spread (a paired bootstrap over the windows: a gap of 0.001 can turn on which 32
+windows were held out); the whole call and each stack's
 forward passes alone (what the training time is made of) run in the first round only. Reported:
 wall tokens/s and CPU seconds (this process, all threads) per 1k tokens, their ratios to
 sparsify's over the same rounds, and the medians of the paired per-round ratios: on the shared
@@ -65,6 +67,7 @@ os.environ.setdefault("TQDM_DISABLE", "1")  # progress bars of the loaders and t
 
 import argparse
 import contextlib
+import functools
 import io
 import json
 import math
@@ -101,6 +104,7 @@ except ImportError:
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 ACTIVATION_TOLERANCE = 1e-4  # relative: the two stacks must hand their SAEs the same activations
+WINDOW_RESAMPLES = 1000  # bootstrap draws of the held-out windows, for the gaps' standard errors
 OURS = {"float32": "ours", "bfloat16": "ours_bf16", "bfloat16-forward": "ours_bf16_forward"}  # per --precision
 
 
@@ -335,21 +339,66 @@ def held_out_activations(setup: Setup) -> tuple[dict[str, torch.Tensor], dict[st
 
 
 @torch.no_grad()
-def quality(reconstruct, acts: torch.Tensor, d_sae: int) -> dict:
-    """Variance explained (SAE-Lens's calculator), L0 and alive latents of one SAE on held-out activations."""
+def quality(reconstruct, acts: torch.Tensor, d_sae: int, window_sizes: list[int] | None = None) -> dict:
+    """Variance explained (SAE-Lens's calculator), L0 and alive latents of one SAE on held-out activations.
+
+    With `window_sizes` (the tokens of each held-out window, in the order of `acts`), also
+    "window_sums": each window's sums that variance explained is made of (`WindowSums`), so a
+    bootstrap over the windows can say how much the held-out sample moves it."""
     calculator = ExplainedVarianceCalculator()
     fired = torch.zeros(d_sae, dtype=torch.bool)
     l0 = 0
-    for chunk in acts.split(1024):
+    sums = None if window_sizes is None else WindowSums.empty(len(window_sizes), acts.shape[1])
+    window_of_token = None if window_sizes is None else torch.repeat_interleave(torch.tensor(window_sizes))
+    if window_of_token is not None and len(window_of_token) != len(acts):
+        raise ValueError(f"the windows hold {len(window_of_token)} tokens, the activations {len(acts)}")
+    for start, chunk in zip(range(0, len(acts), 1024), acts.split(1024)):
         x_hat, codes_idx, n_active = reconstruct(chunk)
         calculator.add_batch(x_hat, chunk)
+        if sums is not None:
+            sums.add(chunk, x_hat, window_of_token[start : start + len(chunk)])
         fired[codes_idx] = True
         l0 += n_active
-    return {
+    result = {
         "variance_explained": calculator.compute(),
         "mean_l0": l0 / len(acts),
         "alive_fraction": fired.float().mean().item(),
     }
+    return result if sums is None else result | {"window_sums": sums}
+
+
+class WindowSums:
+    """Per held-out window, the float64 sums that SAE-Lens's ExplainedVarianceCalculator keeps for
+    the whole set (tokens, sum of x, sum of |x|^2, sum of |x - x_hat|^2), so variance explained can
+    be recomputed for any weighting of the windows (`variance_explained`)."""
+
+    def __init__(self, tokens, sum_x, squared_norm, squared_residual):
+        self.tokens, self.sum_x, self.squared_norm, self.squared_residual = (
+            tokens,
+            sum_x,
+            squared_norm,
+            squared_residual,
+        )
+
+    @classmethod
+    def empty(cls, windows: int, d: int) -> WindowSums:
+        zeros = functools.partial(torch.zeros, dtype=torch.float64)
+        return cls(zeros(windows), zeros(windows, d), zeros(windows), zeros(windows))
+
+    def add(self, x: torch.Tensor, x_hat: torch.Tensor, windows: torch.Tensor) -> None:
+        x, x_hat = x.double(), x_hat.double()
+        self.tokens.index_add_(0, windows, torch.ones(len(x), dtype=torch.float64))
+        self.sum_x.index_add_(0, windows, x)
+        self.squared_norm.index_add_(0, windows, x.pow(2).sum(1))
+        self.squared_residual.index_add_(0, windows, (x - x_hat).pow(2).sum(1))
+
+    def variance_explained(self, weights: torch.Tensor) -> torch.Tensor:
+        """[resamples] variance explained under each row of `weights` ([resamples, windows]; all
+        ones: the calculator's own value), by its formula: 1 - mean |x - x_hat|^2 / (mean |x|^2 - |mean x|^2)."""
+        tokens = weights @ self.tokens
+        mean_x = (weights @ self.sum_x) / tokens[:, None]
+        total_variance = (weights @ self.squared_norm) / tokens - mean_x.pow(2).sum(1)
+        return 1 - (weights @ self.squared_residual) / tokens / total_variance
 
 
 def ours_reconstruct(sae):
@@ -525,6 +574,8 @@ def main(argv=None) -> int:
             once["sparsify_forward"] = lambda i: forward_sparsify(args, setup)
         names = list(calls) + list(once)
         rounds, qualities = [], []
+        window_sizes = setup.eval.measured_mask.sum(1).tolist()  # held-out tokens per window, BOS left out
+        window_sums = {}  # (hook, stack): [WindowSums of each round]
         for index in range(1, args.rounds + 1):
             present = list(calls) + (list(once) if index == 1 else [])
             order = (
@@ -546,7 +597,8 @@ def main(argv=None) -> int:
             ]
             for hook in setup.hooks:
                 for name, reconstruct, acts in trained:
-                    q = quality(reconstruct(results[name]["saes"][hook]), acts[hook], args.width)
+                    q = quality(reconstruct(results[name]["saes"][hook]), acts[hook], args.width, window_sizes)
+                    window_sums.setdefault((hook, name), []).append(q.pop("window_sums"))
                     qualities.append({"round": index, "hook": hook, "stack": name, **q})
                 if "ours_whole" in results:
                     own = results["ours_whole"]["quality"][hook]
@@ -616,11 +668,38 @@ def main(argv=None) -> int:
         qualities["stack"]
     )
 
-    def gap_in_standard_errors(name: str) -> pd.Series:
+    # A Bayesian bootstrap over the held-out windows (Dirichlet(1, ..., 1) weights, as metric.py's
+    # over documents), the same draws for every hook, stack and seed: paired, so the spread of the
+    # gap over the draws is what the choice of held-out windows does to it, the SAEs held fixed.
+    weights = torch.empty(WINDOW_RESAMPLES, len(window_sizes), dtype=torch.float64)
+    weights.exponential_(generator=torch.Generator().manual_seed(0))
+    weights *= len(window_sizes) / weights.sum(1, keepdim=True)
+
+    def windows_sd(name: str) -> pd.Series:
+        """Per hook: the standard deviation of (`name`'s VE - sparsify's), means over seeds, over the
+        bootstrap's draws of held-out windows."""
+
+        def resampled(hook, stack):
+            return torch.stack([sums.variance_explained(weights) for sums in window_sums[(hook, stack)]]).mean(0)
+
+        return pd.Series(
+            {hook: float((resampled(hook, name) - resampled(hook, "sparsify")).std()) for hook in ve.index}
+        )
+
+    def gap_in_standard_errors(name: str, with_windows: bool = False) -> pd.Series:
         """Per hook: (mean VE of `name` - sparsify's) / the standard error of that difference of seed
-        means; NaN where either side has fewer than 2 seeds."""
+        means: over the SAE seeds, and `with_windows` over the held-out windows too (`windows_sd`; the
+        two independent variances added); NaN where either side has fewer than 2 seeds."""
         variance = seed_sd[name] ** 2 / seeds[name] + seed_sd["sparsify"] ** 2 / seeds["sparsify"]
+        if with_windows:
+            variance = variance + windows_sd(name) ** 2
         return (ve[name] - ve["sparsify"]) / variance.pow(0.5)
+
+    def hooks_below(name: str, with_windows: bool = False) -> float:
+        """Hooks where `name` is below sparsify by over 2 standard errors (`gap_in_standard_errors`)."""
+        if min(seeds[name], seeds["sparsify"]) < 2:
+            return math.nan
+        return int((gap_in_standard_errors(name, with_windows) < -2).sum())
 
     equal_or_better = {name: bool((ve[name] >= ve["sparsify"]).all()) for name in ours_names}
     ve_summary = pd.DataFrame(
@@ -631,11 +710,8 @@ def main(argv=None) -> int:
                 "mean_over_hooks": ve[name].mean(),
                 "min_over_hooks": ve[name].min(),
                 "hooks_at_or_above_sparsify": int((ve[name] >= ve["sparsify"]).sum()),
-                "hooks_below_by_over_2_se": (
-                    int((gap_in_standard_errors(name) < -2).sum())
-                    if min(seeds[name], seeds["sparsify"]) > 1
-                    else math.nan
-                ),
+                "hooks_below_by_over_2_se": hooks_below(name),
+                "hooks_below_by_over_2_se_seeds_and_windows": hooks_below(name, with_windows=True),
                 "hooks": len(ve),
             }
             for name in ve.columns
@@ -646,6 +722,7 @@ def main(argv=None) -> int:
         per_hook[f"{name}_mean"], per_hook[f"{name}_seed_sd"] = ve[name], seed_sd[name]
         if name in ours_names:
             per_hook[f"{name}_gap_in_se"] = gap_in_standard_errors(name)
+            per_hook[f"{name}_gap_in_se_seeds_and_windows"] = gap_in_standard_errors(name, with_windows=True)
 
     command = "python " + " ".join(
         shlex.quote(a) for a in [os.path.relpath(__file__, REPO_ROOT), *(sys.argv[1:] if argv is None else argv)]
@@ -682,14 +759,17 @@ def main(argv=None) -> int:
             f"Load average (1, 5, 15 min): {load_line(load_before, load_after)}",
             markdown(speed),
             "Held-out variance explained per hook: mean and standard deviation over the rounds' SAE seeds; "
-            "gap_in_se: (ours' mean - sparsify's) / the standard error of that difference",
+            "gap_in_se: (ours' mean - sparsify's) / the standard error of that difference over the SAE seeds; "
+            f"gap_in_se_seeds_and_windows: the same with the held-out windows' sampling variance added (a paired "
+            f"Bayesian bootstrap of the {len(window_sizes)} windows, {WINDOW_RESAMPLES} draws)",
             markdown(per_hook.reset_index()),
             "Held-out variance explained over the hooks:",
             markdown(ve_summary),
             "Ours at equal or better variance explained than sparsify on every hook (means over seeds): "
             + ", ".join(f"{name} **{'yes' if ok else 'no'}**" for name, ok in equal_or_better.items())
             + "; hooks_below_by_over_2_se above counts the hooks where ours is below by more than the seeds' spread "
-            "allows (2 standard errors)",
+            "allows (2 standard errors), hooks_below_by_over_2_se_seeds_and_windows by more than the seeds' and the "
+            "held-out windows' spread together allow",
             "Per round (the first to run rotates):",
             markdown(rounds),
             "Held-out quality per round:",
