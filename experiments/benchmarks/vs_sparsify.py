@@ -67,6 +67,7 @@ os.environ.setdefault("TQDM_DISABLE", "1")  # progress bars of the loaders and t
 
 import argparse
 import contextlib
+import dataclasses
 import functools
 import io
 import json
@@ -367,18 +368,16 @@ def quality(reconstruct, acts: torch.Tensor, d_sae: int, window_sizes: list[int]
     return result if sums is None else result | {"window_sums": sums}
 
 
+@dataclasses.dataclass
 class WindowSums:
     """Per held-out window, the float64 sums that SAE-Lens's ExplainedVarianceCalculator keeps for
-    the whole set (tokens, sum of x, sum of |x|^2, sum of |x - x_hat|^2), so variance explained can
-    be recomputed for any weighting of the windows (`variance_explained`)."""
+    the whole set, so variance explained can be recomputed for any weighting of the windows
+    (`variance_explained`)."""
 
-    def __init__(self, tokens, sum_x, squared_norm, squared_residual):
-        self.tokens, self.sum_x, self.squared_norm, self.squared_residual = (
-            tokens,
-            sum_x,
-            squared_norm,
-            squared_residual,
-        )
+    tokens: torch.Tensor  # [windows]
+    sum_x: torch.Tensor  # [windows, d]
+    squared_norm: torch.Tensor  # [windows]: sum of |x|^2
+    squared_residual: torch.Tensor  # [windows]: sum of |x - x_hat|^2
 
     @classmethod
     def empty(cls, windows: int, d: int) -> WindowSums:
