@@ -86,6 +86,7 @@ from sae_lens.evals import ExplainedVarianceCalculator
 from lm_superposition import SAETrainingConfig, load_model, load_texts, paper_hooks, token_windows, train_saes
 from lm_superposition.activations import stream_activations
 from lm_superposition.data import TokenWindows
+from lm_superposition.metric import bayesian_bootstrap_weights
 from lm_superposition.models import offline_cache_dir
 from lm_superposition.saes import train_saes_for_model  # what `lm-superposition train-sae` runs (not a top-level name)
 
@@ -349,10 +350,12 @@ def quality(reconstruct, acts: torch.Tensor, d_sae: int, window_sizes: list[int]
     calculator = ExplainedVarianceCalculator()
     fired = torch.zeros(d_sae, dtype=torch.bool)
     l0 = 0
-    sums = None if window_sizes is None else WindowSums.empty(len(window_sizes), acts.shape[1])
-    window_of_token = None if window_sizes is None else torch.repeat_interleave(torch.tensor(window_sizes))
-    if window_of_token is not None and len(window_of_token) != len(acts):
-        raise ValueError(f"the windows hold {len(window_of_token)} tokens, the activations {len(acts)}")
+    sums = None
+    if window_sizes is not None:
+        window_of_token = torch.repeat_interleave(torch.tensor(window_sizes))
+        if len(window_of_token) != len(acts):
+            raise ValueError(f"the windows hold {len(window_of_token)} tokens, the activations {len(acts)}")
+        sums = WindowSums.empty(len(window_sizes), acts.shape[1])
     for start, chunk in zip(range(0, len(acts), 1024), acts.split(1024)):
         x_hat, codes_idx, n_active = reconstruct(chunk)
         calculator.add_batch(x_hat, chunk)
@@ -667,12 +670,10 @@ def main(argv=None) -> int:
         qualities["stack"]
     )
 
-    # A Bayesian bootstrap over the held-out windows (Dirichlet(1, ..., 1) weights, as metric.py's
-    # over documents), the same draws for every hook, stack and seed: paired, so the spread of the
-    # gap over the draws is what the choice of held-out windows does to it, the SAEs held fixed.
-    weights = torch.empty(WINDOW_RESAMPLES, len(window_sizes), dtype=torch.float64)
-    weights.exponential_(generator=torch.Generator().manual_seed(0))
-    weights *= len(window_sizes) / weights.sum(1, keepdim=True)
+    # A Bayesian bootstrap over the held-out windows (as the package's over documents), the same
+    # draws for every hook, stack and seed: paired, so the spread of the gap over the draws is what
+    # the choice of held-out windows does to it, the SAEs held fixed.
+    weights = bayesian_bootstrap_weights(WINDOW_RESAMPLES, len(window_sizes))
 
     def windows_sd(name: str) -> pd.Series:
         """Per hook: the standard deviation of (`name`'s VE - sparsify's), means over seeds, over the
